@@ -1,0 +1,44 @@
+"""stmoe: sparse Mixture-of-Experts encoder-decoder Transformers (ST-MoE) in JAX/Flax."""
+import setuptools
+
+# Lower bounds are the versions the test suite was run with.
+INSTALL_REQUIRES = [
+    "jax>=0.10.0",
+    "flax>=0.12.0",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11.0",
+    "seqio>=0.0.19",
+    "ml_collections>=1.0.0",
+    "clu>=0.0.12",
+    "numpy>=1.26",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+    "sentencepiece>=0.2.0",
+    "tensorflow-datasets>=4.9.0",
+]
+
+EXTRAS = {
+    # The HF parity tests need torch (CPU build) and transformers; the importer only needs safetensors.
+    "hf": ["safetensors>=0.4", "transformers>=4.40"],
+    "test": [
+        "pytest>=8.0",
+        "chex>=0.1.87",
+        "safetensors>=0.4",
+        "transformers>=4.40",
+        "torch==2.13.0",
+    ],
+    "notebooks": ["jupyter", "nbconvert", "nbclient", "ipykernel"],
+}
+
+setuptools.setup(
+    name="stmoe",
+    version="0.1.0",
+    description="ST-MoE / Switch sparse encoder-decoder Transformers in JAX/Flax",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["stmoe", "stmoe.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    license="Apache-2.0",
+)
