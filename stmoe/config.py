@@ -1,0 +1,172 @@
+"""Model configuration: two frozen dataclasses built in one place.
+
+`MoeConfig` holds everything about routing and experts, `ModelConfig` the
+T5.1.1 backbone. ml_collections presets (configs/models.py) are converted with
+`ModelConfig.from_dict`, which rejects unknown fields by name; `validate()`
+checks every field once, at start, and names the offending one. Eval and
+inference variants are derived with `dataclasses.replace`, e.g.
+`cfg.replace(moe=cfg.moe.replace(eval_capacity_factor=4.0))`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+ROUTER_TYPES = ("tokens_choose", "experts_choose")
+SECOND_EXPERT_POLICIES = ("random", "all")
+AUX_LOSS_TYPES = ("switch_top1", "switch_all_k", "cv2")
+DISPATCH_IMPLS = ("einsum", "gather")
+MLP_ACTIVATIONS = ("gelu", "relu", "silu")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the field."""
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field}: {message}")
+
+
+class _Replaceable:
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def _from_mapping(cls, values: Mapping[str, Any], prefix: str, nested: Mapping[str, type]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in dict(values).items():
+            _check(key in known, f"{prefix}{key}", f"unknown field; allowed: {sorted(known)}")
+            if key in nested and not isinstance(value, nested[key]):
+                value = nested[key].from_dict(value, prefix=f"{prefix}{key}.")
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig(_Replaceable):
+    num_experts: int = 8
+    router_type: str = "tokens_choose"  # "experts_choose" is encoder-only (it looks at future tokens)
+    top_k: int = 2  # 2 = ST-MoE, 1 = Switch; for experts_choose unused
+    # ST-MoE App. G: "random" routes to the 2nd expert with prob min(1, g2 / threshold) in training.
+    second_expert_policy: str = "random"
+    second_expert_threshold: float = 0.2
+    normalize_gates: bool = True  # top-k gates divided by their sum (k > 1 only)
+    # Capacity per expert and group: max(min_capacity, ceil(cf * group_size / num_experts)), not x k.
+    train_capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    expert_capacity: int | None = None  # an integer overrides both factors (HF Switch semantics)
+    group_size: int | None = None  # tokens per routing group; None = one group per sequence
+    batch_prioritized: bool = False  # encoder only: route confident tokens first (V-MoE BPR)
+    route_padding: bool = False  # HF routes padding tokens; ST-MoE does not
+    # HF Switch keeps a dropped token's (normed) input, scaled by its router prob, instead of zero.
+    dropped_token_passthrough: bool = False
+    aux_loss_type: str = "switch_top1"
+    aux_loss_coef: float = 1e-2
+    z_loss_coef: float = 1e-3
+    jitter_noise: float = 0.0  # multiplicative uniform noise on router inputs (training only)
+    router_init_std: float = 2e-2
+    expert_dropout_rate: float = 0.0  # dropout inside the experts (fine-tuning: ST-MoE sec. 4.3)
+    dispatch: str = "gather"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], prefix: str = "moe.") -> "MoeConfig":
+        return cls._from_mapping(values, prefix, {})
+
+    def validate(self, prefix: str = "moe.") -> "MoeConfig":
+        p = prefix
+        _check(self.num_experts >= 1, f"{p}num_experts", f"must be >= 1, got {self.num_experts}")
+        _check(self.router_type in ROUTER_TYPES, f"{p}router_type",
+               f"must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        _check(1 <= self.top_k <= self.num_experts, f"{p}top_k",
+               f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        _check(self.second_expert_policy in SECOND_EXPERT_POLICIES, f"{p}second_expert_policy",
+               f"must be one of {SECOND_EXPERT_POLICIES}, got {self.second_expert_policy!r}")
+        _check(self.second_expert_threshold > 0, f"{p}second_expert_threshold",
+               f"must be > 0, got {self.second_expert_threshold}")
+        for name in ("train_capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            _check(value > 0, f"{p}{name}", f"must be > 0, got {value}")
+        _check(self.min_capacity >= 1, f"{p}min_capacity", f"must be >= 1, got {self.min_capacity}")
+        _check(self.expert_capacity is None or self.expert_capacity >= 1, f"{p}expert_capacity",
+               f"must be None or >= 1, got {self.expert_capacity}")
+        _check(self.group_size is None or self.group_size >= 1, f"{p}group_size",
+               f"must be None or >= 1, got {self.group_size}")
+        _check(self.aux_loss_type in AUX_LOSS_TYPES, f"{p}aux_loss_type",
+               f"must be one of {AUX_LOSS_TYPES}, got {self.aux_loss_type!r}")
+        for name in ("aux_loss_coef", "z_loss_coef", "jitter_noise"):
+            _check(getattr(self, name) >= 0, f"{p}{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(0 <= self.expert_dropout_rate < 1, f"{p}expert_dropout_rate",
+               f"must be in [0, 1), got {self.expert_dropout_rate}")
+        _check(self.dispatch in DISPATCH_IMPLS, f"{p}dispatch",
+               f"must be one of {DISPATCH_IMPLS}, got {self.dispatch!r}")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(_Replaceable):
+    vocab_size: int = 384  # ByteVocabulary (3 + 256 + 100 sentinels = 359) rounded up to 128s
+    d_model: int = 64
+    d_ff: int = 128
+    num_heads: int = 4
+    d_kv: int = 16
+    num_encoder_layers: int = 4
+    num_decoder_layers: int = 4
+    mlp_activation: str = "gelu"  # gated (GEGLU) when mlp_gated; T5.1.1 uses gated gelu
+    mlp_gated: bool = True
+    dropout_rate: float = 0.0
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    tie_embeddings: bool = False  # T5.1.1 unties; Switch checkpoints tie (logits * d_model**-0.5)
+    layer_norm_epsilon: float = 1e-6
+    dtype: str = "float32"  # activations and experts; the router always runs in float32
+    # Sparse blocks: i % sparse_interval == sparse_offset (default interval - 1), or an explicit list.
+    sparse_interval: int = 4
+    sparse_offset: int | None = None
+    sparse_layers: tuple[int, ...] | None = None
+    sparse_dense: bool = False  # an extra dense FFN after each sparse FFN (ST-MoE-32B)
+    moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], prefix: str = "model.") -> "ModelConfig":
+        return cls._from_mapping(values, prefix, {"moe": MoeConfig})
+
+    def is_sparse(self, layer: int) -> bool:
+        if self.sparse_layers is not None:
+            return layer in self.sparse_layers
+        offset = self.sparse_interval - 1 if self.sparse_offset is None else self.sparse_offset
+        return layer % self.sparse_interval == offset
+
+    def validate(self, prefix: str = "model.") -> "ModelConfig":
+        p = prefix
+        for name in ("vocab_size", "d_model", "d_ff", "num_heads", "d_kv",
+                     "relative_attention_num_buckets", "relative_attention_max_distance"):
+            _check(getattr(self, name) >= 1, f"{p}{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("num_encoder_layers", "num_decoder_layers"):
+            _check(getattr(self, name) >= 0, f"{p}{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(self.mlp_activation in MLP_ACTIVATIONS, f"{p}mlp_activation",
+               f"must be one of {MLP_ACTIVATIONS}, got {self.mlp_activation!r}")
+        _check(0 <= self.dropout_rate < 1, f"{p}dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
+        _check(self.dtype in DTYPES, f"{p}dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.sparse_interval >= 1, f"{p}sparse_interval",
+               f"must be >= 1, got {self.sparse_interval}")
+        _check(self.sparse_offset is None or 0 <= self.sparse_offset < self.sparse_interval,
+               f"{p}sparse_offset", f"must be None or in [0, sparse_interval), got {self.sparse_offset}")
+        num_layers = max(self.num_encoder_layers, self.num_decoder_layers)
+        _check(self.sparse_layers is None or all(0 <= i < num_layers for i in self.sparse_layers),
+               f"{p}sparse_layers", f"indices must be in [0, {num_layers}), got {self.sparse_layers}")
+        self.moe.validate(prefix=f"{p}moe.")
+        if self.moe.router_type == "experts_choose":
+            has_sparse_decoder = any(self.is_sparse(i) for i in range(self.num_decoder_layers))
+            _check(not has_sparse_decoder, f"{p}moe.router_type",
+                   "'experts_choose' looks at all tokens of a group and cannot route a causal decoder; "
+                   "use 'tokens_choose' or make the decoder dense (sparse_layers)")
+        return self

@@ -1,0 +1,52 @@
+"""Vocabularies: offline bytes by default, SentencePiece from a path.
+
+Every task needs a `seqio.Vocabulary`, and the sentinel ids of span corruption
+are its extra ids (the top `extra_ids` ids, used counting down from
+`vocab_size - 1`). Configs hold a vocabulary *path*; this module turns it into
+a vocabulary and into a short tag that names per-vocabulary task variants.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+
+import seqio
+
+# The public T5 SentencePiece model (32k pieces). Only a default for real runs
+# on C4 / GLUE / SuperGLUE; nothing offline (tests, quick start) loads it.
+T5_SPM_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
+
+# T5 reserves 100 extra ids as sentinels; a span-corrupted example of 568
+# tokens has 28 noise spans, so 100 is plenty at every length we use.
+NUM_EXTRA_IDS = 100
+
+
+@functools.lru_cache(maxsize=None)
+def get_vocabulary(path: str | None) -> seqio.Vocabulary:
+  """Returns the vocabulary for a config's `vocab_path`.
+
+  None -> `seqio.ByteVocabulary` (3 special ids + 256 bytes + 100 extra ids =
+  359 ids); anything else -> `seqio.SentencePieceVocabulary(path, extra_ids=100)`.
+  Cached so that tasks registered twice with one path share one object (seqio
+  compares the vocabularies of a mixture's tasks). SentencePiece models are
+  loaded lazily by seqio, on first encode, so this never touches `path`.
+  """
+  if path is None:
+    return seqio.ByteVocabulary(extra_ids=NUM_EXTRA_IDS)
+  return seqio.SentencePieceVocabulary(path, extra_ids=NUM_EXTRA_IDS)
+
+
+def vocab_tag(path: str | None) -> str:
+  """A short, task-name-safe tag for a vocabulary path.
+
+  'byte' for None; otherwise 'spm_<file stem>_<8 hex of sha1(path)>', so two
+  models with the same file name in different folders get different tasks.
+  """
+  if path is None:
+    return "byte"
+  stem = os.path.splitext(os.path.basename(path))[0]
+  stem = re.sub(r"\W", "_", stem)[:24]
+  digest = hashlib.sha1(path.encode("utf-8")).hexdigest()[:8]
+  return f"spm_{stem}_{digest}"
