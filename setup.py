@@ -37,7 +37,7 @@ setuptools.setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["stmoe", "stmoe.*"]),
+    packages=setuptools.find_packages(include=["stmoe", "stmoe.*", "configs"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     license="Apache-2.0",

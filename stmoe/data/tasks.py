@@ -1,0 +1,258 @@
+"""seqio Task and Mixture registrations.
+
+Names registered by `register_all()` (run on `import stmoe.data`):
+
+  stmoe_synthetic_span_corruption   offline corpus, span corruption    (bytes)
+  stmoe_synthetic_qa                offline record QA, exact match     (bytes)
+  c4_span_corruption                c4/en via TFDS, span corruption    (T5 SentencePiece)
+  glue_sst2, glue_mnli              T5 text-to-text, accuracy          (T5 SentencePiece)
+  super_glue_boolq, _rte, _cb, _copa                                   (T5 SentencePiece)
+  super_glue_mix                    the four above, rate = min(train size, 65536)
+
+Vocabularies. A task's vocabulary is fixed at registration, but configs hold a
+vocabulary path. Each name above is a *family* with a default vocabulary (in
+parentheses); `task_name_for(base, vocab_path)` returns the name of the
+variant that uses `vocab_path` (None = bytes), registering it on first use:
+the default vocabulary keeps the base name, any other gets
+'<base>.<vocab_tag>', e.g. 'glue_sst2.byte' or
+'stmoe_synthetic_span_corruption.spm_my_vocab_1a2b3c4d'. The trainer should
+always go through `task_name_for(config.task, config.vocab_path)`.
+
+`register_text_files_task` registers a user's own local text for span
+corruption under a name of their choice, with the vocabulary they pass.
+
+Registration never reads data or loads a SentencePiece model, so importing
+this module works offline; the TFDS tasks download on first use.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Mapping, Sequence
+
+import seqio
+import tensorflow as tf
+
+from stmoe.data import corpus, metrics, vocab
+from stmoe.data import preprocessors as prep
+
+# Pinned TFDS versions, so a rerun reads the same data (those of tfds 4.9).
+C4_TFDS = "c4/en:3.1.0"
+GLUE_VERSION = "2.0.0"
+SUPER_GLUE_VERSION = "1.0.2"
+
+# SuperGLUE mixing (T5 paper sec. 3.5.2 "examples-proportional mixing" with
+# K = 2^16): each task's rate is its train-set size capped at 65,536. Sizes of
+# the official train splits, fixed here so that building the mixture needs no
+# dataset metadata (offline, and identical across TFDS versions).
+MIXING_CAP = 65_536
+SUPER_GLUE_TRAIN_SIZES = {"boolq": 9_427, "cb": 250, "copa": 400, "rte": 2_490}
+
+# (tfds config, input feature names in T5's order, label names by TFDS label id, metric fns).
+# T5 joins the features in sorted-name order: "rte hypothesis: ... premise: ...".
+GLUE_TASKS = {
+    "sst2": (("sentence",), ("negative", "positive")),
+    "mnli": (("hypothesis", "premise"), ("entailment", "neutral", "contradiction")),
+}
+SUPER_GLUE_TASKS = {
+    "boolq": (("passage", "question"), ("False", "True")),
+    "rte": (("hypothesis", "premise"), ("entailment", "not_entailment")),
+    "cb": (("hypothesis", "premise"), ("entailment", "contradiction", "neutral")),
+    "copa": (("choice1", "choice2", "premise", "question"), ("choice1", "choice2")),
+}
+_GLUE_SPLITS = {
+    "sst2": ("train", "validation", "test"),
+    "mnli": ("train", "validation_matched", "validation_mismatched", "test_matched", "test_mismatched"),
+}
+_SUPER_GLUE_SPLITS = ("train", "validation", "test")
+
+
+def _features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+  return {
+      "inputs": seqio.Feature(vocabulary, add_eos=True),
+      "targets": seqio.Feature(vocabulary, add_eos=True),
+  }
+
+
+_TEXT_TO_TARGETS = functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"})
+
+
+def _span_corruption_preprocessors(cacheable: bool) -> list:
+  """rekey text -> targets, tokenize, [cache], corrupt, EOS."""
+  steps = [_TEXT_TO_TARGETS, seqio.preprocessors.tokenize]
+  if cacheable:
+    steps.append(seqio.CacheDatasetPlaceholder())
+  return steps + [prep.span_corruption, seqio.preprocessors.append_eos_after_trim]
+
+
+# ------------------------------------------------------------------ families
+# base name -> (builder(name, vocab_path) that registers it, default vocab path)
+_FAMILIES: dict[str, tuple[Callable[[str, str | None], None], str | None]] = {}
+
+
+def _family(base: str, default_vocab: str | None):
+  def decorate(builder):
+    _FAMILIES[base] = (builder, default_vocab)
+    return builder
+  return decorate
+
+
+def _add_task(name: str, **kwargs) -> None:
+  seqio.TaskRegistry.add(name, **kwargs)
+
+
+@_family("stmoe_synthetic_span_corruption", None)
+def _synthetic_span_corruption(name: str, vocab_path: str | None) -> None:
+  _add_task(
+      name,
+      source=corpus.pretraining_source(),
+      output_features=_features(vocab.get_vocabulary(vocab_path)),
+      preprocessors=_span_corruption_preprocessors(cacheable=False),
+  )
+
+
+@_family("stmoe_synthetic_qa", None)
+def _synthetic_qa(name: str, vocab_path: str | None) -> None:
+  _add_task(
+      name,
+      source=corpus.qa_source(),
+      output_features=_features(vocab.get_vocabulary(vocab_path)),
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+      metric_fns=[metrics.exact_match],
+  )
+
+
+@_family("c4_span_corruption", vocab.T5_SPM_PATH)
+def _c4_span_corruption(name: str, vocab_path: str | None) -> None:
+  _add_task(
+      name,
+      source=seqio.TfdsDataSource(tfds_name=C4_TFDS, splits=("train", "validation")),
+      output_features=_features(vocab.get_vocabulary(vocab_path)),
+      preprocessors=_span_corruption_preprocessors(cacheable=True),
+  )
+
+
+def _classification_task(
+    name: str, vocab_path: str | None, tfds_name: str, benchmark: str, splits: Sequence[str],
+    feature_names: Sequence[str], label_names: Sequence[str],
+) -> None:
+  metric_fns = [metrics.accuracy]
+  if len(label_names) > 2:  # CB and MNLI: also report the mean per-class F1 (CB's official metric)
+    metric_fns.append(metrics.mean_class_f1(label_names))
+  _add_task(
+      name,
+      source=seqio.TfdsDataSource(tfds_name=tfds_name, splits=splits),
+      output_features=_features(vocab.get_vocabulary(vocab_path)),
+      preprocessors=[
+          prep.text_to_text(benchmark, feature_names, label_names),
+          seqio.preprocessors.tokenize,
+          seqio.CacheDatasetPlaceholder(),
+          seqio.preprocessors.append_eos_after_trim,
+      ],
+      metric_fns=metric_fns,
+  )
+
+
+for _config, (_fields, _labels) in GLUE_TASKS.items():
+  _family(f"glue_{_config}", vocab.T5_SPM_PATH)(
+      functools.partial(
+          _classification_task, tfds_name=f"glue/{_config}:{GLUE_VERSION}", benchmark=_config,
+          splits=_GLUE_SPLITS[_config], feature_names=_fields, label_names=_labels,
+      )
+  )
+for _config, (_fields, _labels) in SUPER_GLUE_TASKS.items():
+  _family(f"super_glue_{_config}", vocab.T5_SPM_PATH)(
+      functools.partial(
+          _classification_task, tfds_name=f"super_glue/{_config}:{SUPER_GLUE_VERSION}",
+          benchmark=_config, splits=_SUPER_GLUE_SPLITS, feature_names=_fields, label_names=_labels,
+      )
+  )
+
+
+@_family("super_glue_mix", vocab.T5_SPM_PATH)
+def _super_glue_mix(name: str, vocab_path: str | None) -> None:
+  seqio.MixtureRegistry.add(
+      name,
+      [
+          (task_name_for(f"super_glue_{config}", vocab_path), float(min(size, MIXING_CAP)))
+          for config, size in SUPER_GLUE_TRAIN_SIZES.items()
+      ],
+  )
+
+
+# ------------------------------------------------------------------ public API
+def _registered(name: str) -> bool:
+  return name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names()
+
+
+def families() -> dict[str, str | None]:
+  """Base task/mixture names -> their default vocabulary path (None = bytes)."""
+  return {base: default for base, (_, default) in _FAMILIES.items()}
+
+
+def task_name_for(base: str, vocab_path: str | None) -> str:
+  """The registered name of task family `base` with the vocabulary at `vocab_path`.
+
+  Registers the variant on first call (idempotent). A name that is not a
+  family but is already registered (e.g. a text_files task, which carries its
+  own vocabulary) is returned unchanged.
+  """
+  if base not in _FAMILIES:
+    if _registered(base):
+      return base
+    raise KeyError(f"unknown task or mixture {base!r}; families: {sorted(_FAMILIES)}")
+  builder, default_vocab = _FAMILIES[base]
+  name = base if vocab_path == default_vocab else f"{base}.{vocab.vocab_tag(vocab_path)}"
+  if not _registered(name):
+    builder(name, vocab_path)
+  return name
+
+
+def register_all() -> list[str]:
+  """Registers every family with its default vocabulary; safe to call repeatedly."""
+  return [task_name_for(base, default) for base, (_, default) in _FAMILIES.items()]
+
+
+def register_text_files_task(
+    name: str,
+    file_patterns: str | Sequence[str] | Mapping[str, str | Sequence[str]],
+    vocab_path: str | None = None,
+    one_doc_per: str = "line",
+) -> str:
+  """Registers span-corruption pretraining on local text files; returns `name`.
+
+  Args:
+    name: task name to register (re-registering the same name replaces it).
+    file_patterns: glob(s) for the 'train' split, or {split: glob(s)}.
+    vocab_path: SentencePiece model path, or None for bytes.
+    one_doc_per: 'line' (each non-empty line is a document) or 'file'
+      (each file is one document).
+  """
+  if one_doc_per not in ("line", "file"):
+    raise ValueError(f"one_doc_per must be 'line' or 'file', got {one_doc_per!r}")
+  if isinstance(file_patterns, (str, bytes)) or not isinstance(file_patterns, Mapping):
+    file_patterns = {"train": file_patterns}
+  split_to_pattern = {s: ([p] if isinstance(p, str) else list(p)) for s, p in file_patterns.items()}
+
+  if one_doc_per == "line":
+    source = seqio.TextLineDataSource(split_to_pattern)
+  else:
+    source = seqio.FileDataSource(
+        read_file_fn=lambda path: tf.data.Dataset.from_tensors(tf.io.read_file(path)),
+        split_to_filepattern=split_to_pattern,
+    )
+
+  @seqio.map_over_dataset
+  def as_document(text):
+    return {"text": text}
+
+  def drop_blank(ds):
+    return ds.filter(lambda ex: tf.strings.length(tf.strings.strip(ex["text"])) > 0)
+
+  seqio.TaskRegistry.remove(name)
+  _add_task(
+      name,
+      source=source,
+      output_features=_features(vocab.get_vocabulary(vocab_path)),
+      preprocessors=[as_document, drop_blank] + _span_corruption_preprocessors(cacheable=True),
+  )
+  return name

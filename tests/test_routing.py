@@ -1,0 +1,197 @@
+"""Routing math against an independent, loop-based numpy reference."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stmoe import routing
+
+
+def numpy_tokens_choose(probs, mask, k, capacity, normalize=True, prioritized=False):
+    """Slot assignment written as the paper describes it, with explicit loops.
+
+    Returns (assign[g, t, k] = slot index or -1, weight[g, t, k]).
+    """
+    groups, tokens, experts = probs.shape
+    assign = -np.ones((groups, tokens, k), np.int64)
+    weight = np.zeros((groups, tokens, k), np.float64)
+    choice = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
+    for g in range(groups):
+        fill = np.zeros(experts, np.int64)
+        order = range(tokens)
+        if prioritized:
+            order = sorted(range(tokens), key=lambda t: -probs[g, t].max())
+        for rank in range(k):  # every first choice before any second choice
+            for t in order:
+                if not mask[g, t]:
+                    continue
+                e = choice[g, t, rank]
+                if fill[e] < capacity:
+                    gates = probs[g, t, choice[g, t]]
+                    gate = gates[rank] / gates.sum() if (normalize and k > 1) else gates[rank]
+                    assign[g, t, rank] = e * capacity + fill[e]
+                    weight[g, t, rank] = gate
+                fill[e] += 1
+    return assign, weight
+
+
+def slots_to_token_view(route, tokens, k, capacity):
+    """Turn the slot-major Routing back into [g, t, k] slot ids, ordered by rank."""
+    slot_token = np.asarray(route.slot_token)
+    groups, experts, _ = slot_token.shape
+    expert_index = np.asarray(route.expert_index)
+    assign = -np.ones((groups, tokens, k), np.int64)
+    weight = np.zeros((groups, tokens, k))
+    slot_weight = np.asarray(route.slot_weight)
+    for g in range(groups):
+        for e in range(experts):
+            for c in range(capacity):
+                t = slot_token[g, e, c]
+                if t < tokens:
+                    rank = int(np.nonzero(expert_index[g, t] == e)[0][0])
+                    assign[g, t, rank] = e * capacity + c
+                    weight[g, t, rank] = slot_weight[g, e, c]
+    return assign, weight
+
+
+def random_probs(seed, groups, tokens, experts, temperature=1.0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(groups, tokens, experts)) * temperature
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    return (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def test_capacity_formula_matches_design():
+    # C = max(min_capacity, ceil(cf * T / E)), not multiplied by k.
+    assert routing.expert_capacity(2048, 32, 1.25) == 80
+    assert routing.expert_capacity(1024, 64, 1.25, min_capacity=4) == 20
+    assert routing.expert_capacity(8, 8, 1.25, min_capacity=4) == 4
+    assert routing.expert_capacity(100, 8, 2.0, min_capacity=1) == 25
+
+
+@pytest.mark.parametrize("k,capacity,prioritized", [(1, 3, False), (2, 3, False), (2, 2, True), (2, 40, False)])
+def test_tokens_choose_matches_numpy(k, capacity, prioritized):
+    groups, tokens, experts = 3, 24, 4
+    probs = random_probs(0, groups, tokens, experts, temperature=2.0)
+    mask = np.ones((groups, tokens), bool)
+    mask[1, -5:] = False  # padding at the end of one group
+    route = routing.tokens_choose_routing(jnp.asarray(probs), jnp.asarray(mask, jnp.float32), top_k=k,
+                                          capacity=capacity, batch_prioritized=prioritized)
+    want_assign, want_weight = numpy_tokens_choose(probs, mask, k, capacity, prioritized=prioritized)
+    got_assign, got_weight = slots_to_token_view(route, tokens, k, capacity)
+    np.testing.assert_array_equal(got_assign, want_assign)
+    np.testing.assert_allclose(got_weight, want_weight, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(route.kept), want_assign >= 0)
+    # Padding is never routed and takes no slot.
+    assert not np.asarray(route.wanted)[1, -5:].any()
+    if capacity < tokens:
+        assert (want_assign < 0)[mask].any(), "the case is meant to drop tokens"
+
+
+def test_first_choices_take_priority_over_second_choices():
+    # Token 0's second choice and token 1's first choice are both expert 1 with capacity 1.
+    probs = np.array([[[0.6, 0.4, 0.0], [0.1, 0.9, 0.0]]], np.float32)
+    route = routing.tokens_choose_routing(jnp.asarray(probs), jnp.ones((1, 2)), top_k=2, capacity=1)
+    assert int(route.slot_token[0, 1, 0]) == 1  # expert 1's only slot went to token 1 (a first choice)
+    assert np.asarray(route.kept).tolist() == [[[True, False], [True, False]]]
+
+
+def test_gates_normalized_for_top2_and_raw_for_top1():
+    probs = np.array([[[0.5, 0.3, 0.2]]], np.float32)
+    top2 = routing.tokens_choose_routing(jnp.asarray(probs), jnp.ones((1, 1)), top_k=2, capacity=4)
+    top1 = routing.tokens_choose_routing(jnp.asarray(probs), jnp.ones((1, 1)), top_k=1, capacity=4)
+    np.testing.assert_allclose(top2.slot_weight[0, 0, 0], 0.5 / 0.8, rtol=1e-6)
+    np.testing.assert_allclose(top2.slot_weight[0, 1, 0], 0.3 / 0.8, rtol=1e-6)
+    np.testing.assert_allclose(top1.slot_weight[0, 0, 0], 0.5, rtol=1e-6)
+
+
+def test_random_second_expert_policy_frequency():
+    # Top-2 gates 0.7 and 0.12: the normalized second gate is 0.12 / 0.82, so the second expert is
+    # asked for with probability (0.12 / 0.82) / 0.2 = 0.7317 (ST-MoE App. G).
+    tokens = 20000
+    probs = np.tile(np.array([0.7, 0.12, 0.09, 0.09], np.float32), (1, tokens, 1))
+    route = routing.tokens_choose_routing(jnp.asarray(probs), jnp.ones((1, tokens)), top_k=2,
+                                          capacity=tokens, second_expert_policy="random",
+                                          second_expert_threshold=0.2, rng=jax.random.key(0))
+    expected = (0.12 / 0.82) / 0.2
+    frequency = float(np.mean(np.asarray(route.wanted)[0, :, 1]))
+    standard_error = math.sqrt(expected * (1 - expected) / tokens)
+    assert abs(frequency - expected) < 5 * standard_error
+    assert np.asarray(route.wanted)[0, :, 0].all()  # the first choice is always routed
+    # A large second gate (0.4 / 0.85 > 0.2) is always routed.
+    probs = np.tile(np.array([0.45, 0.4, 0.1, 0.05], np.float32), (1, 1000, 1))
+    route = routing.tokens_choose_routing(jnp.asarray(probs), jnp.ones((1, 1000)), top_k=2, capacity=1000,
+                                          second_expert_policy="random", rng=jax.random.key(1))
+    assert np.asarray(route.wanted).all()
+
+
+def test_experts_choose_capacity_and_padding():
+    groups, tokens, experts, capacity = 2, 12, 3, 5
+    probs = random_probs(1, groups, tokens, experts)
+    mask = np.ones((groups, tokens), bool)
+    mask[0, :4] = False
+    route = routing.experts_choose_routing(jnp.asarray(probs), jnp.asarray(mask, jnp.float32), capacity=capacity)
+    slot_token = np.asarray(route.slot_token)
+    for g in range(groups):
+        for e in range(experts):
+            scores = np.where(mask[g], probs[g, :, e], -1.0)
+            top = np.argsort(-scores, kind="stable")[:capacity]
+            expected = [t if mask[g, t] else tokens for t in top]
+            assert sorted(slot_token[g, e].tolist()) == sorted(expected)
+    assert not np.isin(np.arange(4), slot_token[0]).any()  # padding never taken
+
+
+def numpy_balance_loss(probs, choices, mask):
+    groups, _, experts = probs.shape
+    values = []
+    for g in range(groups):
+        real = mask[g].astype(bool)
+        if not real.any():
+            continue
+        f = np.zeros(experts)
+        for t in np.nonzero(real)[0]:
+            for e in set(choices[g, t].tolist()):
+                f[e] += 1
+        f /= real.sum()
+        p = probs[g, real].mean(0)
+        values.append(experts * np.sum(f * p))
+    return np.mean(values)
+
+
+def test_losses_match_numpy_and_ignore_padding():
+    groups, tokens, experts = 2, 10, 4
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(groups, tokens, experts)).astype(np.float32) * 3
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    mask = np.ones((groups, tokens), np.float32)
+    mask[1, 6:] = 0
+    top2 = np.argsort(-probs, -1, kind="stable")[..., :2]
+    got_top1 = routing.load_balance_loss(jnp.asarray(probs), jnp.asarray(top2[..., :1]), jnp.asarray(mask))
+    got_all = routing.load_balance_loss(jnp.asarray(probs), jnp.asarray(top2), jnp.asarray(mask))
+    np.testing.assert_allclose(got_top1, numpy_balance_loss(probs, top2[..., :1], mask), rtol=1e-5)
+    np.testing.assert_allclose(got_all, numpy_balance_loss(probs, top2, mask), rtol=1e-5)
+
+    log_z = np.log(np.exp(logits).sum(-1))
+    np.testing.assert_allclose(routing.router_z_loss(jnp.asarray(logits), jnp.asarray(mask)),
+                               (log_z ** 2)[mask > 0].mean(), rtol=1e-5)
+
+    cv = np.mean([experts * np.sum((probs[g, mask[g] > 0].mean(0) - 1 / experts) ** 2) for g in range(groups)])
+    np.testing.assert_allclose(routing.cv_squared_loss(jnp.asarray(probs), jnp.asarray(mask)), cv, rtol=1e-5)
+
+    # Changing padded tokens' logits changes none of the losses.
+    logits2 = logits.copy()
+    logits2[1, 6:] = 50.0
+    probs2 = np.exp(logits2 - logits2.max(-1, keepdims=True))
+    probs2 /= probs2.sum(-1, keepdims=True)
+    np.testing.assert_allclose(routing.router_z_loss(jnp.asarray(logits2), jnp.asarray(mask)),
+                               routing.router_z_loss(jnp.asarray(logits), jnp.asarray(mask)), rtol=1e-6)
+    np.testing.assert_allclose(routing.cv_squared_loss(jnp.asarray(probs2), jnp.asarray(mask)), cv, rtol=1e-5)
+
+
+def test_uniform_router_balance_loss_is_one():
+    probs = np.full((1, 8, 4), 0.25, np.float32)
+    choices = np.arange(8).reshape(1, 8, 1) % 4
+    np.testing.assert_allclose(routing.load_balance_loss(jnp.asarray(probs), jnp.asarray(choices),
+                                                         jnp.ones((1, 8))), 1.0, rtol=1e-6)
