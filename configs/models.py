@@ -28,6 +28,7 @@ def _moe(**overrides) -> ml_collections.ConfigDict:
     moe = ml_collections.ConfigDict(dict(
         num_experts=8,               # experts per MoE layer
         router_type="tokens_choose",  # or "experts_choose" (encoder-only)
+        decoder_router_type=None,    # None = router_type; must be "tokens_choose" in a sparse decoder
         top_k=2,                     # 2: ST-MoE, 1: Switch
         second_expert_policy="random",  # ST-MoE App. G; "all" = deterministic (t5x release)
         second_expert_threshold=0.2,

@@ -54,6 +54,7 @@ class _Replaceable:
 class MoeConfig(_Replaceable):
     num_experts: int = 8
     router_type: str = "tokens_choose"  # "experts_choose" is encoder-only (it looks at future tokens)
+    decoder_router_type: str | None = None  # None = router_type; decoders need "tokens_choose"
     top_k: int = 2  # 2 = ST-MoE, 1 = Switch; for experts_choose unused
     # ST-MoE App. G: "random" routes to the 2nd expert with prob min(1, g2 / threshold) in training.
     second_expert_policy: str = "random"
@@ -77,6 +78,9 @@ class MoeConfig(_Replaceable):
     expert_dropout_rate: float = 0.0  # dropout inside the experts (fine-tuning: ST-MoE sec. 4.3)
     dispatch: str = "gather"
 
+    def router_for(self, causal: bool) -> str:
+        return (self.decoder_router_type or self.router_type) if causal else self.router_type
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], prefix: str = "moe.") -> "MoeConfig":
         return cls._from_mapping(values, prefix, {})
@@ -86,6 +90,8 @@ class MoeConfig(_Replaceable):
         _check(self.num_experts >= 1, f"{p}num_experts", f"must be >= 1, got {self.num_experts}")
         _check(self.router_type in ROUTER_TYPES, f"{p}router_type",
                f"must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        _check(self.decoder_router_type in (None,) + ROUTER_TYPES, f"{p}decoder_router_type",
+               f"must be None or one of {ROUTER_TYPES}, got {self.decoder_router_type!r}")
         _check(1 <= self.top_k <= self.num_experts, f"{p}top_k",
                f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         _check(self.second_expert_policy in SECOND_EXPERT_POLICIES, f"{p}second_expert_policy",
@@ -164,9 +170,9 @@ class ModelConfig(_Replaceable):
         _check(self.sparse_layers is None or all(0 <= i < num_layers for i in self.sparse_layers),
                f"{p}sparse_layers", f"indices must be in [0, {num_layers}), got {self.sparse_layers}")
         self.moe.validate(prefix=f"{p}moe.")
-        if self.moe.router_type == "experts_choose":
-            has_sparse_decoder = any(self.is_sparse(i) for i in range(self.num_decoder_layers))
-            _check(not has_sparse_decoder, f"{p}moe.router_type",
-                   "'experts_choose' looks at all tokens of a group and cannot route a causal decoder; "
-                   "use 'tokens_choose' or make the decoder dense (sparse_layers)")
+        has_sparse_decoder = any(self.is_sparse(i) for i in range(self.num_decoder_layers))
+        _check(not has_sparse_decoder or self.moe.router_for(causal=True) == "tokens_choose",
+               f"{p}moe.decoder_router_type",
+               "'experts_choose' looks at all tokens of a group and cannot route a causal decoder; "
+               "set moe.decoder_router_type='tokens_choose'")
         return self

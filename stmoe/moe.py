@@ -81,7 +81,8 @@ class MoeLayer(nn.Module):
     @nn.compact
     def __call__(self, inputs: Array, token_mask: Array, deterministic: bool = True) -> Array:
         cfg, moe = self.config, self.config.moe
-        if self.causal and moe.router_type == "experts_choose":
+        router_type = moe.router_for(self.causal)
+        if self.causal and router_type == "experts_choose":
             raise ValueError("moe.router_type='experts_choose' cannot be used in a causal decoder: each "
                              "expert's choice depends on later tokens. Use 'tokens_choose' there.")
         if self.causal and moe.batch_prioritized:
@@ -108,7 +109,7 @@ class MoeLayer(nn.Module):
         logits = routing.Router(moe.num_experts, moe.router_init_std, moe.jitter_noise, name="router")(
             x, deterministic)  # [g, t, e] float32
         probs = jax.nn.softmax(logits, axis=-1)
-        if moe.router_type == "experts_choose":
+        if router_type == "experts_choose":
             route = routing.experts_choose_routing(probs, mask, capacity=capacity)
         else:
             use_random = moe.second_expert_policy == "random" and not deterministic and moe.top_k > 1
@@ -144,7 +145,7 @@ class MoeLayer(nn.Module):
 
         # 6. Losses and metrics of this layer.
         stats = moe_metrics.routing_metrics(route, probs, mask)
-        stats["aux_loss"] = (jnp.zeros((), jnp.float32) if moe.router_type == "experts_choose"
+        stats["aux_loss"] = (jnp.zeros((), jnp.float32) if router_type == "experts_choose"
                              else routing.auxiliary_loss(moe.aux_loss_type, probs, route, mask))
         stats["z_loss"] = routing.router_z_loss(logits, mask)
         self.sow("moe", "stats", stats)

@@ -75,29 +75,29 @@ class OptimConfig:
         """Raises ValueError naming the first bad field; returns self."""
         if self.optimizer not in _OPTIMIZERS:
             raise ValueError(
-                    f"OptimConfig.optimizer={self.optimizer!r}; allowed: {_OPTIMIZERS}")
+                f"OptimConfig.optimizer={self.optimizer!r}; allowed: {_OPTIMIZERS}")
         if self.schedule not in _SCHEDULES:
             raise ValueError(
-                    f"OptimConfig.schedule={self.schedule!r}; allowed: {_SCHEDULES}")
+                f"OptimConfig.schedule={self.schedule!r}; allowed: {_SCHEDULES}")
         if not self.learning_rate > 0:
             raise ValueError(
-                    f"OptimConfig.learning_rate={self.learning_rate}; must be > 0")
+                f"OptimConfig.learning_rate={self.learning_rate}; must be > 0")
         if self.warmup_steps < 0:
             raise ValueError(
-                    f"OptimConfig.warmup_steps={self.warmup_steps}; must be >= 0")
+                f"OptimConfig.warmup_steps={self.warmup_steps}; must be >= 0")
         if self.schedule == "rsqrt" and self.warmup_steps < 1:
             raise ValueError(
-                    f'OptimConfig.warmup_steps={self.warmup_steps}; schedule "rsqrt" '
-                    "needs warmup_steps >= 1 (lr ~ 1/sqrt(max(step, warmup_steps)))")
-        if (self.schedule in ("warmup_cosine", "warmup_linear")
-                and self.total_steps <= self.warmup_steps):
+                f'OptimConfig.warmup_steps={self.warmup_steps}; schedule "rsqrt" '
+                "needs warmup_steps >= 1 (lr ~ 1/sqrt(max(step, warmup_steps)))")
+        decays = self.schedule in ("warmup_cosine", "warmup_linear")
+        if decays and self.total_steps <= self.warmup_steps:
             raise ValueError(
-                    f"OptimConfig.total_steps={self.total_steps}; must be > "
-                    f"warmup_steps={self.warmup_steps} for schedule {self.schedule!r}")
+                f"OptimConfig.total_steps={self.total_steps}; must be > "
+                f"warmup_steps={self.warmup_steps} for schedule {self.schedule!r}")
         if not 0.0 <= self.end_learning_rate_fraction <= 1.0:
             raise ValueError(
-                    "OptimConfig.end_learning_rate_fraction="
-                    f"{self.end_learning_rate_fraction}; must be in [0, 1]")
+                "OptimConfig.end_learning_rate_fraction="
+                f"{self.end_learning_rate_fraction}; must be in [0, 1]")
         for name in ("b1", "b2", "adafactor_decay_rate"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -107,28 +107,28 @@ class OptimConfig:
             if value < 0:
                 raise ValueError(f"OptimConfig.{name}={value}; must be >= 0")
         if 0 < self.adafactor_clipping_threshold < 1:
-            # optax's clip_by_block_rms requires >= 1 (Shazeer & Stern 2018, sec. 6).
+            # optax's clip_by_block_rms requires >= 1 (Shazeer & Stern 2018, update clipping).
             raise ValueError(
-                    "OptimConfig.adafactor_clipping_threshold="
-                    f"{self.adafactor_clipping_threshold}; must be 0 (off) or >= 1")
+                "OptimConfig.adafactor_clipping_threshold="
+                f"{self.adafactor_clipping_threshold}; must be 0 (off) or >= 1")
         if self.adafactor_clipping_threshold < 0:
             raise ValueError(
-                    "OptimConfig.adafactor_clipping_threshold="
-                    f"{self.adafactor_clipping_threshold}; must be 0 (off) or >= 1")
+                "OptimConfig.adafactor_clipping_threshold="
+                f"{self.adafactor_clipping_threshold}; must be 0 (off) or >= 1")
         if not isinstance(self.freeze_patterns, tuple):
             raise ValueError(
-                    f"OptimConfig.freeze_patterns={self.freeze_patterns!r}; must be a "
-                    "tuple of regex strings")
+                f"OptimConfig.freeze_patterns={self.freeze_patterns!r}; must be a "
+                "tuple of regex strings")
         for pattern in self.freeze_patterns:
             try:
                 re.compile(pattern)
             except (re.error, TypeError) as e:
                 raise ValueError(
-                        f"OptimConfig.freeze_patterns: bad regex {pattern!r}: {e}") from e
+                    f"OptimConfig.freeze_patterns: bad regex {pattern!r}: {e}") from e
         if self.max_consecutive_nonfinite < 0:
             raise ValueError(
-                    "OptimConfig.max_consecutive_nonfinite="
-                    f"{self.max_consecutive_nonfinite}; must be >= 0")
+                "OptimConfig.max_consecutive_nonfinite="
+                f"{self.max_consecutive_nonfinite}; must be >= 0")
         return self
 
 
@@ -138,7 +138,7 @@ class OptimConfig:
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
     """The learning rate as a function of the optimizer step.
 
-    - constant: `peak` (fine-tuning; the paper and t5x use 1e-3 or 1e-4).
+    - constant: `peak` (fine-tuning; the t5x ST-MoE release uses 1e-3).
     - warmup_cosine: linear 0 -> peak over `warmup_steps`, then cosine decay
         to `peak * end_learning_rate_fraction` at `total_steps`, flat after.
     - warmup_linear: the same with a linear decay.
@@ -164,7 +164,7 @@ def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
     decay_steps = cfg.total_steps - cfg.warmup_steps
     if cfg.schedule == "warmup_cosine":
         decay = optax.cosine_decay_schedule(
-                peak, decay_steps, alpha=cfg.end_learning_rate_fraction)
+            peak, decay_steps, alpha=cfg.end_learning_rate_fraction)
     else:  # warmup_linear
         decay = optax.linear_schedule(peak, end, decay_steps)
     warmup = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
@@ -172,8 +172,7 @@ def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
 
 
 def aux_loss_coef_schedule(base_coef: float, schedule: str = "constant",
-                                                      warmup_multiplier: float = 1.0,
-                                                      decay_steps: int = 0) -> optax.Schedule:
+                           warmup_multiplier: float = 1.0, decay_steps: int = 0) -> optax.Schedule:
     """Coefficient c_B of the load-balancing loss as a function of the step.
 
     'constant' returns `base_coef` (ST-MoE: 1e-2). 'linear_decay' starts at
@@ -184,19 +183,18 @@ def aux_loss_coef_schedule(base_coef: float, schedule: str = "constant",
     """
     if schedule not in _AUX_SCHEDULES:
         raise ValueError(
-                f"aux loss schedule={schedule!r}; allowed: {_AUX_SCHEDULES}")
+            f"aux loss schedule={schedule!r}; allowed: {_AUX_SCHEDULES}")
     if base_coef < 0:
         raise ValueError(f"aux loss base_coef={base_coef}; must be >= 0")
     if schedule == "constant":
         return optax.constant_schedule(base_coef)
     if warmup_multiplier < 0:
         raise ValueError(
-                f"aux loss warmup_multiplier={warmup_multiplier}; must be >= 0")
+            f"aux loss warmup_multiplier={warmup_multiplier}; must be >= 0")
     if decay_steps < 1:
         raise ValueError(
-                f'aux loss decay_steps={decay_steps}; must be >= 1 for "linear_decay"')
-    return optax.linear_schedule(base_coef * warmup_multiplier, base_coef,
-                                                              decay_steps)
+            f'aux loss decay_steps={decay_steps}; must be >= 1 for "linear_decay"')
+    return optax.linear_schedule(base_coef * warmup_multiplier, base_coef, decay_steps)
 
 
 # ----------------------------------------------------------- parameter groups
@@ -226,7 +224,7 @@ def _map_params(fn, params):
     masked by another optax wrapper pass through unchanged.
     """
     return jax.tree_util.tree_map_with_path(
-            lambda path, _: fn(param_path(path)), params, is_leaf=_is_box)
+        lambda path, _: fn(param_path(path)), params, is_leaf=_is_box)
 
 
 def _last(path: str) -> str:
@@ -262,8 +260,7 @@ def _frozen_mask(params: Any, cfg: OptimConfig) -> Any:
 # ------------------------------------------------------------------ optimizer
 
 
-def _base_optimizer(cfg: OptimConfig, schedule: optax.Schedule
-                                        ) -> optax.GradientTransformation:
+def _base_optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
     decay = None
     if cfg.weight_decay > 0:
         decay = lambda step: cfg.weight_decay * schedule(step)  # noqa: E731
@@ -271,22 +268,21 @@ def _base_optimizer(cfg: OptimConfig, schedule: optax.Schedule
         # optax.adamw multiplies weight_decay by the LR itself (Loshchilov &
         # Hutter 2019): update = -lr * (adam + wd * param).
         return optax.adamw(
-                schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                weight_decay=cfg.weight_decay, mask=weight_decay_mask)
+            schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+            weight_decay=cfg.weight_decay, mask=weight_decay_mask)
     # optax.adafactor adds `weight_decay_rate * param` AFTER the LR scaling,
     # so pass `wd * lr(step)` to keep the AdamW meaning of `weight_decay`.
     return optax.adafactor(
-            learning_rate=schedule,
-            decay_rate=cfg.adafactor_decay_rate,
-            clipping_threshold=cfg.adafactor_clipping_threshold or None,
-            multiply_by_parameter_scale=True,  # T5/ST-MoE Adafactor.
-            momentum=None,  # No first moment (paper; saves memory).
-            weight_decay_rate=decay,
-            weight_decay_mask=weight_decay_mask)
+        learning_rate=schedule,
+        decay_rate=cfg.adafactor_decay_rate,
+        clipping_threshold=cfg.adafactor_clipping_threshold or None,
+        multiply_by_parameter_scale=True,  # Relative step size, as in T5's Adafactor.
+        momentum=None,  # No first moment (T5 / t5x default; saves memory).
+        weight_decay_rate=decay,
+        weight_decay_mask=weight_decay_mask)
 
 
-def make_optimizer(cfg: OptimConfig, params: Any
-                                      ) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, params: Any) -> optax.GradientTransformation:
     """Builds the full optimizer (see the module docstring for the chain).
 
     `params` is used only for its paths: arrays, `jax.ShapeDtypeStruct`s or
@@ -302,12 +298,12 @@ def make_optimizer(cfg: OptimConfig, params: Any
     labels = jax.tree.leaves(param_labels(params, cfg))
     if not labels:
         raise ValueError("make_optimizer: params has no leaves")
+    paths = jax.tree.leaves(_map_params(lambda p: p, params))
     for pattern in cfg.freeze_patterns:
-        paths = jax.tree.leaves(_map_params(lambda p: p, params))
         if not any(re.search(pattern, p) for p in paths):
             raise ValueError(
-                    f"OptimConfig.freeze_patterns: {pattern!r} matches no parameter; "
-                    f"paths look like {paths[:3]}")
+                f"OptimConfig.freeze_patterns: {pattern!r} matches no parameter; "
+                f"paths look like {paths[:3]}")
     if all(l == FROZEN for l in labels):
         raise ValueError("OptimConfig.freeze_patterns freeze every parameter")
 
@@ -317,12 +313,12 @@ def make_optimizer(cfg: OptimConfig, params: Any
         # Scaling the final update == scaling the LR (incl. the LR-coupled decay).
         router_tx = optax.chain(router_tx, optax.scale(cfg.router_lr_multiplier))
     groups = optax.multi_transform(
-            {
-                    FROZEN: optax.set_to_zero(),
-                    DEFAULT: _base_optimizer(cfg, schedule),
-                    ROUTER: router_tx,
-            },
-            lambda tree: param_labels(tree, cfg))
+        {
+            FROZEN: optax.set_to_zero(),
+            DEFAULT: _base_optimizer(cfg, schedule),
+            ROUTER: router_tx,
+        },
+        lambda tree: param_labels(tree, cfg))
 
     inner = [groups]
     if cfg.grad_clip_norm > 0:
@@ -334,8 +330,7 @@ def make_optimizer(cfg: OptimConfig, params: Any
         # Zero frozen grads first (stateless): they must not count towards the
         # global norm, nor make a step be skipped.
         tx = optax.chain(
-                optax.masked(optax.set_to_zero(),
-                                          lambda tree: _frozen_mask(tree, cfg)), tx)
+            optax.masked(optax.set_to_zero(), lambda tree: _frozen_mask(tree, cfg)), tx)
     return tx
 
 

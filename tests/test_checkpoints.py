@@ -139,6 +139,10 @@ def _damage(step_dir, how):
         raise ValueError(how)
 
 
+# After a failed read of a damaged step, a late asyncio callback inside orbax / tensorstore
+# sometimes hits an already-closed event loop ("Event loop is closed"); Python reports it as an
+# unraisable exception. It happens after the restore has raised and been handled: not ours.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("how", ["garbage_metadata", "garbage_manifests", "truncated_chunks",
                                  "missing_state", "garbage_data_json"])
 def test_damaged_newest_step_falls_back(tmp_path, how, caplog, capsys):

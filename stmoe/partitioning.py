@@ -1,0 +1,378 @@
+"""Mesh, logical axis rules, and the shardings of params, optimizer state and batches.
+
+One mesh with three axes, `('data', 'expert', 'model')`, all `AxisType.Auto`
+(GSPMD: the sharding constraints in the model are hints that XLA's SPMD
+partitioner propagates; jax 0.10's `jax.make_mesh` would make Explicit axes,
+whose `with_sharding_constraint` refuses logical specs, see DESIGN.md).
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning` in
+layers.py / moe.py / routing.py) and the activations are constrained with
+logical names (`layers.constrain`). `LOGICAL_RULES` maps them onto the mesh:
+
+    batch -> (data, expert)    every device holds different sequences
+    expert -> expert           expert weights [experts, ...] split over `expert`
+    expert_group -> data       the MoE buffer [experts, groups, capacity, d]
+    mlp, heads, vocab, expert_mlp -> model    tensor parallelism (Megatron-style)
+    embed, kv, length, relpos_buckets, unmodeled -> replicated
+
+Layouts (all tested against a 1-device run to 1e-5, tests/test_partitioning.py):
+- num_experts == expert axis: one expert per device (the ST-MoE / Switch layout);
+- num_experts a multiple of the expert axis: several experts per device;
+- expert axis < device count: experts replicated over `data`, their gradients
+  all-reduced over `data` like any dense weight;
+- model axis 2: expert MLPs (and dense MLPs, heads, vocab) split over `model`.
+
+How tokens reach their experts: all-to-all from sharding constraints.
+The tokens `[groups, group_size, d]` are constrained to `('batch', None, 'embed')`,
+i.e. groups split over (data, expert); right after dispatch the buffer
+`[experts, groups, capacity, d]` is constrained to `('expert', 'expert_group',
+None, 'embed')`, i.e. experts over `expert` and groups over `data` only. The
+dispatch itself is local to a group, so the only way for the SPMD partitioner to
+go from the first layout to the second is to exchange slices of the expert axis
+for slices of the group axis across `expert`: one all-to-all (and its mirror
+after the experts, and two more in the backward pass). Measured alternative:
+`shard_map` with `jax.lax.all_to_all` written by hand
+(scripts/bench_all_to_all.py, 8 simulated CPU devices, 2 cores, one MoE layer
+forward + backward, 8 experts on an expert axis of 8, 64 groups of 256 tokens,
+d_model 256, d_ff 512, fp32):
+
+    route            step time   all-to-all  all-gather  all-reduce  (in the compiled HLO)
+    constraints      __CONSTRAINT_MS__ ms   __CONSTRAINT_COLL__
+    shard_map        __SHARDMAP_MS__ ms   __SHARDMAP_COLL__
+
+Both move the same bytes (the all-to-all operands are [1, groups/8, capacity, d]
+per peer) and neither gathers the expert weights; the step times are within
+noise of each other. We keep the constraint route: it is the same code on
+1 device and on a pod, composes with the `model` axis and with the
+"several experts per device" and "experts replicated over data" layouts
+without any per-layout code, and its gradients need no rescaling (the loss is
+the global mean, so the transpose of the all-to-all is exact; t5x's
+MoeTrainer rescales expert gradients only because its per-replica losses are
+summed differently). shard_map would be the route for a dropless
+`ragged_all_to_all` dispatch, which XLA:CPU cannot run (DESIGN.md).
+
+Known extra collective: `jax.lax.top_k` on router probabilities sharded along
+groups is all-gathered by the SPMD partitioner (a [groups, tokens, experts]
+float32 tensor per MoE layer, not the experts): see the report in
+tests/test_partitioning.py::test_train_step_hlo_has_all_to_all.
+
+Usage (the trainer):
+
+    mesh = partitioning.make_mesh(MeshConfig(expert=8))
+    with partitioning.activate(mesh):          # jax.set_mesh + nn.logical_axis_rules
+        abstract, shardings = partitioning.abstract_params_and_shardings(model, mesh, shapes, rng)
+        params = partitioning.init_sharded(init_fn, mesh, shardings, rng)
+        step = jax.jit(train_step, in_shardings=..., out_shardings=...)
+        state = step(state, partitioning.shard_batch(batch, mesh))
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from stmoe.config import ConfigError, ModelConfig
+
+MESH_AXES = ("data", "expert", "model")
+BATCH_AXES = ("data", "expert")  # the data-parallel axes: a sequence lives on exactly one (data, expert) slot
+
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("expert", "expert"),
+    ("expert_group", "data"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("vocab", "model"),
+    ("expert_mlp", "model"),
+    ("embed", None),
+    ("kv", None),
+    ("length", None),
+    ("relpos_buckets", None),
+    ("unmodeled", None),
+)
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; -1 (at most one axis) means "the rest of the devices"."""
+
+    data: int = -1  # data parallelism (experts replicated over it)
+    expert: int = 1  # expert parallelism; also data-parallel for the dense layers
+    model: int = 1  # tensor parallelism: mlp / heads / vocab / expert_mlp
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], prefix: str = "mesh.") -> "MeshConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            _check(key in known, f"{prefix}{key}", f"unknown field; allowed: {sorted(known)}")
+        return cls(**dict(values))
+
+    def validate(self, device_count: int | None = None, prefix: str = "mesh.") -> "MeshConfig":
+        """Checks the fields; with `device_count`, also that they fit it. Returns self."""
+        self.resolve(device_count, prefix)
+        return self
+
+    def resolve(self, device_count: int | None = None, prefix: str = "mesh.") -> tuple[int, int, int]:
+        """(data, expert, model) with -1 replaced; the product must equal device_count."""
+        sizes = {name: getattr(self, name) for name in MESH_AXES}
+        for name, size in sizes.items():
+            _check(isinstance(size, int) and (size >= 1 or size == -1), f"{prefix}{name}",
+                   f"must be a positive integer or -1 (the rest of the devices), got {size!r}")
+        rest = [name for name, size in sizes.items() if size == -1]
+        _check(len(rest) <= 1, f"{prefix}{rest[-1] if rest else 'data'}",
+               f"only one axis may be -1, got -1 for {rest}")
+        if device_count is None:
+            return tuple(sizes.values())  # type: ignore[return-value]
+        fixed = math.prod(size for size in sizes.values() if size != -1)
+        if rest:
+            _check(device_count % fixed == 0, f"{prefix}{rest[0]}",
+                   f"-1 needs the other axes ({fixed} devices) to divide the device count {device_count}")
+            sizes[rest[0]] = device_count // fixed
+        product = math.prod(sizes.values())
+        _check(product == device_count, prefix.rstrip("."),
+               f"data * expert * model = {sizes['data']} * {sizes['expert']} * {sizes['model']} = "
+               f"{product} must equal the device count {device_count}")
+        return sizes["data"], sizes["expert"], sizes["model"]
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'expert', 'model') mesh of Auto axes over `devices` (default: all devices).
+
+    On TPU `jax.make_mesh` orders devices by the physical topology (the `model` and
+    `expert` axes end up on the nearest chips); elsewhere it is a plain reshape.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_cfg.resolve(len(devices))
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):  # e.g. an irregular device subset
+        return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def validate_layout(mesh_cfg: MeshConfig, model_cfg: ModelConfig, batch_size: int, device_count: int,
+                    sequence_lengths: Sequence[int] = ()) -> None:
+    """Fails at start, naming the field, on a layout that cannot be sharded.
+
+    `batch_size` is the global batch; `sequence_lengths` (encoder and decoder lengths, optional)
+    are checked against `model.moe.group_size`.
+    """
+    data, expert, model = mesh_cfg.resolve(device_count)
+    num_experts = model_cfg.moe.num_experts
+    _check(num_experts % expert == 0, "model.moe.num_experts",
+           f"{num_experts} experts cannot be split evenly over mesh.expert = {expert}; "
+           f"use a divisor of {num_experts} for mesh.expert")
+    replicas = data * expert
+    _check(batch_size % replicas == 0, "batch_size",
+           f"{batch_size} is not divisible by the data-parallel size mesh.data * mesh.expert = "
+           f"{data} * {expert} = {replicas}")
+    if jax.process_count() > 1:
+        _check(batch_size % jax.process_count() == 0, "batch_size",
+               f"{batch_size} is not divisible by the process count {jax.process_count()}")
+    for field, value in (("d_ff", model_cfg.d_ff), ("num_heads", model_cfg.num_heads),
+                         ("vocab_size", model_cfg.vocab_size)):
+        _check(value % model == 0, f"model.{field}",
+               f"{value} is not divisible by mesh.model = {model}")
+    group_size = model_cfg.moe.group_size
+    for length in sequence_lengths:
+        if group_size is None:
+            continue
+        _check(batch_size * length % group_size == 0, "model.moe.group_size",
+               f"{group_size} must divide batch_size * length = {batch_size} * {length}")
+        groups = batch_size * length // group_size
+        _check(groups % replicas == 0, "model.moe.group_size",
+               f"{groups} groups (batch_size * length / group_size) are not divisible by "
+               f"mesh.data * mesh.expert = {replicas}")
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh) -> Iterator[Mesh]:
+    """Makes `mesh` current and installs LOGICAL_RULES.
+
+    Needed around model.init / model.apply (and their jit tracing) so that
+    nn.with_logical_constraint emits constraints: flax 0.12 skips them unless
+    jax.sharding.get_abstract_mesh() is set, which `jax.set_mesh` does.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield mesh
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh) -> Any:
+    """A tree of logical PartitionSpecs -> NamedShardings under LOGICAL_RULES."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension over ('data', 'expert'); the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def _model_inputs(sample_batch_shapes: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+    inputs = {}
+    for name, value in sample_batch_shapes.items():
+        shape = tuple(getattr(value, "shape", value))
+        dtype = getattr(value, "dtype", jnp.int32)
+        inputs[name] = jax.ShapeDtypeStruct(shape, dtype)
+    return inputs
+
+
+def abstract_params_and_shardings(model: nn.Module, mesh: Mesh, sample_batch_shapes: Mapping[str, Any],
+                                  rng: jax.Array) -> tuple[Any, Any]:
+    """Shapes of the 'params' collection (unboxed ShapeDtypeStructs) and their NamedShardings.
+
+    sample_batch_shapes: keyword arguments of `model.__call__` -> shapes (or arrays /
+    ShapeDtypeStructs), e.g. {'encoder_input_tokens': (8, 512), 'decoder_input_tokens': (8, 114),
+    'decoder_target_tokens': (8, 114)}. Nothing is allocated (jax.eval_shape).
+    """
+    inputs = _model_inputs(sample_batch_shapes)
+
+    def init(rng, inputs):
+        return model.init(rng, **inputs, enable_dropout=False)["params"]
+
+    with activate(mesh):
+        boxed = jax.eval_shape(init, rng, inputs)
+    shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+    return nn.unbox(boxed), shardings
+
+
+def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, out_shardings: Any, *args, **kwargs) -> Any:
+    """Runs `init_fn(*args, **kwargs)` under jit with `out_shardings`: every device only ever
+    allocates its own shard. Boxed (nn.Partitioned) outputs are unboxed first."""
+    with activate(mesh):
+        return jax.jit(lambda *a, **k: nn.unbox(init_fn(*a, **k)), out_shardings=out_shardings)(*args, **kwargs)
+
+
+def init_params(model: nn.Module, mesh: Mesh, sample_batch_shapes: Mapping[str, Any],
+                rng: jax.Array) -> tuple[Any, Any]:
+    """Convenience: sharded params and their shardings, from abstract_params_and_shardings + init_sharded."""
+    _, shardings = abstract_params_and_shardings(model, mesh, sample_batch_shapes, rng)
+    inputs = {name: jnp.zeros(s.shape, s.dtype) for name, s in _model_inputs(sample_batch_shapes).items()}
+    params = init_sharded(lambda r, x: model.init(r, **x, enable_dropout=False)["params"], mesh, shardings,
+                          rng, inputs)
+    return params, shardings
+
+
+def _key_name(key: Any) -> Any:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return str(key)
+
+
+def opt_state_shardings(optimizer: Any, abstract_params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for `optimizer.init(params)` that mirror the parameters' shardings.
+
+    Every leaf of the optimizer state is matched to the parameter whose path is the longest
+    suffix of the leaf's path (optax keeps param-shaped trees inside its states: mu, nu,
+    Adafactor's v_row / v_col / v, masked and chained states alike):
+    - same shape as the parameter: the parameter's sharding;
+    - the parameter's shape with one dimension dropped (Adafactor's factored moments):
+      the parameter's spec without that dimension;
+    - anything else (step counts, scalars, placeholders): replicated.
+    """
+    abstract_state = jax.eval_shape(optimizer.init, abstract_params)
+    by_path: dict[tuple, tuple[tuple[int, ...], P]] = {}
+    param_leaves = jax.tree_util.tree_leaves_with_path(abstract_params)
+    sharding_leaves = jax.tree_util.tree_leaves(param_shardings)
+    for (path, leaf), sharding in zip(param_leaves, sharding_leaves, strict=True):
+        by_path[tuple(_key_name(k) for k in path)] = (tuple(leaf.shape), sharding.spec)
+    lengths = sorted({len(path) for path in by_path}, reverse=True)
+
+    def for_leaf(path, leaf):
+        names = tuple(_key_name(k) for k in path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        for length in lengths:
+            if length > len(names) or (names[-length:] if length else ()) not in by_path:
+                continue
+            param_shape, spec = by_path[names[-length:] if length else ()]
+            spec = tuple(spec) + (None,) * (len(param_shape) - len(spec))
+            if shape == param_shape:
+                return NamedSharding(mesh, P(*spec))
+            if len(shape) == len(param_shape) - 1:
+                for dim in range(len(param_shape)):
+                    if shape == param_shape[:dim] + param_shape[dim + 1:]:
+                        return NamedSharding(mesh, P(*(spec[:dim] + spec[dim + 1:])))
+            break
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(for_leaf, abstract_state)
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of the global batch -> global jax.Arrays sharded by batch_sharding.
+
+    Single process: `batch` is the whole batch. Multi-process: each process passes its own
+    shard (data_shard_info), the global batch is the concatenation in process order.
+    """
+    sharding = batch_sharding(mesh)
+    return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+            for name, value in batch.items()}
+
+
+def _distributed_is_initialized() -> bool:
+    is_initialized = getattr(jax.distributed, "is_initialized", None)
+    if is_initialized is not None:
+        return bool(is_initialized())
+    from jax._src import distributed  # older jax: no public predicate
+    return distributed.global_state.client is not None
+
+
+def _managed_cluster_detected() -> bool:
+    """A TPU pod slice, SLURM, Open MPI or Kubernetes job that jax can auto-configure."""
+    if os.environ.get("STMOE_DISTRIBUTED", "").lower() in ("0", "false", "no"):
+        return False
+    if os.environ.get("STMOE_DISTRIBUTED", "").lower() in ("1", "true", "yes"):
+        return True
+    try:
+        from jax._src import clusters
+        return any(not env.opt_in_only_method and env.is_env_present()
+                   for env in clusters.ClusterEnv._cluster_types)
+    except Exception as error:  # private API: never let detection itself break a run
+        logging.warning("stmoe: cluster auto-detection failed (%s); assuming one process", error)
+        return False
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> tuple[int, int]:
+    """Calls jax.distributed.initialize() when this is one process of several; returns
+    (process_index, process_count).
+
+    Multi-process when: arguments are given, JAX_COORDINATOR_ADDRESS is set (then
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID give the rest), or jax detects a managed cluster
+    (TPU pod slice via the metadata server, SLURM, Open MPI, Kubernetes; STMOE_DISTRIBUTED=0/1
+    overrides the detection). Must run before anything touches a device. Idempotent.
+    """
+    if not _distributed_is_initialized():
+        address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+        if address:
+            env_int = lambda name: int(os.environ[name]) if os.environ.get(name) else None
+            jax.distributed.initialize(
+                address,
+                num_processes if num_processes is not None else env_int("JAX_NUM_PROCESSES"),
+                process_id if process_id is not None else env_int("JAX_PROCESS_ID"))
+        elif _managed_cluster_detected():
+            jax.distributed.initialize()
+    return jax.process_index(), jax.process_count()
+
+
+def data_shard_info() -> tuple[int, int]:
+    """(index, num_shards) for seqio.ShardInfo: each process reads its own shard of the data."""
+    return jax.process_index(), jax.process_count()

@@ -1,0 +1,146 @@
+"""MoeLayer: dispatch implementations agree, drops go through the residual, router gradients."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stmoe import losses, metrics
+from stmoe.config import ModelConfig, MoeConfig
+
+from stmoe.moe import MoeLayer
+
+D_MODEL, BATCH, LENGTH = 16, 3, 12
+
+
+def layer_config(**moe_fields) -> ModelConfig:
+    moe = MoeConfig(num_experts=4, **moe_fields)
+    return ModelConfig(d_model=D_MODEL, d_ff=24, num_decoder_layers=0, moe=moe).validate()
+
+
+def inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(BATCH, LENGTH, D_MODEL)), jnp.float32)
+    mask = np.ones((BATCH, LENGTH), np.float32)
+    mask[2, 8:] = 0  # a padded sequence
+    return x, jnp.asarray(mask)
+
+
+def init_params(cfg, x, mask):
+    variables = MoeLayer(cfg).init({"params": jax.random.key(0)}, x, mask)
+    params = nn.meta.unbox(variables["params"])
+    # A sharper router than the init so that experts are unevenly loaded and tokens get dropped.
+    params["router"]["kernel"] = params["router"]["kernel"] * 100.0
+    return params
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def apply(cfg, params, x, mask, deterministic=True):
+    out, state = MoeLayer(cfg).apply({"params": params}, x, mask, deterministic, mutable=["moe"],
+                                     rngs={"dropout": jax.random.key(1)})
+    return out, metrics.collect_layers(state["moe"])[""]
+
+
+CASES = [dict(top_k=1), dict(top_k=2, second_expert_policy="all"), dict(top_k=2, min_capacity=1),
+         dict(router_type="experts_choose", min_capacity=1), dict(top_k=2, group_size=6, min_capacity=1)]
+
+
+@pytest.mark.parametrize("fields", CASES, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
+def test_einsum_and_gather_dispatch_agree(fields):
+    x, mask = inputs()
+    cfg_einsum = layer_config(dispatch="einsum", eval_capacity_factor=0.5, **fields)
+    cfg_gather = cfg_einsum.replace(moe=cfg_einsum.moe.replace(dispatch="gather"))
+    params = init_params(cfg_einsum, x, mask)
+
+    def loss(params, x, cfg):
+        out, _ = apply(cfg, params, x, mask)
+        return jnp.mean(jnp.square(out))  # needs the output values, unlike a linear loss
+
+    out_e, stats = apply(cfg_einsum, params, x, mask)
+    out_g, _ = apply(cfg_gather, params, x, mask)
+    np.testing.assert_allclose(out_g, out_e, atol=1e-5, rtol=1e-5)
+    assert float(stats["dropped_tokens"]) > 0, "the case should drop tokens"
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    grads_e, grads_g = grads(params, x, cfg_einsum), grads(params, x, cfg_gather)
+    for a, b in zip(jax.tree_util.tree_leaves(grads_g), jax.tree_util.tree_leaves(grads_e)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_dropped_tokens_and_padding_get_zero_output():
+    x, mask = inputs(1)
+    cfg = layer_config(top_k=1, eval_capacity_factor=0.25, min_capacity=1)
+    params = init_params(cfg, x, mask)
+    out, stats = apply(cfg, params, x, mask)
+    probs = jax.nn.softmax(jnp.einsum("btd,de->bte", x, params["router"]["kernel"]), -1)
+    expert = np.asarray(jnp.argmax(probs, -1))
+    # Rebuild which tokens kept their slot: capacity 1 per expert and sequence, in token order.
+    kept = np.zeros((BATCH, LENGTH), bool)
+    for b in range(BATCH):
+        seen = set()
+        for t in range(LENGTH):
+            if mask[b, t] and expert[b, t] not in seen:
+                kept[b, t] = True
+                seen.add(expert[b, t])
+    out = np.asarray(out)
+    assert np.all(out[~kept] == 0.0), "dropped or padded tokens must get exactly zero (the residual carries them)"
+    assert np.all(np.abs(out[kept]).sum(-1) > 0)
+    real = np.asarray(mask) > 0
+    np.testing.assert_allclose(stats["dropped_tokens"], 1 - kept[real].mean(), rtol=1e-6)
+
+
+def test_train_and_eval_capacity_factors_are_separate():
+    x, mask = inputs(2)
+    cfg = layer_config(top_k=2, second_expert_policy="all", train_capacity_factor=0.5,
+                       eval_capacity_factor=4.0, min_capacity=1)
+    params = init_params(cfg, x, mask)
+    _, eval_stats = apply(cfg, params, x, mask, deterministic=True)
+    _, train_stats = apply(cfg, params, x, mask, deterministic=False)
+    assert float(eval_stats["dropped_tokens"]) == 0.0
+    assert float(train_stats["dropped_fraction_rank1"]) > 0.0
+
+
+def test_router_gets_gradients_from_task_and_aux_losses():
+    x, mask = inputs(3)
+    cfg = layer_config(top_k=2, second_expert_policy="all")
+    params = nn.meta.unbox(MoeLayer(cfg).init({"params": jax.random.key(0)}, x, mask)["params"])
+
+    def task_only(params):
+        out, _ = apply(cfg, params, x, mask)
+        return jnp.mean(jnp.square(out))
+
+    def aux_only(name):
+        def loss(params):
+            _, stats = apply(cfg, params, x, mask)
+            return stats[name]
+        return loss
+
+    for loss in (task_only, aux_only("aux_loss"), aux_only("z_loss")):
+        grad = jax.jit(jax.grad(loss))(params)["router"]["kernel"]
+        assert float(jnp.linalg.norm(grad)) > 0, loss
+
+
+def test_bfloat16_experts_keep_float32_router():
+    x, mask = inputs(4)
+    cfg = layer_config(top_k=2).replace(dtype="bfloat16")
+    params = init_params(cfg, x, mask)
+    out, stats = apply(cfg, params, x, mask)
+    assert out.dtype == jnp.bfloat16
+    assert stats["z_loss"].dtype == jnp.float32
+    ref, _ = apply(cfg.replace(dtype="float32"), params, x, mask)
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.1, rtol=0.05)
+
+
+def test_expert_choice_refused_in_causal_decoder():
+    x, mask = inputs()
+    cfg = layer_config(router_type="experts_choose")
+    with pytest.raises(ValueError, match="causal decoder"):
+        MoeLayer(cfg, causal=True).init({"params": jax.random.key(0)}, x, mask)
+
+
+def test_moe_losses_average_over_layers():
+    layers = {"encoder": {"a": {"moe": {"stats": ({"aux_loss": jnp.float32(1.0), "z_loss": jnp.float32(4.0)},)}},
+                          "b": {"moe": {"stats": ({"aux_loss": jnp.float32(3.0), "z_loss": jnp.float32(2.0)},)}}}}
+    result = losses.moe_losses(layers)
+    assert float(result["aux_loss"]) == 2.0 and float(result["router_z_loss"]) == 3.0
