@@ -68,7 +68,7 @@ class MoeConfig(_Replaceable):
     group_size: int | None = None  # tokens per routing group; None = one group per sequence
     batch_prioritized: bool = False  # encoder only: route confident tokens first (V-MoE BPR)
     route_padding: bool = False  # HF routes padding tokens; ST-MoE does not
-    # HF Switch keeps a dropped token's (normed) input, scaled by its router prob, instead of zero.
+    # transformers 4.x Switch kept a dropped token's (normed) input x router prob; 5.x (and Mesh TF) give zero.
     dropped_token_passthrough: bool = False
     aux_loss_type: str = "switch_top1"
     aux_loss_coef: float = 1e-2

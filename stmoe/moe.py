@@ -139,7 +139,7 @@ class MoeLayer(nn.Module):
         outputs = combine(expert_outputs, route.slot_token, route.slot_weight, group_size)  # [g, t, d]
         outputs = constrain(outputs, ("batch", None, "embed"))
         if moe.dropped_token_passthrough:
-            # HF Switch: a token that reached no expert keeps its input, scaled by its top-1 router prob.
+            # transformers 4.x Switch: a token that reached no expert keeps its input x its top-1 router prob.
             reached_none = ~jnp.any(route.kept, axis=-1, keepdims=True)
             outputs = outputs + jnp.where(reached_none, x * jnp.max(probs, axis=-1, keepdims=True), 0.0)
 

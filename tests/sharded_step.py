@@ -67,22 +67,33 @@ def train_step(params, opt_state, batch, rng, *, model, optimizer, cfg):
 
 
 class Setup:
-    """Mesh, sharded params and optimizer state, and the jitted step for one layout."""
+    """Mesh, sharded params and optimizer state, and the compiled step for one layout.
 
-    def __init__(self, mesh_cfg: partitioning.MeshConfig, num_experts: int = 8, devices=None):
+    `init_from`: copy another Setup's initial state into this layout's shardings instead
+    of compiling a sharded init again (tests only: it saves a compile; the layout under
+    test with init_from=None proves the sharded init gives the same values).
+    """
+
+    def __init__(self, mesh_cfg: partitioning.MeshConfig, num_experts: int = 8, devices=None,
+                 init_from: "Setup | None" = None):
         self.cfg = tiny_config(num_experts)
         devices = jax.devices() if devices is None else devices
         partitioning.validate_layout(mesh_cfg, self.cfg, BATCH, len(devices), (LENGTH,))
         self.mesh = partitioning.make_mesh(mesh_cfg, devices)
         self.model = EncoderDecoder(self.cfg)
-        shapes = {name: value.shape for name, value in make_batch().items()}
-        self.params, self.param_shardings = partitioning.init_params(self.model, self.mesh, shapes,
-                                                                     jax.random.key(0))
         self.optimizer = optax.adam(LEARNING_RATE)
-        self.opt_shardings = partitioning.opt_state_shardings(self.optimizer, self.params,
-                                                              self.param_shardings, self.mesh)
-        self.opt_state = partitioning.init_sharded(self.optimizer.init, self.mesh, self.opt_shardings,
-                                                   self.params)
+        shapes = {name: value.shape for name, value in make_batch().items()}
+        abstract, self.param_shardings = partitioning.abstract_params_and_shardings(
+            self.model, self.mesh, shapes, jax.random.key(0))
+        self.opt_shardings = partitioning.opt_state_shardings(self.optimizer, abstract, self.param_shardings,
+                                                              self.mesh)
+        if init_from is None:
+            self.params, _ = partitioning.init_params(self.model, self.mesh, shapes, jax.random.key(0))
+            self.opt_state = partitioning.init_sharded(self.optimizer.init, self.mesh, self.opt_shardings,
+                                                       self.params)
+        else:
+            self.params = jax.device_put(init_from.params, self.param_shardings)
+            self.opt_state = jax.device_put(init_from.opt_state, self.opt_shardings)
         replicated = partitioning.replicated(self.mesh)
         step = functools.partial(train_step, model=self.model, optimizer=self.optimizer, cfg=self.cfg)
         self.step = jax.jit(
@@ -90,25 +101,45 @@ class Setup:
             in_shardings=(self.param_shardings, self.opt_shardings, partitioning.batch_sharding(self.mesh),
                           replicated),
             out_shardings=(replicated, self.param_shardings, self.param_shardings, self.opt_shardings))
+        self._compiled = None
 
-    def compile(self, batch):
-        with partitioning.activate(self.mesh):
-            return self.step.lower(self.params, self.opt_state, batch, jax.random.key(1)).compile()
+    @property
+    def compiled(self):
+        """The step, lowered and compiled once (calling self.step would compile it again)."""
+        if self._compiled is None:
+            sharding = partitioning.batch_sharding(self.mesh)
+            batch = {name: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
+                     for name, value in make_batch().items()}
+            with partitioning.activate(self.mesh):
+                self._compiled = self.step.lower(self.params, self.opt_state, batch, jax.random.key(1)).compile()
+        return self._compiled
 
-    def run(self, batch, rng):
-        with partitioning.activate(self.mesh):
-            return self.step(self.params, self.opt_state, batch, rng)
+    def run(self, batch, rng, params=None, opt_state=None):
+        params = self.params if params is None else params
+        opt_state = self.opt_state if opt_state is None else opt_state
+        return self.compiled(params, opt_state, batch, rng)
+
+
+@functools.cache
+def get_setup(mesh_cfg: partitioning.MeshConfig, num_experts: int = 8, num_devices: int | None = None,
+              init_from: Setup | None = None) -> Setup:
+    """One Setup per layout per test session (shared by test modules: one compile each)."""
+    devices = jax.devices() if num_devices is None else jax.devices()[:num_devices]
+    return Setup(mesh_cfg, num_experts, devices, init_from)
 
 
 def run_steps(setup: Setup, steps: int, local_rows: slice | None = None) -> list[float]:
-    """`steps` train steps on make_batch(seed=step); each process feeds `local_rows` of it."""
+    """`steps` train steps from the setup's initial state on make_batch(seed=step); each process
+    feeds `local_rows` of the global batch."""
     history = []
+    params, opt_state = setup.params, setup.opt_state
     for step in range(steps):
         batch = make_batch(seed=step)
         if local_rows is not None:
             batch = {name: value[local_rows] for name, value in batch.items()}
         batch = partitioning.shard_batch(batch, setup.mesh)
-        loss, _, setup.params, setup.opt_state = setup.run(batch, jax.random.fold_in(jax.random.key(1), step))
+        loss, _, params, opt_state = setup.run(batch, jax.random.fold_in(jax.random.key(1), step), params,
+                                               opt_state)
         history.append(float(loss))
     return history
 

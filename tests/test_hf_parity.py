@@ -30,9 +30,11 @@ ATOL = 1e-4
 
 
 def _hf_config(capacity: int, **overrides):
-    """2 + 2 blocks, num_sparse 1 -> step 2 -> block 1 of each stack is sparse: one MoE layer per stack."""
-    fields = dict(vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=2,
-                  num_decoder_layers=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
+    """3 + 3 blocks, num_sparse 1 -> step 3 -> block 1 of each stack is sparse: one MoE layer per stack,
+    followed by a dense block. (Were the MoE block last, with unit norm scales, what a dropped token
+    gets would only rescale the last hidden state, and the final RMSNorm would hide it.)"""
+    fields = dict(vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=3,
+                  num_decoder_layers=3, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
                   num_experts=EXPERTS, expert_capacity=capacity, dropout_rate=0.0, router_jitter_noise=0.0,
                   tie_word_embeddings=True)
     fields.update(overrides)
@@ -89,7 +91,12 @@ def case(request, tmp_path_factory, tokens):
     capacity = request.param
     torch.manual_seed(0)
     hf_dir = tmp_path_factory.mktemp(f"hf_cap{capacity}")
-    transformers.SwitchTransformersForConditionalGeneration(_hf_config(capacity)).save_pretrained(hf_dir)
+    hf_model = transformers.SwitchTransformersForConditionalGeneration(_hf_config(capacity))
+    with torch.no_grad():  # HF inits norm scales to 1; random ones make the norm weights count
+        for name, param in hf_model.named_parameters():
+            if "layer_norm" in name:
+                param.uniform_(0.5, 1.5)
+    hf_model.save_pretrained(hf_dir)
     hf_model = _hf_load(hf_dir)
     enc, dec_in, target = tokens
     hf_out = _hf_forward(hf_model, enc, dec_in)
@@ -106,7 +113,7 @@ def test_config_semantics(case):
     assert (cfg.moe.top_k, cfg.moe.expert_capacity, cfg.moe.group_size) == (1, case.capacity, None)
     assert cfg.moe.route_padding and not cfg.moe.dropped_token_passthrough and not cfg.moe.batch_prioritized
     assert (cfg.mlp_activation, cfg.mlp_gated, cfg.tie_embeddings) == ("relu", False, True)
-    assert [cfg.is_sparse(i) for i in range(2)] == [b.is_sparse for b in case.hf_model.encoder.block]
+    assert [cfg.is_sparse(i) for i in range(3)] == [b.is_sparse for b in case.hf_model.encoder.block]
 
 
 def test_logits_match(case):
@@ -114,6 +121,17 @@ def test_logits_match(case):
     diff = np.max(np.abs(case.logits - hf_logits))
     print(f"capacity {case.capacity}: max |logits - HF| = {diff:.3e} (logit scale {np.abs(hf_logits).max():.2f})")
     np.testing.assert_allclose(case.logits, hf_logits, rtol=0, atol=ATOL)
+
+
+def test_dropped_tokens_get_zero_not_their_input(case, tokens):
+    """transformers 5.x gives a dropped token zero from the sparse MLP; 4.x kept its input times its
+    router prob (moe.dropped_token_passthrough). The parity above must be able to tell them apart."""
+    if case.capacity == AMPLE:
+        pytest.skip("nothing is dropped")
+    cfg = case.model.config
+    legacy = EncoderDecoder(cfg.replace(moe=cfg.moe.replace(dropped_token_passthrough=True)))
+    logits, _ = _jitted_apply(legacy)({"params": case.params}, *tokens)
+    assert np.max(np.abs(np.asarray(logits) - case.hf_out.logits.numpy())) > 100 * ATOL
 
 
 def _hf_dropped_fraction(router_logits: np.ndarray, capacity: int) -> float:

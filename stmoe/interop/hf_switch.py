@@ -149,7 +149,9 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     moe = cfg.moe
     required = {  # field: (value, HF's semantics)
         "mlp_gated": (cfg.mlp_gated, False), "sparse_dense": (cfg.sparse_dense, False),
-        "moe.router_type": (moe.router_type, "tokens_choose"), "moe.top_k": (moe.top_k, 1),
+        "moe.router_type": (moe.router_type, "tokens_choose"),
+        "moe.decoder_router_type": (moe.decoder_router_type or moe.router_type, "tokens_choose"),
+        "moe.top_k": (moe.top_k, 1),
         "moe.group_size": (moe.group_size, None), "moe.batch_prioritized": (moe.batch_prioritized, False),
         "moe.route_padding": (moe.route_padding, True),
         "moe.dropped_token_passthrough": (moe.dropped_token_passthrough, False),
