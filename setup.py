@@ -10,6 +10,7 @@ INSTALL_REQUIRES = [
     "seqio>=0.0.19",
     "ml_collections>=1.0.0",
     "clu>=0.0.12",
+    "tensorboard>=2.15",  # clu.metric_writers imports it (TensorBoard summaries)
     "numpy>=1.26",
     "tqdm>=4.66",
     "matplotlib>=3.8",

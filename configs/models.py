@@ -47,7 +47,8 @@ def _moe(**overrides) -> ml_collections.ConfigDict:
         jitter_noise=0.0,            # off: ST-MoE found it hurts quality (Table 3)
         router_init_std=2e-2,
         expert_dropout_rate=0.0,     # fine-tuning sets its own (sec. 4.3)
-        dispatch="gather",           # "einsum" = GShard one-hot reference
+        dispatch="gather",           # "einsum" = GShard one-hot reference; "dropless" = ragged_dot, GPU/TPU
+                                     # (refused on CPU); "auto" = per backend (stmoe/dispatch.py)
     ))
     moe.update(overrides)
     return moe
@@ -68,6 +69,8 @@ def _model(moe: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDic
         sparse_offset=None,          # None = interval - 1 (ST-MoE); HF Switch uses 1
         sparse_layers=None,          # explicit list overrides the interval
         sparse_dense=False,          # extra dense FFN after each sparse one (ST-MoE-32B)
+        scan_layers=False,           # nn.scan over (interval-1 dense + 1 sparse) units: compile time flat in depth
+        remat="none",                # "full" / "save_dots": recompute blocks in the backward pass to save memory
     ))
     model.update(fields)
     model.moe = moe

@@ -15,7 +15,8 @@ from typing import Any, Mapping
 ROUTER_TYPES = ("tokens_choose", "experts_choose")
 SECOND_EXPERT_POLICIES = ("random", "all")
 AUX_LOSS_TYPES = ("switch_top1", "switch_all_k", "cv2")
-DISPATCH_IMPLS = ("einsum", "gather")
+DISPATCH_IMPLS = ("einsum", "gather", "dropless", "auto")
+REMAT_POLICIES = ("none", "full", "save_dots")
 MLP_ACTIVATIONS = ("gelu", "relu", "silu")
 DTYPES = ("float32", "bfloat16")
 
@@ -76,7 +77,7 @@ class MoeConfig(_Replaceable):
     jitter_noise: float = 0.0  # multiplicative uniform noise on router inputs (training only)
     router_init_std: float = 2e-2
     expert_dropout_rate: float = 0.0  # dropout inside the experts (fine-tuning: ST-MoE sec. 4.3)
-    dispatch: str = "gather"
+    dispatch: str = "gather"  # "einsum" | "gather" | "dropless" (GPU/TPU) | "auto" (per backend; stmoe/dispatch.py)
 
     def router_for(self, causal: bool) -> str:
         return (self.decoder_router_type or self.router_type) if causal else self.router_type
@@ -139,6 +140,8 @@ class ModelConfig(_Replaceable):
     sparse_offset: int | None = None
     sparse_layers: tuple[int, ...] | None = None
     sparse_dense: bool = False  # an extra dense FFN after each sparse FFN (ST-MoE-32B)
+    scan_layers: bool = False  # nn.scan over repeated (interval-1 dense + 1 sparse) blocks: compile time flat in depth
+    remat: str = "none"  # recompute blocks in the backward pass: "none" | "full" | "save_dots" (keep matmul outputs)
     moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
 
     @classmethod
@@ -169,6 +172,14 @@ class ModelConfig(_Replaceable):
         num_layers = max(self.num_encoder_layers, self.num_decoder_layers)
         _check(self.sparse_layers is None or all(0 <= i < num_layers for i in self.sparse_layers),
                f"{p}sparse_layers", f"indices must be in [0, {num_layers}), got {self.sparse_layers}")
+        _check(self.remat in REMAT_POLICIES, f"{p}remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.scan_layers:
+            for name in ("num_encoder_layers", "num_decoder_layers"):
+                _check(getattr(self, name) % self.sparse_interval == 0, f"{p}scan_layers",
+                       f"needs {name}={getattr(self, name)} to be a multiple of sparse_interval="
+                       f"{self.sparse_interval} (the scanned unit is one interval of blocks)")
+            _check(self.sparse_layers is None, f"{p}scan_layers",
+                   "needs the periodic layout (sparse_interval/sparse_offset), not an explicit sparse_layers list")
         self.moe.validate(prefix=f"{p}moe.")
         has_sparse_decoder = any(self.is_sparse(i) for i in range(self.num_decoder_layers))
         _check(not has_sparse_decoder or self.moe.router_for(causal=True) == "tokens_choose",

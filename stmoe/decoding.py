@@ -19,6 +19,7 @@ tight capacity can drop tokens, and a later token's first choice even outranks a
 token's second choice (priority by rank, DESIGN.md). Cached and recomputed decoding therefore
 agree exactly only while no token is dropped in the recomputed pass, e.g. with
 eval capacity factor >= num_experts (as in the tests) or min_capacity >= decode length.
+A fixed `moe.group_size` must divide batch (* beams): cached steps have one token per sequence.
 
 The pad id is never emitted before EOS: a 0 inside a sequence could not be told apart
 from padding when the output is fed back as targets (`score`). Its probability is not
@@ -133,9 +134,8 @@ def _no_pad(logits: Array) -> Array:
 # Greedy and sampling: one token per sequence and step.
 
 
-def _autoregressive(params: PyTree, encoder_input_tokens: Array, rng: Array, temperature: Array, *,
-                    model: nn.Module, max_decode_length: int, eos_id: int, use_cache: bool,
-                    top_k: int, greedy: bool) -> Array:
+def _autoregressive(params: PyTree, encoder_input_tokens: Array, rng: Array, temperature: Array, top_k: Array, *,
+                    model: nn.Module, max_decode_length: int, eos_id: int, use_cache: bool, greedy: bool) -> Array:
     """The greedy / sampling loop. Returns tokens [batch, max_decode_length]."""
     batch = encoder_input_tokens.shape[0]
     encoded, encoder_segments = _encode(model, params, encoder_input_tokens)
@@ -145,11 +145,12 @@ def _autoregressive(params: PyTree, encoder_input_tokens: Array, rng: Array, tem
     def choose(logits: Array, key: Array) -> Array:  # [batch, vocab] -> [batch]
         if greedy:
             return jnp.argmax(_no_pad(logits), axis=-1)
-        logits = logits / temperature
-        if top_k > 0:
-            kth_best = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [batch, 1]
-            logits = jnp.where(logits < kth_best, -jnp.inf, logits)
-        return jax.random.categorical(key, _no_pad(logits), axis=-1)
+        logits = _no_pad(logits) / temperature  # before top-k: the k kept must be choosable
+        # top_k is traced (a sort instead of lax.top_k, which needs a static k); 0 keeps everything.
+        descending = -jnp.sort(-logits, axis=-1)  # [batch, vocab]
+        kth_best = jnp.take(descending, jnp.clip(top_k - 1, 0, logits.shape[-1] - 1), axis=-1)[:, None]
+        logits = jnp.where((top_k > 0) & (logits < kth_best), -jnp.inf, logits)
+        return jax.random.categorical(key, logits, axis=-1)
 
     # sequences [batch, 1 + max_decode_length]: column 0 is the start token, column t + 1 the
     # token chosen at step t; the decoder inputs are the first max_decode_length columns.
@@ -176,24 +177,24 @@ def greedy_decode(model: nn.Module, params: PyTree, encoder_input_tokens: Array,
                   eos_id: int = EOS_ID, use_cache: bool = True) -> Array:
     """Argmax decoding. encoder_input_tokens [batch, enc_len] -> tokens [batch, max_decode_length]."""
     fn = _jit(_autoregressive, model=model, max_decode_length=max_decode_length, eos_id=eos_id,
-              use_cache=use_cache, top_k=0, greedy=True)
-    return fn(_unbox(params), encoder_input_tokens, jax.random.key(0), jnp.float32(1.0))
+              use_cache=use_cache, greedy=True)
+    return fn(_unbox(params), encoder_input_tokens, jax.random.key(0), jnp.float32(1.0), jnp.int32(0))
 
 
 def sample(model: nn.Module, params: PyTree, encoder_input_tokens: Array, rng: Array, *, max_decode_length: int,
            temperature: float = 1.0, top_k: int = 0, eos_id: int = EOS_ID, use_cache: bool = True) -> Array:
     """Ancestral sampling from softmax(logits / temperature), restricted to the top_k tokens if top_k > 0.
 
-    encoder_input_tokens [batch, enc_len] -> tokens [batch, max_decode_length]. `temperature` is traced
-    (no recompile per value); `top_k` is static.
+    encoder_input_tokens [batch, enc_len] -> tokens [batch, max_decode_length]. `temperature` and
+    `top_k` are traced: one compiled function serves every value.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use greedy_decode for argmax), got {temperature}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     fn = _jit(_autoregressive, model=model, max_decode_length=max_decode_length, eos_id=eos_id,
-              use_cache=use_cache, top_k=top_k, greedy=False)
-    return fn(_unbox(params), encoder_input_tokens, rng, jnp.float32(temperature))
+              use_cache=use_cache, greedy=False)
+    return fn(_unbox(params), encoder_input_tokens, rng, jnp.float32(temperature), jnp.int32(top_k))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,8 +214,8 @@ def _gather_cache(cache: PyTree, index: Array) -> PyTree:
     return jax.tree.map(lambda x: x[flat] if x.ndim else x, cache)
 
 
-def _beam_search(params: PyTree, encoder_input_tokens: Array, *, model: nn.Module, beam_size: int,
-                 max_decode_length: int, alpha: float, eos_id: int, use_cache: bool) -> tuple[Array, Array]:
+def _beam_search(params: PyTree, encoder_input_tokens: Array, alpha: Array, *, model: nn.Module, beam_size: int,
+                 max_decode_length: int, eos_id: int, use_cache: bool) -> tuple[Array, Array]:
     """Beam search with an alive set and a finished set of `beam_size` each (as in tensor2tensor / t5x).
 
     Per step:
@@ -284,7 +285,8 @@ def beam_search(model: nn.Module, params: PyTree, encoder_input_tokens: Array, *
 
     encoder_input_tokens [batch, enc_len] -> (tokens [batch, beams, max_decode_length], best first;
     scores [batch, beams] = sum of token log-probs (EOS included) / length_penalty(len)). A beam
-    that reaches max_decode_length without EOS is finished there. Needs vocab_size > 2 * beam_size.
+    that reaches max_decode_length without EOS is finished there. `alpha` is traced (no recompile
+    per value). Needs vocab_size > 2 * beam_size + 1.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -293,8 +295,8 @@ def beam_search(model: nn.Module, params: PyTree, encoder_input_tokens: Array, *
     if model.config.vocab_size <= 2 * beam_size + 1:
         raise ValueError(f"vocab_size {model.config.vocab_size} is too small for beam_size {beam_size}")
     fn = _jit(_beam_search, model=model, beam_size=beam_size, max_decode_length=max_decode_length,
-              alpha=float(alpha), eos_id=eos_id, use_cache=use_cache)
-    return fn(_unbox(params), encoder_input_tokens)
+              eos_id=eos_id, use_cache=use_cache)
+    return fn(_unbox(params), encoder_input_tokens, jnp.float32(alpha))
 
 
 # ---------------------------------------------------------------------------------------------

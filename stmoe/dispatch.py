@@ -1,22 +1,76 @@
 """Token dispatch: move routed tokens into per-expert buffers and their outputs back.
 
-Every implementation takes the router's slot-major description (routing.Routing):
-`slot_token: [groups, experts, capacity]` (the token filling each slot, `tokens`
-for an empty one) and `slot_weight` (its combine weight), and gives the same
-numbers (tests/test_moe.py):
+The capacity-based implementations take the router's slot-major description
+(routing.Routing): `slot_token: [groups, experts, capacity]` (the token filling
+each slot, `tokens` for an empty one) and `slot_weight` (its combine weight),
+and give the same numbers (tests/test_dispatch.py, tests/test_moe.py):
 
 - "einsum": GShard/flaxformer one-hot dispatch and combine tensors [groups, experts,
   capacity, tokens]; simple and the natural TPU path, but its cost grows with the
   group size (an extra cf * group_size / d_ff of the useful FLOPs).
 - "gather": index-based; gathers token rows into the expert buffers and scatter-adds
-  the outputs back; no [tokens, experts, capacity] tensor is ever built.
+  the outputs back; no [tokens, experts, capacity] tensor is ever built. Its cost is
+  O(slots * d) data movement, independent of the group size.
+- "dropless": no capacity. Every (token, choice) row is sorted by expert and the experts
+  run as grouped matmuls (`jax.lax.ragged_dot`) over the sorted rows (MegaBlocks,
+  Gale et al. 2022). Equal to the other two whenever their capacity drops nothing.
+  On CPU `ragged_dot` is emulated densely over all experts (about 47x a dense FFN at
+  T=8192, E=32), so it is refused there unless forced (`STMOE_FORCE_DROPLESS=1`).
+  Expert parallelism: the capacity-based buffers [experts, groups, capacity, d] move by
+  all-to-all from the sharding constraints in moe.py; dropless rows have data-dependent
+  sizes and would need `ragged_all_to_all` (not implemented on XLA:CPU), so under a mesh
+  dropless relies on GSPMD's default (expert weights gathered), not all-to-all.
+
+"auto" resolves per backend (`resolve_dispatch`):
+- cpu: "gather". Measured (scripts/benchmark_moe.py, README Performance; 2 cores): at
+  T=8192, E=32 the gather layer's forward is 1.46x the FLOP-matched dense FFN and its
+  forward+backward 0.95x; einsum 2.15x / 1.42x; dropless (ragged_dot) ~47x forward.
+- gpu: "gather". Capacity-based, so shapes are static and expert parallelism uses plain
+  all-to-all; gathers/scatters of d-wide rows are bandwidth-bound and cheap on GPU,
+  while the one-hot einsum adds cf * group_size / d_ff of the useful FLOPs. Not
+  measured in this repository (no GPU was available); benchmark_moe.py on a GPU will
+  tell whether "dropless" (grouped GEMM, no padding) wins there.
+- tpu: "einsum". On TPU dynamic gathers and scatters of rows lower to slow,
+  serialized memory operations while the one-hot matmuls run on the MXU at full rate;
+  with ST-MoE's group sizes (a few hundred to 2k tokens) and d_ff >= 2048 the einsum
+  overhead is cf * group_size / d_ff ~ 1x at worst, and it is what t5x/flaxformer run
+  at scale. Lower the group size (moe.group_size) to shrink that overhead.
 """
 from __future__ import annotations
+
+import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+DISPATCH_CHOICES = ("einsum", "gather", "dropless", "auto")
+AUTO_DISPATCH = {"cpu": "gather", "gpu": "gather", "cuda": "gather", "rocm": "gather", "tpu": "einsum"}
+FORCE_DROPLESS_ENV = "STMOE_FORCE_DROPLESS"
+
+
+def resolve_dispatch(name: str, backend: str | None = None, force_dropless: bool | None = None) -> str:
+    """The implementation `moe.dispatch` means on `backend` (default: jax.default_backend()).
+
+    "auto" picks per backend (module docstring). "dropless" on CPU raises unless forced with
+    `force_dropless=True` or the environment variable STMOE_FORCE_DROPLESS=1.
+    """
+    if name not in DISPATCH_CHOICES:
+        raise ValueError(f"moe.dispatch: must be one of {DISPATCH_CHOICES}, got {name!r}")
+    backend = backend or jax.default_backend()
+    if name == "auto":
+        return AUTO_DISPATCH.get(backend, "gather")
+    if name == "dropless" and backend == "cpu":
+        if force_dropless is None:
+            force_dropless = os.environ.get(FORCE_DROPLESS_ENV, "") not in ("", "0")
+        if not force_dropless:
+            raise ValueError(
+                "moe.dispatch='dropless' uses jax.lax.ragged_dot, which XLA:CPU emulates densely over all "
+                "experts (tens of times slower than 'gather'); use moe.dispatch='gather' or 'auto' on CPU, "
+                f"or set {FORCE_DROPLESS_ENV}=1 to run it anyway (tests do).")
+    return name
 
 
 def dispatch_einsum(x: Array, slot_token: Array) -> Array:
@@ -33,14 +87,22 @@ def combine_einsum(expert_out: Array, slot_token: Array, slot_weight: Array, tok
 
 
 def dispatch_gather(x: Array, slot_token: Array) -> Array:
-    """Gathers token rows; an empty slot points at an appended zero row."""
+    """Gathers token rows; an empty slot points at an appended zero row.
+
+    x: [groups, tokens, d], slot_token: [groups, experts, capacity] -> [experts, groups, capacity, d].
+    The gather is batched over groups (each group only reads its own tokens), so under a
+    mesh it stays local to the devices holding the group.
+    """
     padded = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))  # [g, t + 1, d]
     gathered = jax.vmap(lambda rows, idx: rows[idx])(padded, slot_token)  # [g, e, c, d]
     return gathered.transpose(1, 0, 2, 3)
 
 
 def combine_gather(expert_out: Array, slot_token: Array, slot_weight: Array, tokens: int) -> Array:
-    """Scatter-adds weighted slot outputs back to their tokens; empty slots land on a dropped row."""
+    """Scatter-adds weighted slot outputs back to their tokens; empty slots land on a dropped row.
+
+    expert_out: [experts, groups, capacity, d] -> [groups, tokens, d].
+    """
     weighted = expert_out.transpose(1, 0, 2, 3) * slot_weight[..., None].astype(expert_out.dtype)  # [g, e, c, d]
     groups, _, _, d = weighted.shape
     out = jnp.zeros((groups, tokens + 1, d), expert_out.dtype)
@@ -50,3 +112,42 @@ def combine_gather(expert_out: Array, slot_token: Array, slot_weight: Array, tok
 
 
 DISPATCH = {"einsum": (dispatch_einsum, combine_einsum), "gather": (dispatch_gather, combine_gather)}
+
+
+def ragged_mlp(rows: Array, group_sizes: Array, wi: list[Array], wo: Array, activation: Callable[[Array], Array],
+               dropout: Callable[[Array], Array], dtype) -> Array:
+    """The T5 FFN over rows sorted by expert: grouped matmuls with stacked weights.
+
+    rows: [n, d] (expert 0's rows first, then expert 1's, ...; rows past sum(group_sizes) are
+    ignored); group_sizes: [experts] int32; wi: one ([gated] two) [experts, d, d_ff]; wo:
+    [experts, d_ff, d] -> [n, d].
+    """
+    dot = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), group_sizes)
+    hidden = activation(dot(rows, wi[0]))  # [n, d_ff]
+    if len(wi) == 2:  # gated (GEGLU)
+        hidden = hidden * dot(rows, wi[1])
+    return dot(dropout(hidden), wo)  # [n, d]
+
+
+def dropless_moe(x: Array, expert_index: Array, weight: Array, kept: Array, num_experts: int,
+                 experts: Callable[[Array, Array], Array]) -> Array:
+    """Dropless MoE on token groups: sort (token, choice) rows by expert, grouped MLP, weighted unsort.
+
+    x: [groups, tokens, d]; expert_index, weight, kept: [groups, tokens, k] (a choice that is not
+    kept, e.g. padding, is sorted past the last expert and computes nothing);
+    experts(rows [n, d], group_sizes [experts]) -> [n, d]. Returns [groups, tokens, d].
+    Capacity and groups play no role: every kept choice is computed.
+    """
+    groups, tokens, d = x.shape
+    k = expert_index.shape[-1]
+    flat_expert = jnp.where(kept, expert_index, num_experts).reshape(-1)  # [g*t*k]
+    order = jnp.argsort(flat_expert, stable=True)  # rows grouped by expert, token order inside
+    source = order // k  # [g*t*k] index into the flattened tokens
+    group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)  # [experts]
+    rows = jnp.take(x.reshape(groups * tokens, d), source, axis=0)  # [g*t*k, d]
+    out = experts(rows, group_sizes)  # [g*t*k, d]
+    row_weight = jnp.where(kept, weight, 0.0).reshape(-1)[order].astype(out.dtype)  # [g*t*k]
+    valid = (flat_expert[order] < num_experts)[:, None]
+    out = jnp.where(valid, out * row_weight[:, None], 0.0)
+    combined = jnp.zeros((groups * tokens, d), out.dtype).at[source].add(out)
+    return combined.reshape(groups, tokens, d)

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from stmoe.metrics import collect_layers
+from stmoe.metrics import collect_layers, expand_scanned
 
 Array = jax.Array
 
@@ -43,7 +43,7 @@ def cross_entropy_sums(logits: Array, targets: Array, weights: Array | None = No
 
 def moe_losses(moe_collection: Mapping[str, Any]) -> dict[str, Array]:
     """Averages each layer's 'aux_loss' and 'z_loss' over the MoE layers (0 for a dense model)."""
-    layers = collect_layers(moe_collection)
+    layers = expand_scanned(collect_layers(moe_collection))  # scanned layers count one by one
     if not layers:
         zero = jnp.zeros((), jnp.float32)
         return {"aux_loss": zero, "router_z_loss": zero}

@@ -7,6 +7,7 @@ side or inside jit. Padding tokens count in none of them.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import jax
@@ -71,11 +72,43 @@ def collect_layers(moe_collection: Mapping[str, Any]) -> dict[str, dict[str, Arr
     return layers
 
 
+_SCANNED = re.compile(r"^(?P<head>.*?)scan_(?P<interval>\d+)/layers_(?P<block>\d+)(?P<tail>(/.*)?)$")
+
+
+def expand_scanned(layers: Mapping[str, Mapping[str, Array]]) -> dict[str, dict[str, Array]]:
+    """Splits the leading layer axis of scanned layers into the unscanned per-layer names.
+
+    models.py scans units of `interval` blocks under `{stack}/scan_{interval}/layers_{j}`; unit u's
+    block j is layer u * interval + j, so 'encoder/scan_4/layers_3/ffn' with stacked values [3, ...]
+    becomes 'encoder/layers_3/ffn', 'encoder/layers_7/ffn', 'encoder/layers_11/ffn'. Other names pass.
+    """
+    if not any(_SCANNED.match(name) for name in layers):
+        return dict(layers)  # unscanned: names and order unchanged
+    out: dict[str, dict[str, Array]] = {}
+    for name, stats in layers.items():
+        match = _SCANNED.match(name)
+        if match is None:
+            out[name] = dict(stats)
+            continue
+        interval, block = int(match["interval"]), int(match["block"])
+        units = int(jnp.shape(next(iter(stats.values())))[0])
+        for u in range(units):
+            layer = f"{match['head']}layers_{u * interval + block}{match['tail']}"
+            out[layer] = {key: value[u] for key, value in stats.items()}
+    return dict(sorted(out.items(), key=lambda item: _natural_key(item[0])))
+
+
+def _natural_key(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def summarize(layers: Mapping[str, Mapping[str, Array]]) -> dict[str, Array]:
     """Flat scalar metrics: 'moe/{layer}/{name}' per layer and 'moe/{name}' averaged over layers.
 
-    Vector metrics (expert_counts) are expanded per expert only per layer.
+    Vector metrics (expert_counts) are expanded per expert only per layer. Scanned layers
+    (stacked values) are reported under their per-layer names (expand_scanned).
     """
+    layers = expand_scanned(layers)
     flat: dict[str, Array] = {}
     by_name: dict[str, list[Array]] = {}
     for layer, stats in layers.items():
@@ -96,6 +129,7 @@ def format_table(layers: Mapping[str, Mapping[str, Any]],
                  columns: tuple[str, ...] = ("dropped_fraction_rank1", "dropped_fraction_rank2",
                                              "load_cv", "router_entropy", "router_confidence")) -> str:
     """A plain-text routing report, one row per MoE layer."""
+    layers = expand_scanned(layers)
     present = [c for c in columns if any(c in s for s in layers.values())]
     header = ["layer"] + present
     rows = [[layer] + [f"{float(np.mean(np.asarray(stats[c]))):.4f}" if c in stats else "-" for c in present]

@@ -10,6 +10,14 @@ The call signature follows t5x's EncoderDecoder:
                          decoder_target_tokens, enable_dropout=False, mutable=['moe'])
 The MoE losses and router metrics of every sparse layer are sown into the 'moe'
 collection (see metrics.collect_layers and losses.moe_losses).
+
+With `scan_layers` each stack is one `nn.scan` over units of `sparse_interval` blocks
+(interval - 1 dense + 1 sparse), so the compiled step has one unit's code whatever the
+depth. Parameters then live under `{stack}/scan_{interval}/layers_{j}` with a leading
+'layers' axis (unit u holds block u * interval + j); sown MoE metrics get the same
+leading axis and metrics.expand_scanned gives them back the unscanned names. `remat`
+("full" / "save_dots") wraps every block in `nn.remat`. The KV-cache decode path is not
+supported with scan_layers (an error says so).
 """
 from __future__ import annotations
 
@@ -91,6 +99,72 @@ class DecoderLayer(nn.Module):
         return FeedForward(cfg, self.layer, causal=True, name="ffn")(x, token_mask, deterministic)
 
 
+REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.checkpoint_dots}
+
+
+def _block(cls, cfg: ModelConfig, static_argnums: tuple[int, ...]):
+    """The block class, wrapped in nn.remat when `cfg.remat` asks for it."""
+    if cfg.remat == "none":
+        return cls
+    return nn.remat(cls, policy=REMAT_POLICIES[cfg.remat], static_argnums=static_argnums)
+
+
+class _ScanUnit(nn.Module):
+    """`sparse_interval` consecutive blocks (local indices 0..interval-1), the body of nn.scan."""
+
+    config: ModelConfig
+    layer_cls: type
+    static_argnums: tuple[int, ...]
+    static_args: tuple
+
+    @nn.compact
+    def __call__(self, x: Array, *args) -> tuple[Array, None]:
+        cls = _block(self.layer_cls, self.config, self.static_argnums)
+        for j in range(self.config.sparse_interval):
+            x = cls(self.config, j, name=f"layers_{j}")(x, *args, *self.static_args)
+        return x, None
+
+
+def _scan_stack(cfg: ModelConfig, layer_cls: type, num_layers: int, static_argnums: tuple[int, ...],
+                static_args: tuple, num_broadcast: int):
+    """nn.scan over num_layers // interval units; params and sown 'moe' values get a leading 'layers' axis."""
+    scanned = nn.scan(_ScanUnit, variable_axes={"params": 0, "moe": 0},
+                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * num_broadcast,
+                      length=num_layers // cfg.sparse_interval, metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(cfg, layer_cls, static_argnums, static_args, name=f"scan_{cfg.sparse_interval}")
+
+
+def scan_params(params, cfg: ModelConfig):
+    """Unscanned (unboxed) params -> scan_layers layout: layers_{u*interval + j} -> scan_{interval}/layers_{j}[u]."""
+    interval, out = cfg.sparse_interval, dict(params)
+    for stack in ("encoder", "decoder"):
+        tree = dict(out[stack])
+        count = sum(1 for k in tree if k.startswith("layers_"))
+        if count == 0:
+            continue
+        blocks = [tree.pop(f"layers_{i}") for i in range(count)]
+        tree[f"scan_{interval}"] = {f"layers_{j}": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
+                                                                         *blocks[j::interval])
+                                    for j in range(interval)}
+        out[stack] = tree
+    return out
+
+
+def unscan_params(params, cfg: ModelConfig):
+    """The inverse of scan_params: e.g. to decode (KV cache) with a model trained with scan_layers."""
+    interval, out = cfg.sparse_interval, dict(params)
+    for stack in ("encoder", "decoder"):
+        tree = dict(out[stack])
+        scanned = tree.pop(f"scan_{interval}", {})
+        for j, block in scanned.items():
+            j = int(j.split("_")[1])
+            units = jax.tree_util.tree_leaves(block)[0].shape[0]
+            for u in range(units):
+                tree[f"layers_{u * interval + j}"] = jax.tree_util.tree_map(lambda x: x[u], block)
+        out[stack] = tree
+    return out
+
+
 class Encoder(nn.Module):
     config: ModelConfig
     embed: Embed
@@ -109,8 +183,13 @@ class Encoder(nn.Module):
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         x = dropout(self.embed(tokens), deterministic)
         x = constrain(x, ("batch", "length", "embed"))
-        for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, i, name=f"layers_{i}")(x, bias, mask, token_mask, deterministic)
+        if cfg.scan_layers:
+            x, _ = _scan_stack(cfg, EncoderLayer, cfg.num_encoder_layers, (5,), (deterministic,), 3)(
+                x, bias, mask, token_mask)
+        else:
+            layer_cls = _block(EncoderLayer, cfg, static_argnums=(5,))  # (self, x, bias, mask, token_mask, det.)
+            for i in range(cfg.num_encoder_layers):
+                x = layer_cls(cfg, i, name=f"layers_{i}")(x, bias, mask, token_mask, deterministic)
         x = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), name="final_norm")(x)
         return dropout(x, deterministic)
 
@@ -150,9 +229,17 @@ class Decoder(nn.Module):
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         x = dropout(self.embed(tokens), deterministic)
         x = constrain(x, ("batch", "length", "embed"))
-        for i in range(cfg.num_decoder_layers):
-            x = DecoderLayer(cfg, i, name=f"layers_{i}")(x, encoded, bias, self_mask, cross_mask,
-                                                         segments > 0, deterministic, decode)
+        if cfg.scan_layers:
+            if decode:
+                raise ValueError("model.scan_layers: the KV-cache decode path is not supported with scanned "
+                                 "layers; decode with scan_layers=False and models.unscan_params(params).")
+            x, _ = _scan_stack(cfg, DecoderLayer, cfg.num_decoder_layers, (7, 8), (deterministic, decode), 5)(
+                x, encoded, bias, self_mask, cross_mask, segments > 0)
+        else:
+            layer_cls = _block(DecoderLayer, cfg, static_argnums=(7, 8))  # deterministic, decode
+            for i in range(cfg.num_decoder_layers):
+                x = layer_cls(cfg, i, name=f"layers_{i}")(x, encoded, bias, self_mask, cross_mask,
+                                                          segments > 0, deterministic, decode)
         x = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), name="final_norm")(x)
         x = dropout(x, deterministic)
         if cfg.tie_embeddings:

@@ -27,34 +27,39 @@ The tokens `[groups, group_size, d]` are constrained to `('batch', None, 'embed'
 i.e. groups split over (data, expert); right after dispatch the buffer
 `[experts, groups, capacity, d]` is constrained to `('expert', 'expert_group',
 None, 'embed')`, i.e. experts over `expert` and groups over `data` only. The
-dispatch itself is local to a group, so the only way for the SPMD partitioner to
-go from the first layout to the second is to exchange slices of the expert axis
-for slices of the group axis across `expert`: one all-to-all (and its mirror
-after the experts, and two more in the backward pass). Measured alternative:
-`shard_map` with `jax.lax.all_to_all` written by hand
-(scripts/bench_all_to_all.py, 8 simulated CPU devices, 2 cores, one MoE layer
-forward + backward, 8 experts on an expert axis of 8, 64 groups of 256 tokens,
-d_model 256, d_ff 512, fp32):
+dispatch itself is local to a group, so the SPMD partitioner goes from the first
+layout to the second by exchanging slices of the expert axis for slices of the
+group axis across `expert`: an all-to-all (and its mirror after the experts, and
+their transposes in the backward pass). The compiled train step of the tests
+(8 experts, expert axis 8) has 14 all-to-alls, no all-gather of expert weights
+(tests/test_partitioning.py::test_train_step_hlo_has_all_to_all).
 
-    route            step time   all-to-all  all-gather  all-reduce  (in the compiled HLO)
-    constraints      __CONSTRAINT_MS__ ms   __CONSTRAINT_COLL__
-    shard_map        __SHARDMAP_MS__ ms   __SHARDMAP_COLL__
+Measured alternative: `shard_map` with `jax.lax.all_to_all` written by hand
+(scripts/bench_all_to_all.py: one MoE layer, gather dispatch, forward + backward,
+8 experts on an expert axis of 8, 64 groups of 256 tokens, d_model 256, d_ff 512,
+float32; 8 simulated CPU devices on 2 cores, median of 10 steps):
 
-Both move the same bytes (the all-to-all operands are [1, groups/8, capacity, d]
-per peer) and neither gathers the expert weights; the step times are within
-noise of each other. We keep the constraint route: it is the same code on
-1 device and on a pod, composes with the `model` axis and with the
-"several experts per device" and "experts replicated over data" layouts
-without any per-layout code, and its gradients need no rescaling (the loss is
-the global mean, so the transpose of the all-to-all is exact; t5x's
-MoeTrainer rescales expert gradients only because its per-replica losses are
-summed differently). shard_map would be the route for a dropless
-`ragged_all_to_all` dispatch, which XLA:CPU cannot run (DESIGN.md).
+    route          step time   collectives in the compiled HLO
+    constraints    1013 ms     6 all-to-all, 0 all-gather, 1 all-reduce
+    shard_map       551 ms     4 all-to-all, 0 all-gather, 3 all-reduce
+    (loss and gradients agree to 3e-5 absolute on a loss of O(1e6))
+
+Neither gathers the experts; the hand-written version is 1.8x faster on
+simulated CPU devices (GSPMD emits two more all-to-alls than the hand-written
+version; which tensors they move was not analysed). We still take the constraint route, for now: it is the same
+model code on 1 device and on a pod, it covers the four layouts (one or several
+experts per device, experts replicated over `data`, expert MLPs over `model`)
+with no per-layout code, and its gradients equal the 1-device ones with no
+rescaling (tests). Simulated CPU devices time memory copies, not ICI; the
+decision should be re-measured on TPU with the same script (`--expert 32` on
+a v4-64), and if the gap holds, steps 3-5 of MoeLayer.__call__ can be swapped
+for the benchmark's `make_layer_shard_map` (shard_map is also the route for a
+dropless `ragged_all_to_all` dispatch, which XLA:CPU cannot run, DESIGN.md).
 
 Known extra collective: `jax.lax.top_k` on router probabilities sharded along
 groups is all-gathered by the SPMD partitioner (a [groups, tokens, experts]
-float32 tensor per MoE layer, not the experts): see the report in
-tests/test_partitioning.py::test_train_step_hlo_has_all_to_all.
+float32 tensor per MoE layer, not the experts). An iterated argmax (k <= 2) in
+routing.py would avoid it: in isolation on 8 simulated devices it compiles with no all-gather.
 
 Usage (the trainer):
 

@@ -42,6 +42,8 @@ class Routing:
     wanted:         [groups, tokens, k] bool; the choice asked for a slot (padding and the random
                     second-expert policy say no)
     kept:           [groups, tokens, k] bool; the choice got a slot (the rest are dropped)
+    choice_weight:  [groups, tokens, k] float32; combine weight of each choice, 0 when not kept
+                    (tokens-choose only; the token-major view that dropless dispatch uses)
     """
 
     slot_token: Array
@@ -49,6 +51,7 @@ class Routing:
     expert_index: Array
     wanted: Array
     kept: Array
+    choice_weight: Array | None = None
 
 
 def tokens_choose_routing(router_probs: Array, token_mask: Array, *, top_k: int, capacity: int,
@@ -110,7 +113,8 @@ def tokens_choose_routing(router_probs: Array, token_mask: Array, *, top_k: int,
     slot_weight = scatter(jnp.zeros((groups, num_experts * capacity + 1), jnp.float32), flat_slot, combine)
     shape = (groups, num_experts, capacity)
     return Routing(slot_token=slot_token[:, :-1].reshape(shape), slot_weight=slot_weight[:, :-1].reshape(shape),
-                   expert_index=expert_index.astype(jnp.int32), wanted=wanted, kept=kept)
+                   expert_index=expert_index.astype(jnp.int32), wanted=wanted, kept=kept,
+                   choice_weight=combine)
 
 
 def experts_choose_routing(router_probs: Array, token_mask: Array, *, capacity: int) -> Routing:

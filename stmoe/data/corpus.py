@@ -233,6 +233,7 @@ class GeneratedSource(seqio.DataSource):
       example = self._make_example(split, int(index))
       return [example[k] for k in self._keys]
 
+    @tf.autograph.experimental.do_not_convert
     def to_features(index):
       values = tf.py_function(generate, [index], [tf.string] * len(self._keys))
       return {k: tf.ensure_shape(v, []) for k, v in zip(self._keys, values)}

@@ -102,12 +102,14 @@ class BatchIterator:
     _LIVE.add(self)
 
   def close(self) -> None:
-    """Releases the tf.data pipeline; `set_state` (or a new iterator) starts it again."""
+    """Releases the tf.data pipeline; a later `next` rebuilds it at the current step."""
     self._it = None
 
   def _start(self, step: int) -> None:
+    # The tf.data pipeline is built on the first `next`, so construction
+    # followed by `set_state` (the resume path) builds it only once.
     self._step = int(step)
-    self._it: Iterator[Mapping[str, np.ndarray]] = _dataset(self.spec, self._step).as_numpy_iterator()
+    self._it: Iterator[Mapping[str, np.ndarray]] | None = None
 
   @property
   def step(self) -> int:
@@ -118,7 +120,7 @@ class BatchIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     if self._it is None:
-      raise StopIteration
+      self._it = _dataset(self.spec, self._step).as_numpy_iterator()
     batch = next(self._it)
     out = {}
     for key, value in batch.items():

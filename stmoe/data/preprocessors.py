@@ -126,6 +126,7 @@ def _concat_and_split(ds: tf.data.Dataset, key: str, chunk_length: int, docs_per
   The last chunk of each group may be shorter; chunks under 2 tokens are
   dropped (there is no way to have both noise and non-noise in them).
   """
+  @tf.autograph.experimental.do_not_convert
   def split(tokens):  # [group tokens] -> dataset of [<= chunk_length]
     n = tf.size(tokens)
     num_chunks = (n + chunk_length - 1) // chunk_length
@@ -139,6 +140,8 @@ def _concat_and_split(ds: tf.data.Dataset, key: str, chunk_length: int, docs_per
   return ds.filter(lambda chunk: tf.size(chunk) >= 2)
 
 
+# Our graph code is plain TF (no Python control flow on tensors), so autograph
+# only costs time: it re-parses each function on every pipeline build.
 def span_corruption(
     dataset: tf.data.Dataset,
     sequence_length: Mapping[str, int],
@@ -167,6 +170,7 @@ def span_corruption(
   first_sentinel = output_features["targets"].vocabulary.vocab_size - 1
 
   @seqio.map_over_dataset(num_seeds=2)
+  @tf.autograph.experimental.do_not_convert
   def corrupt(tokens, seeds):
     mask = _noise_mask(tf.size(tokens), noise_density, mean_noise_span_length, seeds)
     return {
@@ -193,6 +197,7 @@ def text_to_text_classification(
   names = tf.constant(list(label_names) + ["<unk>"])
 
   @seqio.map_over_dataset
+  @tf.autograph.experimental.do_not_convert
   def fmt(x):
     parts = [benchmark_name]
     for name in feature_names:

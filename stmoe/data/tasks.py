@@ -107,6 +107,10 @@ def _synthetic_span_corruption(name: str, vocab_path: str | None) -> None:
       source=corpus.pretraining_source(),
       output_features=_features(vocab.get_vocabulary(vocab_path)),
       preprocessors=_span_corruption_preprocessors(cacheable=False),
+      # Documents are i.i.d. already; the buffer only has to separate the ~25
+      # consecutive chunks cut from one group of 128 documents (at 512 inputs).
+      # 256 does, and fills 4x faster than seqio's 1000 at every pipeline start.
+      shuffle_buffer_size=256,
   )
 
 
@@ -242,6 +246,7 @@ def register_text_files_task(
     )
 
   @seqio.map_over_dataset
+  @tf.autograph.experimental.do_not_convert
   def as_document(text):
     return {"text": text}
 

@@ -50,3 +50,38 @@ def vocab_tag(path: str | None) -> str:
   stem = re.sub(r"\W", "_", stem)[:24]
   digest = hashlib.sha1(path.encode("utf-8")).hexdigest()[:8]
   return f"spm_{stem}_{digest}"
+
+
+def train_sentencepiece(
+    input_files: list[str],
+    model_prefix: str,
+    vocab_size: int = 32_000,
+    model_type: str = "unigram",
+    character_coverage: float = 1.0,
+    max_sentences: int = 10_000_000,
+    byte_fallback: bool = True,
+) -> str:
+  """Trains a SentencePiece model on local text files; returns the '.model' path.
+
+  Ids follow T5's layout, which `seqio.EncDecFeatureConverter` relies on:
+  pad = 0 (also the decoder start token), eos = 1, unk = 2, no bos. The model
+  loads as `get_vocabulary(path)`, i.e. with 100 extra ids appended on top as
+  span-corruption sentinels. Each line of the input is one training sentence.
+  """
+  import sentencepiece as spm  # only needed here
+
+  spm.SentencePieceTrainer.train(
+      input=",".join(input_files),
+      model_prefix=model_prefix,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      character_coverage=character_coverage,
+      input_sentence_size=max_sentences,
+      shuffle_input_sentence=True,
+      byte_fallback=byte_fallback,
+      pad_id=0,
+      eos_id=1,
+      unk_id=2,
+      bos_id=-1,
+  )
+  return model_prefix + ".model"

@@ -1,0 +1,180 @@
+"""Train-step throughput, model-FLOPs utilization and compile time.
+
+Self-contained (it does not use stmoe/trainer.py): the model comes from a configs/models.py
+preset, the step is `value_and_grad` of losses.total_loss (cross-entropy + MoE aux and z
+losses) followed by an optax AdamW update, jitted with the state donated.
+
+- Throughput: tokens/s (encoder + decoder tokens) over --steps timed steps after warm-up,
+  median step time, for `tiny` and `base_like` (st_moe_base widths: 768 / 2048 / 12x64,
+  16 experts, top-2, every 4th FFN sparse; 4+4 layers, batch 16, inputs 128 / targets 32).
+- MFU: model FLOPs per step / step time / a float32 matmul peak measured in the same
+  process (best of 7 4096^3 matmuls, before and after the throughput runs). Model FLOPs =
+  3 x forward matmul FLOPs of the useful work: projections, attention scores and values,
+  dense FFNs, top-k active experts (no capacity padding), router and logits.
+- Compile time: lower + compile of the train step for the tiny preset at 4, 12 and 24 layers
+  per stack, with and without model.scan_layers.
+
+    python scripts/benchmark_train.py --out /tmp/benchmark_train.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from configs import models as presets
+from stmoe import losses
+from stmoe.config import ModelConfig
+from stmoe.models import EncoderDecoder
+
+
+def preset(name: str) -> tuple[ModelConfig, int, int, int]:
+    """(config, batch, encoder length, decoder length)."""
+    if name == "tiny":
+        return presets.model_config("tiny"), 8, 128, 32
+    if name == "base_like":
+        cfg = presets.model_config("st_moe_base").replace(num_encoder_layers=4, num_decoder_layers=4)
+        return cfg.validate(), 16, 128, 32
+    raise ValueError(name)
+
+
+def model_flops(cfg: ModelConfig, batch: int, enc_len: int, dec_len: int) -> float:
+    """Useful matmul FLOPs of one train step (forward x 3)."""
+    d, h, dkv, ff, k = cfg.d_model, cfg.num_heads, cfg.d_kv, cfg.d_ff, cfg.moe.top_k
+    mlp = (3 if cfg.mlp_gated else 2) * d * ff  # MACs per token
+
+    def ffn(i):
+        if not cfg.is_sparse(i):
+            return mlp
+        return k * mlp + d * cfg.moe.num_experts + (mlp if cfg.sparse_dense else 0)
+
+    enc = sum(4 * d * h * dkv + 2 * enc_len * h * dkv + ffn(i) for i in range(cfg.num_encoder_layers))
+    dec = sum(4 * d * h * dkv + 2 * dec_len * h * dkv  # self-attention
+              + 2 * d * h * dkv + 2 * enc_len * h * dkv  # cross-attention: query and output projections, scores
+              + ffn(i) for i in range(cfg.num_decoder_layers))
+    cross_kv = cfg.num_decoder_layers * 2 * d * h * dkv * enc_len  # keys and values of the encoder output
+    macs = batch * (enc_len * enc + dec_len * (dec + d * cfg.vocab_size) + cross_kv)
+    return 3 * 2 * macs
+
+
+def make_step(cfg: ModelConfig, optimizer):
+    model = EncoderDecoder(cfg)
+
+    def step(params, opt_state, batch, rng):
+        def loss_fn(params):
+            logits, state = model.apply({"params": params}, batch["inputs"], batch["decoder_inputs"],
+                                        batch["targets"], enable_dropout=True, mutable=["moe"],
+                                        rngs={"dropout": rng})
+            ce = losses.cross_entropy_sums(logits, batch["targets"])
+            return losses.total_loss(ce, losses.moe_losses(state["moe"]), cfg.moe.aux_loss_coef,
+                                     cfg.moe.z_loss_coef)
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def setup(cfg, batch, enc_len, dec_len):
+    rng = np.random.default_rng(0)
+    data = {"inputs": rng.integers(1, cfg.vocab_size, (batch, enc_len)),
+            "targets": rng.integers(1, cfg.vocab_size, (batch, dec_len))}
+    data["decoder_inputs"] = np.pad(data["targets"][:, :-1], ((0, 0), (1, 0)))
+    data = {k: jnp.asarray(v, jnp.int32) for k, v in data.items()}
+    init = jax.jit(lambda: nn.meta.unbox(EncoderDecoder(cfg).init(
+        {"params": jax.random.key(0)}, data["inputs"], data["decoder_inputs"], data["targets"],
+        enable_dropout=False)["params"]))
+    params = init()
+    optimizer = optax.adamw(1e-3, weight_decay=0.01)
+    return params, optimizer.init(params), optimizer, data
+
+
+def matmul_peak(n: int = 4096, rounds: int = 7) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(f(a))
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        jax.block_until_ready(f(a))
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / float(np.min(times))  # the best rate: a conservative MFU on a shared machine
+
+
+def throughput(name, steps, peak):
+    cfg, batch, enc_len, dec_len = preset(name)
+    params, opt_state, optimizer, data = setup(cfg, batch, enc_len, dec_len)
+    step = make_step(cfg, optimizer)
+    start = time.perf_counter()
+    compiled = step.lower(params, opt_state, data, jax.random.key(1)).compile()
+    compile_s = time.perf_counter() - start
+    for i in range(2):  # warm-up
+        params, opt_state, loss = compiled(params, opt_state, data, jax.random.key(i))
+    jax.block_until_ready(loss)
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        params, opt_state, loss = compiled(params, opt_state, data, jax.random.key(i))
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - start)
+    step_s = float(np.median(times))
+    flops = model_flops(cfg, batch, enc_len, dec_len)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    return dict(preset=name, params=int(n_params), batch=batch, enc_len=enc_len, dec_len=dec_len,
+                dispatch=cfg.moe.dispatch, step_s=step_s, tokens_per_s=batch * (enc_len + dec_len) / step_s,
+                model_flops_per_step=flops, model_tflops_per_s=flops / step_s / 1e12, mfu=flops / step_s / peak,
+                compile_s=compile_s, loss=float(loss))
+
+
+def compile_time(layers: int, scan: bool):
+    cfg, batch, enc_len, dec_len = preset("tiny")
+    cfg = cfg.replace(num_encoder_layers=layers, num_decoder_layers=layers, scan_layers=scan).validate()
+    params, opt_state, optimizer, data = setup(cfg, batch, enc_len, dec_len)
+    step = make_step(cfg, optimizer)
+    start = time.perf_counter()
+    step.lower(params, opt_state, data, jax.random.key(1)).compile()
+    return dict(layers_per_stack=layers, scan_layers=scan, compile_s=time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "base_like"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--layers", type=int, nargs="*", default=[4, 12, 24], help="none: skip compile times")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    peak = matmul_peak()
+    rows = [throughput(name, args.steps, peak) for name in args.presets]
+    peak = max(peak, matmul_peak())
+    print(f"float32 matmul peak (4096^3, best of 7, before and after): {peak / 1e9:.1f} GFLOP/s", flush=True)
+    for r in rows:
+        r["mfu"] = r["model_flops_per_step"] / r["step_s"] / peak
+        name = r["preset"]
+        print(f"{name:10s} params {r['params'] / 1e6:7.1f}M  step {r['step_s'] * 1e3:8.1f} ms  "
+              f"{r['tokens_per_s']:9.0f} tok/s  {r['model_tflops_per_s'] * 1e3:6.1f} GFLOP/s  MFU {r['mfu']:.1%}  "
+              f"compile {r['compile_s']:.1f} s", flush=True)
+    compiles = []
+    for scan in (False, True):
+        for layers in args.layers:
+            compiles.append(compile_time(layers, scan))
+            print(f"compile  layers/stack {layers:3d}  scan {scan!s:5s}  {compiles[-1]['compile_s']:6.1f} s",
+                  flush=True)
+    result = {"throughput": rows, "compile": compiles, "matmul_peak_flops": peak, "jax": jax.__version__,
+              "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+              "cpu_count": os.cpu_count(), "steps": args.steps}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs one command on every worker of an existing TPU VM slice, at the same time.
+#
+#   scripts/tpu/run_on_workers.sh TPU_NAME ZONE [PROJECT] -- COMMAND...
+#
+# It creates, deletes and copies nothing: it is `gcloud compute tpus tpu-vm ssh --worker=all`
+# with the command run from the repository checkout on each worker ($STMOE_DIR, default ~/stmoe).
+# Every worker must run the same command: JAX processes meet in jax.distributed.initialize()
+# (called by stmoe.partitioning.maybe_initialize_distributed), and each reads its own data shard.
+# Output of every worker is prefixed with its number; logs also go to ~/stmoe_logs/ on each worker.
+#
+# Examples:
+#   scripts/tpu/run_on_workers.sh my-v4-64 us-central2-b -- bash scripts/tpu/setup_worker.sh
+#   scripts/tpu/run_on_workers.sh my-v4-64 us-central2-b -- python scripts/train.py \
+#       --config configs/pretrain.py:st_moe_l --workdir gs://BUCKET/st_moe_l --config.mesh.expert=32
+set -euo pipefail
+
+usage() { sed -n '2,17p' "$0"; exit 2; }
+[[ $# -ge 3 ]] || usage
+TPU_NAME=$1; ZONE=$2; shift 2
+PROJECT_FLAG=()
+if [[ $1 != "--" ]]; then PROJECT_FLAG=(--project="$1"); shift; fi
+[[ ${1:-} == "--" ]] || usage
+shift
+[[ $# -ge 1 ]] || usage
+
+STMOE_DIR=${STMOE_DIR:-'~/stmoe'}
+# Quote the command once for the remote shell.
+REMOTE_CMD=$(printf '%q ' "$@")
+STAMP=$(date +%Y%m%d-%H%M%S)
+REMOTE="mkdir -p ~/stmoe_logs && cd ${STMOE_DIR} && ${REMOTE_CMD} 2>&1 | tee ~/stmoe_logs/${STAMP}.log"
+
+exec gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" "${PROJECT_FLAG[@]}" \
+  --worker=all --command="${REMOTE}"

@@ -1,0 +1,606 @@
+"""Pretraining and fine-tuning: `train_and_evaluate(config, workdir)`.
+
+One function in fixed sections (big_vision / flax examples style):
+
+  1. config     validate every field once (`validate_config`), exit status 2 on a bad one
+  2. logging    clu writers: TensorBoard + metrics.jsonl (process 0), tqdm progress bar
+  3. mesh       (data, expert, model) over all devices or the first `num_devices`
+  4. data       seqio train iterator (per-host shard), a fixed list of held-out batches
+  5. model and optimizer
+  6. shardings  jax.eval_shape of the init -> logical axes -> NamedShardings; nothing unsharded
+  7. steps      pure module-level `train_step` / `eval_step`, bound with functools.partial, jitted
+                with in/out shardings, the train state donated
+  8. restore    own workdir > config.resume_from > config.init_checkpoint (params only) > scratch
+  9. loop       step, hooks, metrics every log_every_steps, eval every eval_every_steps,
+                async checkpoints every checkpoint_every_steps, SIGTERM/SIGINT -> save and return
+ 10. report     final losses, the routing table (stmoe.reporting), an expert-load PNG
+
+Determinism: the dropout / routing rng of step s is fold_in(key(seed), s) (and the microbatch
+index), and the data iterator's position is saved with the state, so a run stopped at step N
+and resumed ends bitwise identical to one that never stopped (tests/test_trainer.py).
+
+Metrics: steps return SUMS (cross-entropy, output z-loss, correct tokens) and the token count;
+the host adds them over the logging window and divides once, so padding, packing and
+microbatches weigh every target token equally.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from stmoe import checkpoints, losses, metrics as moe_metrics, optim, partitioning, reporting
+from stmoe.config import ConfigError, ModelConfig
+from stmoe.models import EncoderDecoder
+
+Array = jax.Array
+Hook = Callable[[int, Any], None]
+
+# `freeze` presets: regexes of parameter paths to FREEZE (OptimConfig.freeze_patterns).
+# Paths look like 'encoder/layers_1/ffn/moe/expert_wi_0', 'decoder/layers_0/ffn/mlp/wo'.
+FREEZE_PRESETS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "non_moe": (r"^(?!.*/moe/)",),  # train only the MoE layers (router + experts)
+    "moe": (r"/moe/",),  # train everything but the MoE layers
+    "non_moe_ffn": (r"/ffn/(mlp|extra_mlp)/",),  # freeze the dense FFNs
+    "attention": (r"attention/",),  # freeze self- and cross-attention
+}
+SUM_KEYS = ("cross_entropy", "output_z_loss", "correct", "weight")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: Array  # [] int32, optimizer steps taken (skipped non-finite steps count too)
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The typed, validated view of the ml_collections config (built once by validate_config)."""
+
+    model: ModelConfig
+    mesh: partitioning.MeshConfig
+    optim: optim.OptimConfig
+    task: str  # registered seqio name (vocabulary resolved)
+    eval_task: str
+    device_count: int
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What train_and_evaluate returns (tests and notebooks read it; scripts ignore it)."""
+
+    state: TrainState
+    step: int
+    train_metrics: dict[str, float]  # the last logging window
+    eval_metrics: dict[str, float]  # the last held-out evaluation
+    preempted: bool
+    train_step_traces: int  # 1 unless something made jit retrace the step
+
+
+# --------------------------------------------------------------------------------- validation
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field}: {message}")
+
+
+def _check_known(config: Mapping[str, Any], schema: Mapping[str, Any], prefix: str,
+                 nested: Sequence[str] = ()) -> None:
+    allowed = sorted(schema.keys())
+    for key in config.keys():
+        _check(key in schema, f"{prefix}{key}", f"unknown field; allowed: {allowed}")
+    for key in nested:
+        if key in config:
+            _check_known(config[key], schema[key], f"{prefix}{key}.")
+
+
+def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> RunConfig:
+    """Checks every field once; raises ConfigError naming the first bad one.
+
+    Unknown fields (at any level), impossible model combinations (ModelConfig.validate), mesh
+    sizes that do not multiply to the device count, batches that the data-parallel size or the
+    microbatch count does not divide, zero intervals, and lengths too short for span corruption.
+    `device_count` defaults to the devices this run would use (`num_devices` or all).
+    """
+    from configs import pretrain  # the schema: every field and its default
+    from stmoe import data as stmoe_data
+    from stmoe.data import preprocessors
+
+    schema = pretrain.base_config()
+    _check_known(config, schema, "", nested=("data", "aux_loss_schedule", "mesh"))
+    optim_fields = {f.name for f in dataclasses.fields(optim.OptimConfig)}
+    for key in config.optim.keys():
+        _check(key in optim_fields, f"optim.{key}", f"unknown field; allowed: {sorted(optim_fields)}")
+
+    model_cfg = ModelConfig.from_dict(config.model.to_dict()).validate()
+    mesh_cfg = partitioning.MeshConfig.from_dict(config.mesh.to_dict())
+
+    available = jax.device_count()
+    _check(config.num_devices == -1 or 1 <= config.num_devices <= available, "num_devices",
+           f"must be -1 (all) or in [1, {available}], got {config.num_devices}")
+    if device_count is None:
+        device_count = available if config.num_devices == -1 else config.num_devices
+    _check(isinstance(config.batch_size, int) and config.batch_size >= 1, "batch_size",
+           f"must be a positive integer, got {config.batch_size!r}")
+    _check(isinstance(config.microbatches, int) and config.microbatches >= 1, "microbatches",
+           f"must be a positive integer, got {config.microbatches!r}")
+    _check(config.batch_size % config.microbatches == 0, "microbatches",
+           f"must divide batch_size={config.batch_size}, got {config.microbatches}")
+    lengths = (config.data.inputs_length, config.data.targets_length)
+    partitioning.validate_layout(mesh_cfg, model_cfg, config.batch_size, device_count, lengths)
+    data, expert, _ = mesh_cfg.resolve(device_count)
+    micro = config.batch_size // config.microbatches
+    _check(micro % (data * expert) == 0, "microbatches",
+           f"a microbatch of batch_size / microbatches = {micro} sequences is not divisible by the "
+           f"data-parallel size mesh.data * mesh.expert = {data * expert}")
+
+    for name in ("total_steps", "checkpoint_every_steps", "eval_every_steps", "log_every_steps",
+                 "keep_checkpoints"):
+        value = config[name]
+        _check(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
+    _check(isinstance(config.eval_steps, int) and config.eval_steps >= 0, "eval_steps",
+           f"must be an integer >= 0 (0 = no evaluation), got {config.eval_steps!r}")
+    _check(config.output_z_loss >= 0, "output_z_loss", f"must be >= 0, got {config.output_z_loss}")
+    _check(config.freeze in FREEZE_PRESETS, "freeze",
+           f"must be one of {sorted(FREEZE_PRESETS)}, got {config.freeze!r}")
+    _check(not (config.reset_optimizer_state is False and not config.init_checkpoint),
+           "reset_optimizer_state", "False needs init_checkpoint (whose optimizer state is kept)")
+
+    d = config.data
+    for name in ("inputs_length", "targets_length"):
+        _check(isinstance(d[name], int) and d[name] >= 1, f"data.{name}",
+               f"must be a positive integer, got {d[name]!r}")
+    if d.text_files or "span_corruption" in d.task:
+        tokens, needed = preprocessors.pre_corruption_length(max(d.inputs_length, 2))
+        ok = d.inputs_length >= 3 and preprocessors.corrupted_lengths(tokens)[0] <= d.inputs_length
+        _check(ok, "data.inputs_length",
+               f"{d.inputs_length} is too short for span corruption: must be >= 3 (T5/ST-MoE use 512)")
+        _check(d.targets_length >= needed, "data.targets_length",
+               f"span corruption of inputs_length={d.inputs_length} needs targets_length >= {needed} "
+               f"(stmoe.data.pre_corruption_length), got {d.targets_length}")
+
+    sched = config.aux_loss_schedule
+    try:
+        optim.aux_loss_coef_schedule(model_cfg.moe.aux_loss_coef, sched.schedule,
+                                     sched.warmup_multiplier, sched.decay_steps)
+    except ValueError as e:
+        raise ConfigError(f"aux_loss_schedule: {e}") from None
+    optim_values = config.optim.to_dict()
+    optim_values["freeze_patterns"] = tuple(optim_values["freeze_patterns"]) + FREEZE_PRESETS[config.freeze]
+    try:
+        optim_cfg = optim.OptimConfig(**optim_values).validate()
+    except ValueError as e:
+        raise ConfigError(str(e).replace("OptimConfig.", "optim.", 1)) from None
+
+    vocab_path = d.vocab_path or None
+    if d.text_files:
+        task = stmoe_data.register_text_files_task(
+            "stmoe_text_files", {"train": d.text_files, "validation": d.text_files}, vocab_path)
+        eval_task = task
+    else:
+        try:
+            task = stmoe_data.task_name_for(d.task, vocab_path) if vocab_path else \
+                stmoe_data.task_name_for(d.task, _default_vocab(d.task))
+            eval_task = task if not d.eval_task else (
+                stmoe_data.task_name_for(d.eval_task, vocab_path) if vocab_path else
+                stmoe_data.task_name_for(d.eval_task, _default_vocab(d.eval_task)))
+        except KeyError as e:
+            raise ConfigError(f"data.task: {e.args[0]}") from None
+    return RunConfig(model=model_cfg, mesh=mesh_cfg, optim=optim_cfg, task=task, eval_task=eval_task,
+                     device_count=device_count)
+
+
+def _default_vocab(family: str) -> str | None:
+    from stmoe.data import tasks
+    return tasks.families().get(family)
+
+
+# ----------------------------------------------------------------------------- step functions
+
+
+def _model_kwargs(batch: Mapping[str, Array]) -> dict[str, Array]:
+    keys = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+            "encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def _forward(params, batch, rng, *, model, output_z_loss, enable_dropout):
+    """-> (cross-entropy sums, MoE loss terms {aux_loss, router_z_loss}, flat per-layer metrics)."""
+    rngs = {"dropout": rng} if rng is not None else {}
+    logits, variables = model.apply({"params": params}, **_model_kwargs(batch), enable_dropout=enable_dropout,
+                                    rngs=rngs, mutable=["moe"])
+    ce = losses.cross_entropy_sums(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
+                                   z_loss_coef=output_z_loss)
+    moe_collection = variables.get("moe", {})
+    return ce, losses.moe_losses(moe_collection), moe_metrics.summarize(moe_metrics.collect_layers(moe_collection))
+
+
+def _split_microbatches(batch: Mapping[str, Array], num: int) -> dict[str, Array]:
+    """[batch, ...] -> [num, batch / num, ...]; microbatch i takes rows i, i + num, ... so each one
+    stays spread over the data-parallel devices (no resharding)."""
+    def split(x):
+        x = x.reshape((x.shape[0] // num, num) + x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, P(None, partitioning.BATCH_AXES))
+    return {k: split(v) for k, v in batch.items()}
+
+
+def train_step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Module,
+               optimizer: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
+               aux_loss_coef_fn: optax.Schedule, z_loss_coef: float, output_z_loss: float,
+               microbatches: int, seed: int) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer step on `batch` [batch, length] (gradients accumulated over microbatches).
+
+    The objective is the full batch's mean cross-entropy (+ output z-loss) per target token plus
+    c_B * L_B + c_z * L_z averaged over microbatches: each microbatch's cross-entropy SUM is divided
+    by the whole batch's token count, so accumulating equals one big batch exactly.
+    """
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    aux_coef = aux_loss_coef_fn(state.step)
+    total_weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
+
+    def loss_fn(params, micro, micro_rng):
+        ce, moe, layer_metrics = _forward(params, micro, micro_rng, model=model, output_z_loss=output_z_loss,
+                                          enable_dropout=True)
+        loss = losses.total_loss({**ce, "weight": total_weight}, moe, aux_coef / microbatches,
+                                 z_loss_coef / microbatches)
+        return loss, (ce, moe, layer_metrics)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+        (loss, (ce, moe, layer_metrics)), grads = grad_fn(state.params, batch, rng)
+    else:
+        def accumulate(carry, xs):
+            index, micro = xs
+            (loss, aux), grads = grad_fn(state.params, micro, jax.random.fold_in(rng, index))
+            carry = jax.tree.map(jnp.add, carry, (loss, grads))
+            return carry, aux
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        (loss, grads), (ce, moe, layer_metrics) = jax.lax.scan(
+            accumulate, zeros, (jnp.arange(microbatches), _split_microbatches(batch, microbatches)))
+        ce = jax.tree.map(lambda x: jnp.sum(x, axis=0), ce)
+        moe, layer_metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), (moe, layer_metrics))
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    skips = optax.tree.get(opt_state, "total_notfinite", default=jnp.zeros((), jnp.int32))
+    step_metrics = {
+        **ce, **moe, **layer_metrics,
+        "loss": loss,
+        "learning_rate": learning_rate_fn(state.step),
+        "aux_loss_coef": aux_coef,
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+        "update_norm": optax.tree.norm(updates),
+        "nonfinite_skips": skips.astype(jnp.float32),
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
+
+
+def eval_step(params: Any, batch: Mapping[str, Array], *, model: nn.Module) -> dict[str, Array]:
+    """Held-out sums on one batch; no dropout, the eval capacity factor (deterministic routing)."""
+    ce, moe, layer_metrics = _forward(params, batch, None, model=model, output_z_loss=0.0, enable_dropout=False)
+    return {**ce, **moe, **layer_metrics}
+
+
+# ------------------------------------------------------------------------------- host helpers
+
+
+def reduce_metrics(steps: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Per-step device metrics -> one scalar each: SUM_KEYS summed and divided by the token count,
+    everything else averaged over steps (nonfinite_skips: the latest value)."""
+    host = jax.device_get(list(steps))
+    sums = {k: float(sum(np.sum(m[k]) for m in host)) for k in SUM_KEYS if k in host[0]}
+    weight = max(sums.get("weight", 0.0), 1.0)
+    out = {"cross_entropy": sums["cross_entropy"] / weight, "accuracy": sums["correct"] / weight,
+           "output_z_loss": sums["output_z_loss"] / weight, "target_tokens": sums["weight"]}
+    for key in host[0]:
+        if key in SUM_KEYS:
+            continue
+        out[key] = float(np.asarray(host[-1][key])) if key == "nonfinite_skips" else \
+            float(np.mean([np.asarray(m[key]) for m in host]))
+    return out
+
+
+def _restore_params(path: str, abstract_params: Any) -> Any:
+    """Only the params of the checkpoint at `path` (a Checkpointer directory -> its newest step, or one
+    step's directory), placed in `abstract_params`' shardings; the rest of the saved state is not read."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path) if "://" not in path else path
+    state_dir = os.path.join(path, "state")
+    if not os.path.isdir(state_dir):
+        steps = checkpoints.Checkpointer(path, async_save=False).all_steps()
+        if not steps:
+            raise FileNotFoundError(f"init_checkpoint: no checkpoint in {path}")
+        state_dir = os.path.join(path, str(steps[-1]), "state")
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
+                                                               dtype=s.dtype), abstract_params)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
+    return restored["params"]
+
+
+def _set_aside_steps(directory: str, steps: Sequence[int]) -> None:
+    """Renames damaged step directories to '<step>.damaged' so that new saves can use the step."""
+    from etils import epath
+    if jax.process_index() == 0:
+        for step in steps:
+            path = epath.Path(directory) / str(step)
+            target = epath.Path(directory) / f"{step}.damaged"
+            if target.exists():
+                target.rmtree()
+            path.rename(target)
+            logging.warning("stmoe: damaged checkpoint step %d moved to %s", step, target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("stmoe_set_aside_damaged_steps")
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+# ------------------------------------------------------------------------------ the trainer
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       hooks: Sequence[Hook] = ()) -> TrainResult:
+    """Trains (or resumes) the run described by `config` in `workdir`; see the module docstring.
+
+    `hooks` are called as hook(step, state) after every step, before the preemption check (tests
+    use one to send SIGTERM at a chosen step).
+    """
+    from clu import metric_writers, periodic_actions
+    from tqdm import tqdm
+
+    from stmoe import data as stmoe_data
+
+    # 1. Config: everything checked before any device work.
+    partitioning.maybe_initialize_distributed()
+    run = validate_config(config)
+    workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
+    os.makedirs(workdir, exist_ok=True)
+    process = jax.process_index()
+
+    # 2. Logging.
+    tb_dir = os.path.join(workdir, "tensorboard")
+    jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    writers = [metric_writers.create_default_writer(tb_dir, just_logging=process > 0, asynchronous=False)]
+    if process == 0:
+        writers.append(reporting.JsonlWriter(jsonl_path))
+    writer = metric_writers.AsyncMultiWriter(writers)
+    if process == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # 3. Mesh.
+    devices = jax.devices()[:run.device_count]
+    mesh = partitioning.make_mesh(run.mesh, devices)
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = partitioning.batch_sharding(mesh)
+
+    # 4. Data: this process's share of the global batch; held-out batches fetched once.
+    shard_index, num_shards = partitioning.data_shard_info()
+    lengths = {"inputs": config.data.inputs_length, "targets": config.data.targets_length}
+    train_iter = stmoe_data.get_batch_iterator(
+        run.task, "train", lengths, config.batch_size // num_shards, shard_index=shard_index,
+        num_shards=num_shards, seed=config.data.seed, pack=config.data.pack)
+    eval_batches = []
+    if config.eval_steps:
+        eval_iter = stmoe_data.get_batch_iterator(
+            run.eval_task, config.data.eval_split, lengths, config.batch_size // config.microbatches // num_shards,
+            shard_index=shard_index, num_shards=num_shards, seed=config.data.seed, pack=config.data.pack,
+            shuffle=False, repeat=False)
+        for _, batch in zip(range(config.eval_steps), eval_iter):
+            eval_batches.append(batch)
+        eval_iter.close()
+
+    # 5. Model and optimizer.
+    model = EncoderDecoder(run.model)
+    init_rng = jax.random.key(config.seed)
+    shapes = {"encoder_input_tokens": (2, lengths["inputs"]), "decoder_input_tokens": (2, lengths["targets"]),
+              "decoder_target_tokens": (2, lengths["targets"])}
+
+    # 6. Shardings: abstract params -> optimizer built on their paths -> state shardings.
+    abstract_params, param_shardings = partitioning.abstract_params_and_shardings(model, mesh, shapes, init_rng)
+    optimizer = optim.make_optimizer(run.optim, abstract_params)
+    opt_shardings = partitioning.opt_state_shardings(optimizer, abstract_params, param_shardings, mesh)
+    state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+
+    def init_state(rng):
+        zeros = {k: jnp.zeros(v, jnp.int32) for k, v in shapes.items()}
+        params = nn.unbox(model.init(rng, **zeros, enable_dropout=False)["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+    with partitioning.activate(mesh):
+        abstract_state = _with_shardings(jax.eval_shape(init_state, init_rng), state_shardings)
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
+
+    # 7. Step functions: pure, bound with partial, jitted with shardings; the state is donated.
+    learning_rate_fn = optim.learning_rate_schedule(run.optim)
+    sched = config.aux_loss_schedule
+    aux_loss_coef_fn = optim.aux_loss_coef_schedule(run.model.moe.aux_loss_coef, sched.schedule,
+                                                    sched.warmup_multiplier, sched.decay_steps)
+    traces = {"train": 0}
+
+    def counted(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            traces["train"] += 1  # runs at trace time only
+            return fn(*args, **kwargs)
+        return wrapper
+
+    p_train_step = jax.jit(
+        counted(functools.partial(
+            train_step, model=model, optimizer=optimizer, learning_rate_fn=learning_rate_fn,
+            aux_loss_coef_fn=aux_loss_coef_fn, z_loss_coef=run.model.moe.z_loss_coef,
+            output_z_loss=config.output_z_loss, microbatches=config.microbatches, seed=config.seed)),
+        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,))
+    p_eval_step = jax.jit(functools.partial(eval_step, model=model),
+                          in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
+
+    # 8. Restore: own workdir > resume_from > init_checkpoint (params only) > scratch.
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    state, origin = None, "scratch"
+    if ckpt.latest_step() is not None:
+        state, data_state, step = ckpt.restore(abstract_state)  # warns and falls back past damaged steps
+        train_iter.set_state(data_state)
+        origin = f"its own checkpoint at step {step}"
+        if step != ckpt.latest_step():  # newer steps were damaged: set them aside, keep their files
+            damaged = [s for s in ckpt.all_steps() if s > step]
+            ckpt.close()
+            _set_aside_steps(os.path.join(workdir, "checkpoints"), damaged)
+            ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            max_to_keep=config.keep_checkpoints)
+    elif config.resume_from:
+        with checkpoints.Checkpointer(config.resume_from, async_save=False) as other:
+            state, data_state, step = other.restore(abstract_state)
+        train_iter.set_state(data_state)
+        origin = f"{config.resume_from} at step {step}"
+    if state is None:
+        with partitioning.activate(mesh):
+            state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+        if config.init_checkpoint:
+            if config.reset_optimizer_state:
+                params = _restore_params(config.init_checkpoint, abstract_state.params)
+                state = state.replace(params=params)
+            else:
+                with checkpoints.Checkpointer(config.init_checkpoint, async_save=False) as other:
+                    restored, _, _ = other.restore(abstract_state)
+                state = restored.replace(step=jnp.zeros((), jnp.int32))
+            origin = f"params of {config.init_checkpoint}"
+    start_step = int(jax.device_get(state.step))
+    _say(f"stmoe: {num_params / 1e6:.2f}M params, mesh {dict(mesh.shape)} on {len(devices)} "
+         f"{devices[0].platform} device(s); starting at step {start_step} from {origin}; workdir {workdir}")
+
+    # 9. Evals and the loop.
+    def evaluate() -> dict[str, float]:
+        if not eval_batches:
+            return {}
+        with partitioning.activate(mesh):
+            results = [p_eval_step(state.params, partitioning.shard_batch(b, mesh)) for b in eval_batches]
+        reduced = reduce_metrics(results)
+        reduced["loss"] = reduced["cross_entropy"]
+        return reduced
+
+    def save(step: int, *, wait: bool = False) -> None:
+        if step in saved_steps:
+            return
+        ckpt.save(step, state, train_iter.get_state(), force=True, wait=wait)
+        saved_steps.add(step)
+
+    saved_steps = {start_step} if origin.startswith("its own") else set()
+    report_progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
+    window: list[dict[str, Array]] = []
+    window_tokens, window_start = 0, time.perf_counter()
+    train_metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    preempted = False
+    step = start_step
+    try:
+        handler = checkpoints.install_preemption_handler()
+    except RuntimeError:  # not the main thread (e.g. a notebook worker): no signal handling
+        handler = None
+    bar = tqdm(total=config.total_steps, initial=start_step, disable=process > 0, dynamic_ncols=True,
+               desc="train", unit="step", file=sys.stderr)
+    try:
+        while step < config.total_steps:
+            batch = next(train_iter)
+            window_tokens += int(np.sum(batch["encoder_input_tokens"] > 0) + np.sum(batch["decoder_target_tokens"] > 0))
+            with partitioning.activate(mesh):
+                state, step_metrics = p_train_step(state, partitioning.shard_batch(batch, mesh))
+            step += 1
+            window.append(step_metrics)
+            step_metrics["loss"].block_until_ready()  # an honest progress bar / ETA; XLA keeps the device busy
+            bar.update(1)
+            for hook in hooks:
+                hook(step, state)
+            report_progress(step)
+
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                train_metrics = reduce_metrics(window)
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                train_metrics["tokens_per_sec"] = window_tokens * num_shards / elapsed
+                train_metrics["steps_per_sec"] = len(window) / elapsed
+                writer.write_scalars(step, {f"train/{k}": v for k, v in train_metrics.items()})
+                bar.set_postfix(loss=f"{train_metrics['cross_entropy']:.3f}",
+                                tok_s=f"{train_metrics['tokens_per_sec']:.0f}", refresh=False)
+                window, window_tokens, window_start = [], 0, time.perf_counter()
+            if eval_batches and (step % config.eval_every_steps == 0 or step == config.total_steps):
+                eval_metrics = evaluate()
+                writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                bar.set_postfix(loss=f"{train_metrics.get('cross_entropy', float('nan')):.3f}",
+                                eval=f"{eval_metrics['cross_entropy']:.3f}", refresh=False)
+            if step % config.checkpoint_every_steps == 0:
+                save(step)
+            if handler is not None and handler.requested:
+                preempted = True
+                break
+        save(step, wait=True)
+    finally:
+        bar.close()
+        if handler is not None:
+            handler.uninstall()
+        writer.flush()
+        writer.close()
+        ckpt.close()
+        train_iter.close()
+
+    # 10. Report.
+    if preempted:
+        _say(f"stmoe: stopped by a signal at step {step}; checkpoint saved, rerun the same command to resume")
+    elif process == 0:
+        _report(workdir, jsonl_path, tb_dir, step, train_metrics, eval_metrics, run)
+    return TrainResult(state=state, step=step, train_metrics=train_metrics, eval_metrics=eval_metrics,
+                       preempted=preempted, train_step_traces=traces["train"])
+
+
+def _report(workdir: str, jsonl_path: str, tb_dir: str, step: int, train_metrics: Mapping[str, float],
+            eval_metrics: Mapping[str, float], run: RunConfig) -> None:
+    lines = [f"\nFinished at step {step}."]
+    if train_metrics:
+        lines.append(f"  train    cross-entropy {train_metrics['cross_entropy']:.4f} nats/token, "
+                     f"accuracy {train_metrics['accuracy']:.3f} (last logging window)")
+    if eval_metrics:
+        lines.append(f"  held-out cross-entropy {eval_metrics['cross_entropy']:.4f} nats/token, "
+                     f"accuracy {eval_metrics['accuracy']:.3f} ({run.eval_task}, eval capacity factor "
+                     f"{run.model.moe.eval_capacity_factor})")
+    prefix = "eval" if eval_metrics else "train"
+    table, layers = reporting.routing_report(jsonl_path, prefix)
+    if layers:
+        lines.append(f"\nRouting report ({'held-out' if prefix == 'eval' else 'training'} batches, step {step}):")
+        lines.append(table)
+    png = reporting.plot_expert_load(jsonl_path, os.path.join(workdir, "expert_load.png"))
+    lines.append("")
+    lines.append(f"  TensorBoard logs: {tb_dir}   (tensorboard --logdir {tb_dir})")
+    lines.append(f"  metrics (JSON lines): {jsonl_path}")
+    lines.append(f"  checkpoints: {os.path.join(workdir, 'checkpoints')}")
+    if png:
+        lines.append(f"  expert load over training: {png}")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,99 @@
+"""Every invalid config fails at start with a one-line message naming the field.
+
+The cases call `trainer.validate_config` in-process (8 simulated devices); one test runs
+scripts/train.py in a subprocess to prove the exit status 2 and the single stderr line.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import finetune, pretrain
+from stmoe import trainer
+from stmoe.config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _set(config, dotted, value):
+    *parents, leaf = dotted.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    with node.unlocked():
+        node[leaf] = value
+
+
+CASES = [
+    # (field to set, value, field named in the message)
+    ("bogus_field", 1, "bogus_field"),
+    ("data.inputs_len", 64, "data.inputs_len"),
+    ("model.moe.num_expert", 4, "model.moe.num_expert"),
+    ("optim.learning_rat", 1e-3, "optim.learning_rat"),
+    ("model.moe.top_k", 9, "model.moe.top_k"),  # > num_experts (8)
+    ("model.moe.train_capacity_factor", 0.0, "model.moe.train_capacity_factor"),
+    ("model.moe.eval_capacity_factor", -1.0, "model.moe.eval_capacity_factor"),
+    ("model.sparse_interval", 0, "model.sparse_interval"),
+    ("checkpoint_every_steps", 0, "checkpoint_every_steps"),
+    ("eval_every_steps", 0, "eval_every_steps"),
+    ("log_every_steps", 0, "log_every_steps"),
+    ("mesh.data", 3, "mesh"),  # 3 * 1 * 1 != 8 devices
+    ("batch_size", 12, "batch_size"),  # not divisible by the data-parallel size 8
+    ("microbatches", 3, "microbatches"),  # does not divide batch_size 32
+    ("microbatches", 8, "microbatches"),  # microbatch of 4 < data-parallel size 8
+    ("data.inputs_length", 2, "data.inputs_length"),  # too short for span corruption
+    ("data.targets_length", 10, "data.targets_length"),  # 128 inputs need 29 targets
+    ("optim.learning_rate", 0.0, "optim.learning_rate"),
+    ("freeze", "encoder", "freeze"),
+    ("num_devices", 9, "num_devices"),
+    ("data.task", "no_such_task", "data.task"),
+]
+
+
+@pytest.mark.parametrize("dotted,value,field", CASES, ids=[f"{c[0]}={c[1]}" for c in CASES])
+def test_invalid_field_is_named(dotted, value, field):
+    config = pretrain.get_config("tiny")
+    _set(config, dotted, value)
+    with pytest.raises(ConfigError) as info:
+        trainer.validate_config(config)
+    message = str(info.value)
+    assert message.startswith(field), message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("module,preset", [(pretrain, p) for p in ("tiny", "switch_base_8")]
+                         + [(finetune, "tiny")])
+def test_presets_validate(module, preset):
+    config = module.get_config(preset)
+    config.mesh.expert = 1  # the large presets ask for one expert per device
+    run = trainer.validate_config(config)
+    assert run.model.moe.num_experts == config.model.moe.num_experts
+
+
+def test_all_presets_build_and_unknown_preset_fails():
+    for module in (pretrain, finetune):
+        for preset in module.PRESETS:
+            module.get_config(preset)
+        with pytest.raises(ValueError, match="unknown"):
+            module.get_config("nope")
+
+
+def test_finetune_uses_smaller_batch_and_constant_lr():
+    pre, fine = pretrain.get_config("st_moe_base"), finetune.get_config("st_moe_base")
+    assert fine.batch_size < pre.batch_size
+    assert fine.optim.schedule == "constant" and fine.optim.learning_rate == 1e-3
+    assert fine.model.dropout_rate == 0.1 and fine.model.moe.expert_dropout_rate > 0.1
+
+
+def test_script_exits_2_with_one_line(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--workdir", str(tmp_path),
+         "--config.model.moe.top_k=9"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "model.moe.top_k" in lines[0] and "num_experts" in lines[0]
+    assert not os.path.exists(tmp_path / "checkpoints")

@@ -1,0 +1,130 @@
+"""Dispatch implementations (stmoe/dispatch.py) agree where their semantics coincide.
+
+einsum and gather share the capacity semantics and must agree always (also when tokens are
+dropped); dropless has no capacity, so it is compared with them at a capacity large enough that
+nothing drops. Outputs and gradients are compared with GEGLU (smooth), to 1e-5.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stmoe import dispatch, metrics
+from stmoe.config import ConfigError, ModelConfig, MoeConfig
+from stmoe.moe import MoeLayer
+
+D_MODEL, BATCH, LENGTH = 16, 2, 16
+
+
+def layer_config(**moe_fields) -> ModelConfig:
+    moe = MoeConfig(**{"num_experts": 4, "top_k": 2, "second_expert_policy": "all", **moe_fields})
+    return ModelConfig(d_model=D_MODEL, d_ff=24, num_decoder_layers=0, moe=moe).validate()
+
+
+def inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(BATCH, LENGTH, D_MODEL)), jnp.float32)
+    mask = np.ones((BATCH, LENGTH), np.float32)
+    mask[1, 11:] = 0  # padding is never routed by any implementation
+    return x, jnp.asarray(mask)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def loss_and_grads(cfg, params, x, mask):
+    def loss(params, x):
+        out, state = MoeLayer(cfg).apply({"params": params}, x, mask, mutable=["moe"])
+        stats = metrics.collect_layers(state["moe"])[""]
+        return jnp.mean(jnp.square(out)) + stats["aux_loss"] + stats["z_loss"], (out, stats)
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+
+
+def run(impl, x, mask, **fields):
+    cfg = layer_config(dispatch=impl, **fields)
+    params = nn.meta.unbox(MoeLayer(layer_config(**fields)).init({"params": jax.random.key(0)}, x, mask)["params"])
+    params["router"]["kernel"] = params["router"]["kernel"] * 50.0  # uneven loads
+    (loss, (out, stats)), grads = loss_and_grads(cfg, params, x, mask)
+    return out, stats, grads
+
+
+def assert_close(a, b):
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(u, v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def force_dropless(monkeypatch):
+    monkeypatch.setenv(dispatch.FORCE_DROPLESS_ENV, "1")
+
+
+def test_einsum_and_gather_agree_with_drops():  # top-1 and more cases: tests/test_moe.py
+    x, mask = inputs()
+    fields = dict(eval_capacity_factor=0.5, min_capacity=1, group_size=8)
+    out_e, stats, grads_e = run("einsum", x, mask, **fields)
+    out_g, _, grads_g = run("gather", x, mask, **fields)
+    assert float(stats["dropped_tokens"]) > 0
+    np.testing.assert_allclose(out_g, out_e, atol=1e-5, rtol=1e-5)
+    assert_close(grads_g, grads_e)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_dropless_equals_capacity_dispatch_when_nothing_drops(top_k, force_dropless):
+    x, mask = inputs(1)
+    fields = dict(top_k=top_k, expert_capacity=LENGTH)  # ample: nothing can drop
+    out_g, stats_g, grads_g = run("gather", x, mask, **fields)
+    out_e, _, grads_e = run("einsum", x, mask, **fields)
+    out_d, stats_d, grads_d = run("dropless", x, mask, **fields)
+    assert float(stats_g["dropped_tokens"]) == 0.0 and float(stats_d["dropped_tokens"]) == 0.0
+    np.testing.assert_allclose(out_d, out_g, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out_d, out_e, atol=1e-5, rtol=1e-5)
+    assert_close(grads_d, grads_g)
+    np.testing.assert_allclose(stats_d["expert_counts"], stats_g["expert_counts"])
+    np.testing.assert_allclose(stats_d["aux_loss"], stats_g["aux_loss"], rtol=1e-6)
+
+
+def test_dropless_never_drops(force_dropless):
+    x, mask = inputs(2)
+    _, stats, _ = run("dropless", x, mask, eval_capacity_factor=0.25, min_capacity=1)
+    assert float(stats["dropped_tokens"]) == 0.0
+    assert float(stats["dropped_fraction_rank2"]) == 0.0
+
+
+def test_dropless_refused_on_cpu_without_force(monkeypatch):
+    monkeypatch.delenv(dispatch.FORCE_DROPLESS_ENV, raising=False)
+    with pytest.raises(ValueError, match="ragged_dot.*STMOE_FORCE_DROPLESS"):
+        dispatch.resolve_dispatch("dropless", backend="cpu")
+    x, mask = inputs()
+    with pytest.raises(ValueError, match="dropless"):
+        MoeLayer(layer_config(dispatch="dropless")).init({"params": jax.random.key(0)}, x, mask)
+    assert dispatch.resolve_dispatch("dropless", backend="cpu", force_dropless=True) == "dropless"
+    assert dispatch.resolve_dispatch("dropless", backend="gpu") == "dropless"
+
+
+def test_auto_resolves_per_backend():
+    assert dispatch.resolve_dispatch("auto", backend="cpu") == "gather"
+    assert dispatch.resolve_dispatch("auto", backend="gpu") == "gather"
+    assert dispatch.resolve_dispatch("auto", backend="tpu") == "einsum"
+    assert dispatch.resolve_dispatch("auto") == dispatch.AUTO_DISPATCH[jax.default_backend()]
+    for impl in ("einsum", "gather"):
+        assert dispatch.resolve_dispatch(impl, backend="tpu") == impl
+    x, mask = inputs(3)
+    params = MoeLayer(layer_config()).init({"params": jax.random.key(0)}, x, mask)
+    out_a = MoeLayer(layer_config(dispatch="auto")).apply(params, x, mask)
+    out_g = MoeLayer(layer_config(dispatch=dispatch.AUTO_DISPATCH[jax.default_backend()])).apply(params, x, mask)
+    np.testing.assert_array_equal(out_a, out_g)
+
+
+def test_dispatch_field_is_validated():
+    with pytest.raises(ConfigError, match="moe.dispatch"):
+        layer_config(dispatch="sorted")
+    with pytest.raises(ValueError, match="moe.dispatch"):
+        dispatch.resolve_dispatch("sorted")
+
+
+def test_dropless_refuses_expert_choice(force_dropless):
+    x, mask = inputs()
+    cfg = layer_config(dispatch="dropless", router_type="experts_choose")
+    with pytest.raises(ValueError, match="tokens_choose"):
+        MoeLayer(cfg).init({"params": jax.random.key(0)}, x, mask)
