@@ -165,6 +165,20 @@ def unscan_params(params, cfg: ModelConfig):
     return out
 
 
+def _stack_inputs(cfg: ModelConfig, embed: Embed, tokens: Array, query_positions: Array, key_positions: Array,
+                  bidirectional: bool, deterministic: bool):
+    """What a stack computes once before its blocks: the shared position bias and the dropped-out embeddings.
+
+    Call from inside a stack's compact __call__ (the bias module is named in that scope).
+    """
+    bias = RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
+                                cfg.relative_attention_max_distance, bidirectional=bidirectional,
+                                name="relative_position_bias")(query_positions, key_positions)
+    dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    x = constrain(dropout(embed(tokens), deterministic), ("batch", "length", "embed"))
+    return bias, x, dropout
+
+
 class Encoder(nn.Module):
     config: ModelConfig
     embed: Embed
@@ -177,12 +191,7 @@ class Encoder(nn.Module):
         token_mask = segments > 0
         mask = attention_mask(segments, segments)
         positions = jnp.arange(tokens.shape[1])
-        bias = RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
-                                    cfg.relative_attention_max_distance, bidirectional=True,
-                                    name="relative_position_bias")(positions, positions)
-        dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
-        x = dropout(self.embed(tokens), deterministic)
-        x = constrain(x, ("batch", "length", "embed"))
+        bias, x, dropout = _stack_inputs(cfg, self.embed, tokens, positions, positions, True, deterministic)
         if cfg.scan_layers:
             x, _ = _scan_stack(cfg, EncoderLayer, cfg.num_encoder_layers, (5,), (deterministic,), 3)(
                 x, bias, mask, token_mask)
@@ -223,12 +232,8 @@ class Decoder(nn.Module):
             key_positions = jnp.arange(length)
             query_positions = key_positions
         cross_mask = attention_mask(segments, encoder_segment_ids)
-        bias = RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
-                                    cfg.relative_attention_max_distance, bidirectional=False,
-                                    name="relative_position_bias")(query_positions, key_positions)
-        dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
-        x = dropout(self.embed(tokens), deterministic)
-        x = constrain(x, ("batch", "length", "embed"))
+        bias, x, dropout = _stack_inputs(cfg, self.embed, tokens, query_positions, key_positions, False,
+                                         deterministic)
         if cfg.scan_layers:
             if decode:
                 raise ValueError("model.scan_layers: the KV-cache decode path is not supported with scanned "
