@@ -1,12 +1,13 @@
 r"""Fine-tuning a pretrained sparse model (ST-MoE sec. 4.3).
 
     python scripts/train.py                                             # pretrain first
-    python scripts/train.py --config configs/finetune.py:tiny --workdir ./runs/finetune_qa \
-        --config.init_checkpoint=./runs/quickstart/checkpoints
+    python scripts/finetune.py --config configs/finetune.py:tiny --init_checkpoint ./runs/quickstart \
+        --workdir ./runs/finetune_qa
 
 Same trainer as pretraining (stmoe.trainer.train_and_evaluate); `init_checkpoint` loads only the
 parameters of the pretrained run (the optimizer starts fresh unless reset_optimizer_state=False),
-and a run that finds its own checkpoint in the workdir resumes from that instead.
+and a run that finds its own checkpoint in the workdir resumes from that instead. `freeze`
+picks the paper's parameter subsets (sec. 4.2; table in stmoe/trainer.py FREEZE_PRESETS).
 
 Why these batch sizes and learning rates. ST-MoE sec. 4.3 ("Sparse and dense models require
 different fine-tuning protocols", Fig. 6) sweeps batch size and learning rate for a sparse model
@@ -19,8 +20,17 @@ parts, a separate (higher) expert dropout, the auxiliary losses kept on, train /
 factor 1.25 / 2.0. Expert dropout 0.4 with dropout 0.1 is the best setting of the Switch
 Transformer paper (Fedus et al. 2021, sec. 2.4, Table 4).
 
-Presets: tiny (synthetic QA after the quick start), st_moe_base, st_moe_l, st_moe_32b,
-switch_base_8 (SuperGLUE mixture, T5 vocabulary).
+Presets: `PRESET` or `PRESET,TASK` (e.g. `configs/finetune.py:st_moe_base,super_glue_rte`).
+  tiny               the offline corpus's QA task (stmoe_synthetic_qa) after the quick start:
+                     exact match by greedy decoding every eval (infer_eval), ~3 min on 2 cores
+  st_moe_base, st_moe_l, st_moe_32b, switch_base_8
+                     SuperGLUE (super_glue_mix: boolq, cb, copa, rte; examples-proportional) by
+                     default; TASK = any of FINETUNE_TASKS (GLUE sst2 / mnli, one SuperGLUE task);
+                     T5 vocabulary, TFDS data (download it first: tfds build super_glue/rte)
+
+The decoding evaluation (config.infer_eval, stmoe/evaluation.py) runs the task's own metrics
+(exact match; accuracy and CB's mean class F1 for GLUE/SuperGLUE) on held-out examples at every
+eval, at the eval capacity factor; results go to TensorBoard and infer_eval/<task>-metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -29,6 +39,8 @@ import ml_collections
 from configs import pretrain
 
 PRESETS = pretrain.PRESETS
+FINETUNE_TASKS = ("super_glue_mix", "super_glue_boolq", "super_glue_cb", "super_glue_copa", "super_glue_rte",
+                  "glue_sst2", "glue_mnli")
 
 # (batch_size, learning rate) per preset: sparse models, small batch and high LR (sec. 4.3).
 BATCH_AND_LR = {
@@ -41,9 +53,12 @@ BATCH_AND_LR = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = arg or "tiny"
+    preset, _, task = (arg or "tiny").partition(",")
     if preset not in PRESETS:
         raise ValueError(f"finetune preset {preset!r} unknown; choose one of {list(PRESETS)}")
+    if task and (preset == "tiny" or task not in FINETUNE_TASKS):
+        raise ValueError(f"finetune task {task!r} unknown for preset {preset!r}; the tiny preset fine-tunes "
+                         f"stmoe_synthetic_qa, the others one of {list(FINETUNE_TASKS)}")
     c = pretrain.get_config(preset)
     c.unlock()
     c.model.dropout_rate = 0.1  # dropout on the dense parts (sec. 4.3)
@@ -55,22 +70,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.schedule = "constant"  # t5x release: constant 1e-3
     c.optim.warmup_steps = 0
     c.reset_optimizer_state = True
-    c.init_checkpoint = ""  # REQUIRED in practice: the pretrained run's checkpoint dir
+    c.init_checkpoint = ""  # REQUIRED: the pretrained run (scripts/finetune.py --init_checkpoint)
     if preset == "tiny":
-        c.init_checkpoint = "./runs/quickstart/checkpoints"
+        c.init_checkpoint = "./runs/quickstart"
         c.data.task = "stmoe_synthetic_qa"
         c.data.inputs_length = 160  # QA inputs are <= 137 bytes with EOS; answers <= 8
         c.data.targets_length = 16
         c.total_steps = 300
         c.checkpoint_every_steps = 100
         c.eval_every_steps = 100
+        c.infer_eval.num_examples = 512
     else:
-        c.data.task = "super_glue_mix"  # stmoe.data.tasks: SuperGLUE, T5 vocabulary
+        c.data.task = task or "super_glue_mix"  # stmoe.data.tasks: T5 vocabulary
         c.data.inputs_length = 512
         c.data.targets_length = 64
         c.total_steps = 20_000
         c.checkpoint_every_steps = 1_000
         c.eval_every_steps = 1_000
+        c.infer_eval.num_examples = -1  # the whole validation split
+    c.infer_eval.task = c.data.task
     c.lock()
     return c
-

@@ -93,7 +93,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.resume_from = ""  # another run's checkpoint dir: full state + data position (if workdir has none)
     c.init_checkpoint = ""  # pretrained checkpoint dir (or its step dir): params only (fine-tuning)
     c.reset_optimizer_state = True  # with init_checkpoint: fresh optimizer state (False: keep it)
-    c.freeze = "none"  # 'none', 'non_moe' (train MoE only), 'moe', 'non_moe_ffn', 'attention'
+    c.freeze = "none"  # parameters NOT updated: 'none', 'moe', 'non_moe', 'attention', 'non_moe_ffn_only'
+    #                    (table in stmoe/trainer.py FREEZE_PRESETS; frozen params get no optimizer state)
+
+    # Task metrics by decoding (seqio Evaluator, stmoe/evaluation.py), every eval_every_steps.
+    c.infer_eval = ml_collections.ConfigDict()
+    c.infer_eval.task = ""  # seqio task/mixture family with metric fns (e.g. exact match); "" = off
+    c.infer_eval.split = "validation"
+    c.infer_eval.num_examples = 256  # per task; -1 = the whole split
+    c.infer_eval.batch_size = 64  # decoding batch (rounded up to the data-parallel size)
+    c.infer_eval.decoding = "greedy"  # or 'beam'
+    c.infer_eval.beam_size = 4
     return c
 
 

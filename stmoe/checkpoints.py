@@ -20,11 +20,13 @@ device count, other axis sizes) with each process reading only its shards.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
 from typing import Any, Callable, Iterable
 
+import jax
 import orbax.checkpoint as ocp
 
 _STATE = "state"
@@ -33,6 +35,10 @@ _DATA = "data"
 
 class CheckpointRestoreError(RuntimeError):
     """No checkpoint step could be restored."""
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint's parameters do not fit the model config (the message lists the differences)."""
 
 
 class Checkpointer:
@@ -250,3 +256,89 @@ def install_preemption_handler(callback: Callable[[int], None] | None = None,
 def preemption_requested() -> bool:
     """True once SIGTERM/SIGINT reached any installed PreemptionHandler."""
     return any(h.requested for h in _ACTIVE_HANDLERS)
+
+
+# ------------------------------------------------------------------ params only (fine-tuning, inference)
+
+
+def state_dir(path: str) -> str:
+    """The saved train state under `path`: a run's workdir, its checkpoints dir (newest step) or one
+    step's dir. Raises FileNotFoundError naming `path` when there is none."""
+    path = os.path.abspath(path) if "://" not in path else path
+    if os.path.basename(path) == _STATE and os.path.isdir(path):
+        return path
+    for candidate in (path, os.path.join(path, "checkpoints")):
+        if os.path.isdir(os.path.join(candidate, _STATE)):
+            return os.path.join(candidate, _STATE)
+        if os.path.isdir(candidate):
+            steps = [int(n) for n in os.listdir(candidate)
+                     if n.isdigit() and os.path.isdir(os.path.join(candidate, n, _STATE))]
+            if steps:
+                return os.path.join(candidate, str(max(steps)), _STATE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    raise FileNotFoundError(f"no checkpoint in {path} (expected step directories like {path}/100/state)")
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): tuple(leaf.shape)
+            for path, leaf in flat}
+
+
+def saved_param_shapes(directory: str) -> dict[str, tuple[int, ...]]:
+    """{'encoder/layers_0/attention/query/kernel': shape} of the params saved in `directory` (a state dir),
+    read from orbax's metadata only (no array is loaded)."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # "Metadata file does not exist": the step-level file is optional
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(directory)
+    finally:
+        absl_logger.setLevel(level)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    return _flat_shapes(tree["params"])
+
+
+def shape_differences(expected: dict[str, tuple[int, ...]], saved: dict[str, tuple[int, ...]]) -> list[str]:
+    """Human-readable differences between the config's parameter shapes and a checkpoint's."""
+    out = [f"{name}: checkpoint {saved[name]} vs config {shape}"
+           for name, shape in expected.items() if name in saved and saved[name] != shape]
+    out += [f"{name}: missing from the checkpoint (config {shape})"
+            for name, shape in expected.items() if name not in saved]
+    out += [f"{name}: in the checkpoint {saved[name]}, not in the config"
+            for name in saved if name not in expected]
+    return out
+
+
+def check_compatible(path: str, abstract_params: Any) -> str:
+    """The state directory of the checkpoint at `path` (see `state_dir`) after checking that its params
+    have exactly `abstract_params`' names and shapes (metadata only, no array read).
+
+    Raises FileNotFoundError if there is no checkpoint, and IncompatibleCheckpointError listing every
+    parameter whose shape differs or that only one side has.
+    """
+    directory = state_dir(path)
+    expected = _flat_shapes(abstract_params)
+    differences = shape_differences(expected, saved_param_shapes(directory))
+    if differences:
+        shown = "; ".join(differences[:8]) + (f"; ... {len(differences) - 8} more" if len(differences) > 8 else "")
+        raise IncompatibleCheckpointError(
+            f"checkpoint {directory} does not match the model config: {len(differences)} of "
+            f"{len(expected)} parameters differ: {shown}")
+    return directory
+
+
+def restore_params(path: str, abstract_params: Any) -> Any:
+    """Only the params of the checkpoint at `path`, placed in `abstract_params`' shardings (a pytree of
+    jax.ShapeDtypeStruct with .sharding); nothing else of the saved state is read. Checked first
+    (`check_compatible`)."""
+    directory = check_compatible(path, abstract_params)
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
+                                                               dtype=s.dtype), abstract_params)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+            item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
+    return restored["params"]

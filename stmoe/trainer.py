@@ -11,9 +11,10 @@ One function in fixed sections (big_vision / flax examples style):
   7. steps      pure module-level `train_step` / `eval_step`, bound with functools.partial, jitted
                 with in/out shardings, the train state donated
   8. restore    own workdir > config.resume_from > config.init_checkpoint (params only) > scratch
-  9. loop       step, hooks, metrics every log_every_steps, eval every eval_every_steps,
+  9. loop       step, hooks, metrics every log_every_steps, eval every eval_every_steps (held-out
+                loss, and with `infer_eval.task` task metrics by decoding, stmoe.evaluation),
                 async checkpoints every checkpoint_every_steps, SIGTERM/SIGINT -> save and return
- 10. report     final losses, the routing table (stmoe.reporting), an expert-load PNG
+ 10. report     final losses, decoded task metrics, the routing table (stmoe.reporting), an expert-load PNG
 
 Determinism: the dropout / routing rng of step s is fold_in(key(seed), s) (and the microbatch
 index), and the data iterator's position is saved with the state, so a run stopped at step N
@@ -44,21 +45,28 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from stmoe import checkpoints, losses, metrics as moe_metrics, optim, partitioning, reporting
+from stmoe import checkpoints, evaluation, inference, losses, metrics as moe_metrics, optim, partitioning, reporting
 from stmoe.config import ConfigError, ModelConfig
 from stmoe.models import EncoderDecoder
 
 Array = jax.Array
 Hook = Callable[[int, Any], None]
 
-# `freeze` presets: regexes of parameter paths to FREEZE (OptimConfig.freeze_patterns).
-# Paths look like 'encoder/layers_1/ffn/moe/expert_wi_0', 'decoder/layers_0/ffn/mlp/wo'.
+# `freeze` presets (ST-MoE sec. 4.2, "fine-tuning a subset of parameters"): regexes of parameter
+# paths to FREEZE (OptimConfig.freeze_patterns). Paths look like 'encoder/layers_1/ffn/moe/expert_wi_0',
+# 'decoder/layers_0/ffn/mlp/wo', 'encoder/layers_0/attention/query' (scanned: 'encoder/scan_2/...').
+#   name               updated                                       paper's row
+#   none               everything                                    All
+#   moe                everything but the MoE layers (router+experts) Non-MoE  (the paper's best)
+#   non_moe            only the MoE layers                           MoE      (much worse)
+#   attention          only self- and cross-attention                Attention
+#   non_moe_ffn_only   only the dense (non-MoE) FFNs                 FFN
 FREEZE_PRESETS: dict[str, tuple[str, ...]] = {
     "none": (),
-    "non_moe": (r"^(?!.*/moe/)",),  # train only the MoE layers (router + experts)
-    "moe": (r"/moe/",),  # train everything but the MoE layers
-    "non_moe_ffn": (r"/ffn/(mlp|extra_mlp)/",),  # freeze the dense FFNs
-    "attention": (r"attention/",),  # freeze self- and cross-attention
+    "moe": (r"/moe/",),
+    "non_moe": (r"^(?!.*/moe/)",),
+    "attention": (r"^(?!.*attention/)",),
+    "non_moe_ffn_only": (r"^(?!.*/ffn/(mlp|extra_mlp)/)",),
 }
 SUM_KEYS = ("cross_entropy", "output_z_loss", "correct", "weight")
 
@@ -80,6 +88,7 @@ class RunConfig:
     task: str  # registered seqio name (vocabulary resolved)
     eval_task: str
     device_count: int
+    infer_eval_task: str = ""  # registered seqio name of the decoding evaluation ("" = off)
 
 
 @dataclasses.dataclass
@@ -90,6 +99,7 @@ class TrainResult:
     step: int
     train_metrics: dict[str, float]  # the last logging window
     eval_metrics: dict[str, float]  # the last held-out evaluation
+    infer_eval_metrics: dict[str, dict[str, float]]  # the last decoding evaluation {task: {metric: value}}
     preempted: bool
     train_step_traces: int  # 1 unless something made jit retrace the step
 
@@ -125,7 +135,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     from stmoe.data import preprocessors
 
     schema = pretrain.base_config()
-    _check_known(config, schema, "", nested=("data", "aux_loss_schedule", "mesh"))
+    _check_known(config, schema, "", nested=("data", "aux_loss_schedule", "mesh", "infer_eval"))
     optim_fields = {f.name for f in dataclasses.fields(optim.OptimConfig)}
     for key in config.optim.keys():
         _check(key in optim_fields, f"optim.{key}", f"unknown field; allowed: {sorted(optim_fields)}")
@@ -204,8 +214,24 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
                 stmoe_data.task_name_for(d.eval_task, _default_vocab(d.eval_task)))
         except KeyError as e:
             raise ConfigError(f"data.task: {e.args[0]}") from None
+    infer = config.infer_eval
+    infer_task = ""
+    if infer.task:
+        try:
+            infer_task = stmoe_data.task_name_for(infer.task, vocab_path or _default_vocab(infer.task))
+        except KeyError as e:
+            raise ConfigError(f"infer_eval.task: {e.args[0]}") from None
+        _check(infer.decoding in ("greedy", "beam"), "infer_eval.decoding",
+               f"must be 'greedy' or 'beam', got {infer.decoding!r}")
+        for name in ("batch_size", "beam_size"):
+            _check(isinstance(infer[name], int) and infer[name] >= 1, f"infer_eval.{name}",
+                   f"must be an integer >= 1, got {infer[name]!r}")
+        _check(isinstance(infer.num_examples, int) and (infer.num_examples >= 1 or infer.num_examples == -1),
+               "infer_eval.num_examples", f"must be -1 (all) or >= 1, got {infer.num_examples!r}")
+        _check(jax.process_count() == 1, "infer_eval.task",
+               "decoding evaluation inside training runs in single-process jobs only; use scripts/evaluate.py")
     return RunConfig(model=model_cfg, mesh=mesh_cfg, optim=optim_cfg, task=task, eval_task=eval_task,
-                     device_count=device_count)
+                     device_count=device_count, infer_eval_task=infer_task)
 
 
 def _default_vocab(family: str) -> str | None:
@@ -320,26 +346,6 @@ def reduce_metrics(steps: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _restore_params(path: str, abstract_params: Any) -> Any:
-    """Only the params of the checkpoint at `path` (a Checkpointer directory -> its newest step, or one
-    step's directory), placed in `abstract_params`' shardings; the rest of the saved state is not read."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(path) if "://" not in path else path
-    state_dir = os.path.join(path, "state")
-    if not os.path.isdir(state_dir):
-        steps = checkpoints.Checkpointer(path, async_save=False).all_steps()
-        if not steps:
-            raise FileNotFoundError(f"init_checkpoint: no checkpoint in {path}")
-        state_dir = os.path.join(path, str(steps[-1]), "state")
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
-                                                               dtype=s.dtype), abstract_params)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
-            item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
-    return restored["params"]
-
-
 def _set_aside_steps(directory: str, steps: Sequence[int]) -> None:
     """Renames damaged step directories to '<step>.damaged' so that new saves can use the step."""
     from etils import epath
@@ -419,6 +425,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         for _, batch in zip(range(config.eval_steps), eval_iter):
             eval_batches.append(batch)
         eval_iter.close()
+    infer_evaluation = None
+    if run.infer_eval_task:  # task metrics by decoding (seqio Evaluator); its datasets are cached once
+        infer = config.infer_eval
+        infer_evaluation = evaluation.Evaluation(
+            run.infer_eval_task, split=infer.split, lengths=lengths,
+            num_examples=None if infer.num_examples == -1 else infer.num_examples,
+            log_dir=os.path.join(workdir, "infer_eval"), batch_size=infer.batch_size, decoding=infer.decoding,
+            beam_size=infer.beam_size)
 
     # 5. Model and optimizer.
     model = EncoderDecoder(run.model)
@@ -488,11 +502,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
         if config.init_checkpoint:
             if config.reset_optimizer_state:
-                params = _restore_params(config.init_checkpoint, abstract_state.params)
+                params = checkpoints.restore_params(config.init_checkpoint, abstract_state.params)
                 state = state.replace(params=params)
             else:
-                with checkpoints.Checkpointer(config.init_checkpoint, async_save=False) as other:
-                    restored, _, _ = other.restore(abstract_state)
+                directory = checkpoints.check_compatible(config.init_checkpoint, abstract_state.params)
+                step_dir = os.path.dirname(directory)  # .../checkpoints/<step>/state
+                with checkpoints.Checkpointer(os.path.dirname(step_dir), async_save=False) as other:
+                    restored, _, _ = other.restore(abstract_state, step=int(os.path.basename(step_dir)))
                 state = restored.replace(step=jnp.zeros((), jnp.int32))
             origin = f"params of {config.init_checkpoint}"
     start_step = int(jax.device_get(state.step))
@@ -500,6 +516,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
          f"{devices[0].platform} device(s); starting at step {start_step} from {origin}; workdir {workdir}")
 
     # 9. Evals and the loop.
+    def evaluate_by_decoding(step: int) -> dict[str, dict[str, float]]:
+        import seqio
+        vocabulary = seqio.get_mixture_or_task(run.infer_eval_task).output_features["targets"].vocabulary
+        loaded = inference.LoadedModel(model=model, params=state.params, mesh=mesh, vocabulary=vocabulary,
+                                       run_config=config, checkpoint="", inputs_length=lengths["inputs"],
+                                       targets_length=lengths["targets"])
+        results = infer_evaluation.run(loaded, step=step)
+        writer.write_scalars(step, evaluation.flat_scalars(results))
+        return results
+
     def evaluate() -> dict[str, float]:
         if not eval_batches:
             return {}
@@ -521,6 +547,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     window_tokens, window_start = 0, time.perf_counter()
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
+    infer_metrics: dict[str, dict[str, float]] = {}
     preempted = False
     step = start_step
     try:
@@ -557,6 +584,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
                 bar.set_postfix(loss=f"{train_metrics.get('cross_entropy', float('nan')):.3f}",
                                 eval=f"{eval_metrics['cross_entropy']:.3f}", refresh=False)
+            if infer_evaluation and (step % config.eval_every_steps == 0 or step == config.total_steps):
+                infer_metrics = evaluate_by_decoding(step)
             if step % config.checkpoint_every_steps == 0:
                 save(step)
             if handler is not None and handler.requested:
@@ -576,13 +605,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if preempted:
         _say(f"stmoe: stopped by a signal at step {step}; checkpoint saved, rerun the same command to resume")
     elif process == 0:
-        _report(workdir, jsonl_path, tb_dir, step, train_metrics, eval_metrics, run)
+        _report(workdir, jsonl_path, tb_dir, step, train_metrics, eval_metrics, infer_metrics, run)
     return TrainResult(state=state, step=step, train_metrics=train_metrics, eval_metrics=eval_metrics,
-                       preempted=preempted, train_step_traces=traces["train"])
+                       infer_eval_metrics=infer_metrics, preempted=preempted, train_step_traces=traces["train"])
 
 
 def _report(workdir: str, jsonl_path: str, tb_dir: str, step: int, train_metrics: Mapping[str, float],
-            eval_metrics: Mapping[str, float], run: RunConfig) -> None:
+            eval_metrics: Mapping[str, float], infer_metrics: Mapping[str, Mapping[str, float]],
+            run: RunConfig) -> None:
     lines = [f"\nFinished at step {step}."]
     if train_metrics:
         lines.append(f"  train    cross-entropy {train_metrics['cross_entropy']:.4f} nats/token, "
@@ -591,6 +621,9 @@ def _report(workdir: str, jsonl_path: str, tb_dir: str, step: int, train_metrics
         lines.append(f"  held-out cross-entropy {eval_metrics['cross_entropy']:.4f} nats/token, "
                      f"accuracy {eval_metrics['accuracy']:.3f} ({run.eval_task}, eval capacity factor "
                      f"{run.model.moe.eval_capacity_factor})")
+    for task, values in infer_metrics.items():
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float))
+        lines.append(f"  decoded  {task}: {shown} (greedy; infer_eval/{task}-metrics.jsonl)")
     prefix = "eval" if eval_metrics else "train"
     table, layers = reporting.routing_report(jsonl_path, prefix)
     if layers:
