@@ -111,6 +111,30 @@ def combine_gather(expert_out: Array, slot_token: Array, slot_weight: Array, tok
     return out[:, :tokens]
 
 
+def combine_gather_tokens(group_out: Array, choice_slot: Array, choice_weight: Array) -> Array:
+    """Token-major combine: every token gathers its k slot outputs and sums them, weighted; no scatter.
+
+    group_out: [groups, experts, capacity, d] (the expert outputs, group-major: moe.py transposes
+    them and constrains the result to the tokens' sharding, which is the all-to-all back);
+    choice_slot: [groups, tokens, k] (expert * capacity + position, experts * capacity for a
+    choice without a slot); choice_weight: [groups, tokens, k] (0 without a slot) ->
+    [groups, tokens, d]. Same numbers as combine_gather, which scatter-adds every slot (empty
+    ones too) into a zeroed [groups, tokens + 1, d] and slices it: ~20 ms at T=8192, E=32 on
+    XLA:CPU against a few ms here. Batched over groups: each group reads only its own slots.
+    """
+    groups, experts, capacity, d = group_out.shape
+    rows = group_out.reshape(groups, experts * capacity, d)  # [g, e*c, d]
+    weight = choice_weight.astype(group_out.dtype)
+    # A choice without a slot points one past the end and reads zeros (never another token's row).
+    take = jax.vmap(lambda r, idx: r.at[idx].get(mode="fill", fill_value=0))  # ([g, e*c, d], [g, t]) -> [g, t, d]
+    # One term per rank rather than a reduce over a k axis: XLA:CPU fuses gathers, products and
+    # sums into one loop, while a [g, t, k, d] reduce is a separate pass (~3x slower here).
+    out = take(rows, choice_slot[..., 0]) * weight[..., :1]
+    for rank in range(1, choice_slot.shape[-1]):
+        out = out + take(rows, choice_slot[..., rank]) * weight[..., rank:rank + 1]
+    return out  # [g, t, d]
+
+
 DISPATCH = {"einsum": (dispatch_einsum, combine_einsum), "gather": (dispatch_gather, combine_gather)}
 
 

@@ -11,8 +11,9 @@ Algorithm (ST-MoE sec. 2; Switch sec. 2):
    makes XLA move tokens by all-to-all (partitioning.py).
 4. Every expert runs the same T5 MLP on its buffer (stacked weights [experts, ...],
    experts may run in bfloat16).
-5. Combine scatters each slot's output back to its token, times its weight. A token
-   that got no slot receives zero and is carried by the residual connection.
+5. Combine brings each slot's output back to its token, times its weight (with tokens-choose
+   and "gather", every token gathers its k slots). A token that got no slot receives zero
+   and is carried by the residual connection.
 6. The aux losses and router metrics of the layer are sown into the 'moe' collection.
 
 The dispatch implementations (dispatch.py) give the same numbers (tests).
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 from stmoe import metrics as moe_metrics
 from stmoe import routing
 from stmoe.config import ModelConfig
-from stmoe.dispatch import DISPATCH, dropless_moe, ragged_mlp, resolve_dispatch
+from stmoe.dispatch import DISPATCH, combine_gather_tokens, dropless_moe, ragged_mlp, resolve_dispatch
 from stmoe.layers import ACTIVATIONS, constrain, fan_in_init, mlp_apply
 
 Array = jax.Array
@@ -115,8 +116,14 @@ class MoeLayer(nn.Module):
                                        dropout, dtype, prefix="e").reshape(shape)
             expert_outputs = constrain(expert_outputs, ("expert", "expert_group", None, "embed"))
 
-            # 5. Combine back to token order.
-            outputs = combine(expert_outputs, route.slot_token, route.slot_weight, group_size)  # [g, t, d]
+            # 5. Combine back to token order. gather with tokens-choose: each token reads its k slots
+            # (dispatch.combine_gather_tokens); expert choice bounds no token's slot count, so it scatters.
+            if impl == "gather" and route.choice_slot is not None:
+                # Group-major, sharded like the tokens: the all-to-all back, and the gather stays local.
+                group_outputs = constrain(expert_outputs.transpose(1, 0, 2, 3), ("batch", None, None, "embed"))
+                outputs = combine_gather_tokens(group_outputs, route.choice_slot, route.choice_weight)
+            else:
+                outputs = combine(expert_outputs, route.slot_token, route.slot_weight, group_size)  # [g, t, d]
         outputs = constrain(outputs, ("batch", None, "embed"))
         if moe.dropped_token_passthrough:
             # transformers 4.x Switch: a token that reached no expert keeps its input x its top-1 router prob.

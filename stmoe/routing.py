@@ -44,6 +44,9 @@ class Routing:
     kept:           [groups, tokens, k] bool; the choice got a slot (the rest are dropped)
     choice_weight:  [groups, tokens, k] float32; combine weight of each choice, 0 when not kept
                     (tokens-choose only; the token-major view that dropless dispatch uses)
+    choice_slot:    [groups, tokens, k] int32; the slot each choice fills, expert * capacity + position,
+                    experts * capacity when not kept (tokens-choose only: the gather combine reads each
+                    token's k slots instead of scattering every slot; expert choice has no such bound k)
     """
 
     slot_token: Array
@@ -52,6 +55,30 @@ class Routing:
     wanted: Array
     kept: Array
     choice_weight: Array | None = None
+    choice_slot: Array | None = None
+
+
+def small_top_k(values: Array, k: int) -> tuple[Array, Array]:
+    """`jax.lax.top_k` over the last axis by k argmax passes, for the router's small k.
+
+    values: [..., n] finite -> (values [..., k], indices [..., k] int32), largest first; equal
+    values in index order, as lax.top_k. XLA:CPU lowers lax.top_k to a full sort of the last axis
+    (~30 ms for [4, 2048, 32] probabilities, 3-4% of the MoE layer at T=8192, E=32); k passes over
+    the same array cost ~1 ms. The values are read back at the indices, so gradients flow to the
+    chosen entries only, as with lax.top_k.
+    """
+    if k > 4:  # k sweeps stop paying off against one sort
+        values, indices = jax.lax.top_k(values, k)
+        return values, indices.astype(jnp.int32)
+    iota = jnp.arange(values.shape[-1], dtype=jnp.int32)
+    remaining = values
+    indices = []
+    for _ in range(k):
+        index = jnp.argmax(remaining, axis=-1).astype(jnp.int32)  # [...]; first of equal maxima
+        indices.append(index)
+        remaining = jnp.where(iota == index[..., None], -jnp.inf, remaining)
+    indices = jnp.stack(indices, axis=-1)  # [..., k]
+    return jnp.take_along_axis(values, indices, axis=-1), indices
 
 
 def tokens_choose_routing(router_probs: Array, token_mask: Array, *, top_k: int, capacity: int,
@@ -76,7 +103,7 @@ def tokens_choose_routing(router_probs: Array, token_mask: Array, *, top_k: int,
        token gets nothing from that expert and the residual carries it.
     """
     groups, tokens, num_experts = router_probs.shape
-    gates, expert_index = jax.lax.top_k(router_probs, top_k)  # [g, t, k]
+    gates, expert_index = small_top_k(router_probs, top_k)  # [g, t, k]
     if top_k > 1 and normalize_gates:
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
 
@@ -87,20 +114,17 @@ def tokens_choose_routing(router_probs: Array, token_mask: Array, *, top_k: int,
         keep_rank = keep_rank.at[..., 0].set(True)  # the first choice is always routed
         wanted = wanted & keep_rank
 
+    choice_onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32) * wanted[..., None]  # [g, t, k, e]
     if batch_prioritized:
         priority = jnp.argsort(-router_probs.max(axis=-1), axis=-1, stable=True)  # [g, t]
-    else:
-        priority = jnp.broadcast_to(jnp.arange(tokens), (groups, tokens))
-    restore = jnp.argsort(priority, axis=-1)
-
-    choice_onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32) * wanted[..., None]  # [g, t, k, e]
-    ordered = jnp.take_along_axis(choice_onehot, priority[:, :, None, None], axis=1)
+        choice_onehot = jnp.take_along_axis(choice_onehot, priority[:, :, None, None], axis=1)
     # Rank-major order: all first choices, then all second choices.  [g, k*t, e]
-    ordered = ordered.transpose(0, 2, 1, 3).reshape(groups, top_k * tokens, num_experts)
+    ordered = choice_onehot.transpose(0, 2, 1, 3).reshape(groups, top_k * tokens, num_experts)
     position = jnp.cumsum(ordered, axis=1) - 1
     position = jnp.sum(position * ordered, axis=-1)  # [g, k*t]
     position = position.reshape(groups, top_k, tokens).transpose(0, 2, 1)  # [g, t, k] in priority order
-    position = jnp.take_along_axis(position, restore[:, :, None], axis=1)  # [g, t, k] in token order
+    if batch_prioritized:  # back to token order
+        position = jnp.take_along_axis(position, jnp.argsort(priority, axis=-1)[:, :, None], axis=1)
 
     kept = wanted & (position < capacity)
     combine = jnp.where(kept, gates, 0.0)
@@ -113,8 +137,8 @@ def tokens_choose_routing(router_probs: Array, token_mask: Array, *, top_k: int,
     slot_weight = scatter(jnp.zeros((groups, num_experts * capacity + 1), jnp.float32), flat_slot, combine)
     shape = (groups, num_experts, capacity)
     return Routing(slot_token=slot_token[:, :-1].reshape(shape), slot_weight=slot_weight[:, :-1].reshape(shape),
-                   expert_index=expert_index.astype(jnp.int32), wanted=wanted, kept=kept,
-                   choice_weight=combine)
+                   expert_index=expert_index, wanted=wanted, kept=kept, choice_weight=combine,
+                   choice_slot=flat_slot.astype(jnp.int32))
 
 
 def experts_choose_routing(router_probs: Array, token_mask: Array, *, capacity: int) -> Routing:

@@ -69,6 +69,30 @@ def test_einsum_and_gather_agree_with_drops():  # top-1 and more cases: tests/te
     assert_close(grads_g, grads_e)
 
 
+def test_combine_gather_tokens_matches_numpy_loop():
+    # 2 groups, 3 experts x capacity 2, 4 tokens, k = 2; slot 6 = experts * capacity means "no slot".
+    rng = np.random.default_rng(0)
+    expert_out = rng.normal(size=(3, 2, 2, 5)).astype(np.float32)  # [e, g, c, d]
+    choice_slot = np.array([[[0, 3], [1, 6], [6, 6], [4, 2]],
+                            [[5, 0], [6, 1], [2, 6], [3, 4]]], np.int32)  # [g, t, k]
+    choice_weight = np.where(choice_slot < 6, rng.uniform(size=choice_slot.shape), 0.0).astype(np.float32)
+    want = np.zeros((2, 4, 5), np.float32)
+    for g in range(2):
+        for t in range(4):
+            for r in range(2):
+                slot = choice_slot[g, t, r]
+                if slot < 6:
+                    want[g, t] += choice_weight[g, t, r] * expert_out[slot // 2, g, slot % 2]
+    got = dispatch.combine_gather_tokens(jnp.asarray(expert_out.transpose(1, 0, 2, 3)), jnp.asarray(choice_slot),
+                                         jnp.asarray(choice_weight))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # A choice without a slot reads zeros, not the last slot's row, even when that row is not finite.
+    expert_out[-1, :, -1] = np.nan
+    got = dispatch.combine_gather_tokens(jnp.asarray(expert_out.transpose(1, 0, 2, 3)), jnp.asarray(choice_slot),
+                                         jnp.asarray(choice_weight))
+    assert np.isfinite(np.asarray(got)[0, 2]).all()
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_dropless_equals_capacity_dispatch_when_nothing_drops(top_k, force_dropless):
     x, mask = inputs(1)

@@ -84,10 +84,33 @@ def test_tokens_choose_matches_numpy(k, capacity, prioritized):
     np.testing.assert_array_equal(got_assign, want_assign)
     np.testing.assert_allclose(got_weight, want_weight, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(np.asarray(route.kept), want_assign >= 0)
+    # The token-major view names the same slots; a choice without one points past the end.
+    np.testing.assert_array_equal(np.asarray(route.choice_slot),
+                                  np.where(want_assign >= 0, want_assign, experts * capacity))
+    np.testing.assert_allclose(np.asarray(route.choice_weight), want_weight, rtol=1e-6, atol=1e-7)
     # Padding is never routed and takes no slot.
     assert not np.asarray(route.wanted)[1, -5:].any()
     if capacity < tokens:
         assert (want_assign < 0)[mask].any(), "the case is meant to drop tokens"
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 6])
+def test_small_top_k_matches_numpy_and_lax(k):
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 4, size=(3, 5, 8)).astype(np.float32)  # many ties
+    values[0, 0] = 1.0  # a row of equal values
+    got_values, got_index = routing.small_top_k(jnp.asarray(values), k)
+    # numpy: a stable sort of the negated values puts equal values in index order.
+    want_index = np.argsort(-values, axis=-1, kind="stable")[..., :k]
+    np.testing.assert_array_equal(np.asarray(got_index), want_index)
+    np.testing.assert_array_equal(np.asarray(got_values), np.take_along_axis(values, want_index, -1))
+    assert got_index.dtype == jnp.int32
+    # Gradients reach the chosen entries only, once each (as with lax.top_k).
+    weights = jnp.arange(1.0, k + 1.0)
+    grad = jax.grad(lambda v: jnp.sum(routing.small_top_k(v, k)[0] * weights))(jnp.asarray(values))
+    want_grad = np.zeros_like(values)
+    np.put_along_axis(want_grad, want_index, np.arange(1.0, k + 1.0, dtype=np.float32), -1)
+    np.testing.assert_array_equal(np.asarray(grad), want_grad)
 
 
 def test_first_choices_take_priority_over_second_choices():
