@@ -44,7 +44,7 @@ FINETUNE_TASKS = ("super_glue_mix", "super_glue_boolq", "super_glue_cb", "super_
 
 # (batch_size, learning rate) per preset: sparse models, small batch and high LR (sec. 4.3).
 BATCH_AND_LR = {
-    "tiny": (32, 1e-3),
+    "tiny": (32, 1e-2),  # see get_config
     "st_moe_base": (128, 1e-3),
     "st_moe_l": (128, 1e-3),
     "st_moe_32b": (128, 1e-3),
@@ -72,13 +72,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.reset_optimizer_state = True
     c.init_checkpoint = ""  # REQUIRED: the pretrained run (scripts/finetune.py --init_checkpoint)
     if preset == "tiny":
+        # A 1M-parameter model on a 100k-example task underfits: no dropout, and the quick start's
+        # LR. Measured (2-core CPU, README): dropout 0.1 / expert dropout 0.4 at LR 1e-2 reach 11%
+        # held-out exact match after 300 steps, no dropout 20% after 250 and 56% after 500; LR 1e-3
+        # with dropout stays at the majority baseline (~1-4%) for 300 steps.
+        c.model.dropout_rate = 0.0
+        c.model.moe.expert_dropout_rate = 0.0
         c.init_checkpoint = "./runs/quickstart"
         c.data.task = "stmoe_synthetic_qa"
         c.data.inputs_length = 160  # QA inputs are <= 137 bytes with EOS; answers <= 8
         c.data.targets_length = 16
-        c.total_steps = 300
-        c.checkpoint_every_steps = 100
-        c.eval_every_steps = 100
+        c.total_steps = 500
+        c.checkpoint_every_steps = 250
+        c.eval_every_steps = 250
         c.infer_eval.num_examples = 512
     else:
         c.data.task = task or "super_glue_mix"  # stmoe.data.tasks: T5 vocabulary
