@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import finetune, pretrain
@@ -63,27 +64,41 @@ def _flat(tree):
 # ------------------------------------------------------------------------------ freeze presets
 
 
-@pytest.mark.parametrize("freeze", sorted(trainer.FREEZE_PRESETS))
-def test_freeze_preset_keeps_frozen_params_bit_identical(freeze):
+@pytest.fixture(scope="module")
+def small_model_gradients():
+    """(params, grad_fn): the small model's initial params and one jitted gradient function of the
+    training loss (cross-entropy + MoE losses, dropout on), shared by every freeze preset."""
     cfg = ModelConfig.from_dict(_small(pretrain.get_config("tiny")).model.to_dict())
     model = EncoderDecoder(cfg)
     rng = np.random.default_rng(0)
-    batch = {"encoder_input_tokens": rng.integers(2, 200, (4, 16)), "decoder_target_tokens": rng.integers(2, 200, (4, 8))}
-    batch["decoder_input_tokens"] = np.pad(batch["decoder_target_tokens"][:, :-1], [(0, 0), (1, 0)])
-    batch["decoder_loss_weights"] = np.ones((4, 8), np.float32)
+    targets = rng.integers(2, 200, (4, 8))
+    batch = {"encoder_input_tokens": rng.integers(2, 200, (4, 16)), "decoder_target_tokens": targets,
+             "decoder_input_tokens": np.pad(targets[:, :-1], [(0, 0), (1, 0)]),
+             "decoder_loss_weights": np.ones((4, 8), np.float32)}
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     params = nn.unbox(model.init(jax.random.key(0), batch["encoder_input_tokens"], batch["decoder_input_tokens"],
                                  batch["decoder_target_tokens"])["params"])
+
+    def loss(params, step):
+        ce, moe, _ = trainer._forward(params, batch, jax.random.fold_in(jax.random.key(1), step), model=model,
+                                      output_z_loss=0.0, enable_dropout=True)
+        return ce["cross_entropy"] / jnp.sum(batch["decoder_loss_weights"]) + moe["aux_loss"] + moe["router_z_loss"]
+
+    return params, jax.jit(jax.grad(loss))
+
+
+@pytest.mark.parametrize("freeze", sorted(trainer.FREEZE_PRESETS))
+def test_freeze_preset_keeps_frozen_params_bit_identical(freeze, small_model_gradients):
+    params, grad_fn = small_model_gradients
     ocfg = optim.OptimConfig(optimizer="adafactor", schedule="constant", learning_rate=1e-2,
                              freeze_patterns=trainer.FREEZE_PRESETS[freeze])
     tx = optim.make_optimizer(ocfg, params)
-    state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-    step = jax.jit(lambda s, b: trainer.train_step(
-        s, b, model=model, optimizer=tx, learning_rate_fn=lambda _: 1e-2, aux_loss_coef_fn=lambda _: 1e-2,
-        z_loss_coef=1e-3, output_z_loss=0.0, microbatches=1, seed=0))
-    new = state
-    for _ in range(2):
-        new, _ = step(new, batch)
+    update = jax.jit(tx.update)
+    new_params, opt_state = params, tx.init(params)
+    for step in range(2):  # two fine-tuning steps through the full optimizer chain
+        updates, opt_state = update(grad_fn(new_params, step), opt_state, new_params)
+        new_params = optax.apply_updates(new_params, updates)
+    new = trainer.TrainState(step=jnp.int32(2), params=new_params, opt_state=opt_state)
 
     patterns = [re.compile(p) for p in trainer.FREEZE_PRESETS[freeze]]
     before, after = _flat(params), _flat(jax.device_get(new.params))
