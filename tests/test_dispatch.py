@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stmoe import dispatch, metrics
+from stmoe import dispatch, metrics, moe
 from stmoe.config import ConfigError, ModelConfig, MoeConfig
 from stmoe.moe import MoeLayer
 
@@ -91,6 +91,32 @@ def test_combine_gather_tokens_matches_numpy_loop():
     got = dispatch.combine_gather_tokens(jnp.asarray(expert_out.transpose(1, 0, 2, 3)), jnp.asarray(choice_slot),
                                          jnp.asarray(choice_weight))
     assert np.isfinite(np.asarray(got)[0, 2]).all()
+
+
+def numpy_geglu_experts(x, wi0, wi1, wo):
+    """Each expert's GEGLU MLP with an explicit loop; gelu in its tanh form (flax's nn.gelu default)."""
+    gelu = lambda h: 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+    return np.stack([(gelu(x[e] @ wi0[e]) * (x[e] @ wi1[e])) @ wo[e] for e in range(x.shape[0])])
+
+
+def test_expert_mlps_sequential_and_batched_match_numpy_and_each_other():
+    rng = np.random.default_rng(0)
+    x, wi0, wi1 = (rng.normal(size=s).astype(np.float32) for s in ((3, 5, 4), (3, 4, 6), (3, 4, 6)))
+    wo = rng.normal(size=(3, 6, 4)).astype(np.float32)
+    want = numpy_geglu_experts(x.astype(np.float64), wi0, wi1, wo)
+    args = (jnp.asarray(x), [jnp.asarray(wi0), jnp.asarray(wi1)], jnp.asarray(wo))
+    outs, grads = {}, {}
+    for sequential in (False, True):
+        run_mlps = lambda x, wi, wo, key: moe.expert_mlps(x, wi, wo, "gelu", jnp.float32, sequential=sequential,
+                                                            dropout_rate=0.5, dropout_rng=key)
+        np.testing.assert_allclose(run_mlps(*args, None), want, rtol=1e-4, atol=1e-4)
+        loss = lambda x, wi, wo: jnp.sum(jnp.square(run_mlps(x, wi, wo, jax.random.key(1))))
+        outs[sequential] = run_mlps(*args, jax.random.key(1))
+        grads[sequential] = jax.grad(loss, argnums=(0, 1, 2))(*args)
+    # Dropout: the same units of the same experts are dropped in both modes, and some are.
+    np.testing.assert_allclose(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(outs[True], want, atol=1e-3)
+    assert_close(grads[True], grads[False])
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
