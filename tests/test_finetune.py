@@ -132,7 +132,7 @@ def _finetune_config(init_checkpoint):
     c = _small(finetune.get_config("tiny"))
     c.init_checkpoint = init_checkpoint
     c.data.inputs_length, c.data.targets_length = 64, 16
-    c.batch_size, c.total_steps, c.checkpoint_every_steps, c.eval_every_steps, c.eval_steps = 8, 2, 2, 2, 1
+    c.batch_size, c.total_steps, c.checkpoint_every_steps, c.eval_every_steps, c.eval_steps = 8, 2, 2, 2, 0
     c.infer_eval.num_examples, c.infer_eval.batch_size = 16, 16
     return c
 
