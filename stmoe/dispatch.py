@@ -8,9 +8,11 @@ and give the same numbers (tests/test_dispatch.py, tests/test_moe.py):
 - "einsum": GShard/flaxformer one-hot dispatch and combine tensors [groups, experts,
   capacity, tokens]; simple and the natural TPU path, but its cost grows with the
   group size (an extra cf * group_size / d_ff of the useful FLOPs).
-- "gather": index-based; gathers token rows into the expert buffers and scatter-adds
-  the outputs back; no [tokens, experts, capacity] tensor is ever built. Its cost is
-  O(slots * d) data movement, independent of the group size.
+- "gather": index-based; gathers token rows into the expert buffers, and each token
+  gathers its k slot outputs back (`combine_gather_tokens`; expert-choice routing, where a
+  token may fill any number of slots, scatter-adds them: `combine_gather`); no
+  [tokens, experts, capacity] tensor is ever built. Its cost is O(slots * d) data
+  movement, independent of the group size.
 - "dropless": no capacity. Every (token, choice) row is sorted by expert and the experts
   run as grouped matmuls (`jax.lax.ragged_dot`) over the sorted rows (MegaBlocks,
   Gale et al. 2022). Equal to the other two whenever their capacity drops nothing.
@@ -23,8 +25,10 @@ and give the same numbers (tests/test_dispatch.py, tests/test_moe.py):
 
 "auto" resolves per backend (`resolve_dispatch`):
 - cpu: "gather". Measured (scripts/benchmark_moe.py, README Performance; 2 cores): at
-  T=8192, E=32 the gather layer's forward is 1.46x the FLOP-matched dense FFN and its
-  forward+backward 0.95x; einsum 2.15x / 1.42x; dropless (ragged_dot) ~47x forward.
+  T=8192, E=32 the gather layer's forward is 1.15x the FLOP-matched dense FFN, its
+  forward+backward 0.89x and its activation memory 0.64x (experts run one after another on
+  CPU, moe.expert_mlps); einsum 2.12x / 1.53x; dropless (ragged_dot) ~47x forward (issue 7,
+  not re-measured).
 - gpu: "gather". Capacity-based, so shapes are static and expert parallelism uses plain
   all-to-all; gathers/scatters of d-wide rows are bandwidth-bound and cheap on GPU,
   while the one-hot einsum adds cf * group_size / d_ff of the useful FLOPs. Not
