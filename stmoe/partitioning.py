@@ -31,7 +31,7 @@ dispatch itself is local to a group, so the SPMD partitioner goes from the first
 layout to the second by exchanging slices of the expert axis for slices of the
 group axis across `expert`: an all-to-all (and its mirror after the experts, and
 their transposes in the backward pass). The compiled train step of the tests
-(8 experts, expert axis 8) has 14 all-to-alls, no all-gather of expert weights
+(8 experts, expert axis 8) has 8 all-to-alls and no all-gather at all
 (tests/test_partitioning.py::test_train_step_hlo_has_all_to_all).
 
 Measured alternative: `shard_map` with `jax.lax.all_to_all` written by hand
@@ -56,10 +56,10 @@ a v4-64), and if the gap holds, steps 3-5 of MoeLayer.__call__ can be swapped
 for the benchmark's `make_layer_shard_map` (shard_map is also the route for a
 dropless `ragged_all_to_all` dispatch, which XLA:CPU cannot run, DESIGN.md).
 
-Known extra collective: `jax.lax.top_k` on router probabilities sharded along
-groups is all-gathered by the SPMD partitioner (a [groups, tokens, experts]
-float32 tensor per MoE layer, not the experts). An iterated argmax (k <= 2) in
-routing.py would avoid it: in isolation on 8 simulated devices it compiles with no all-gather.
+No all-gather of router probabilities either: `jax.lax.top_k` on probabilities sharded
+along groups used to be all-gathered by the SPMD partitioner; routing.small_top_k (k argmax
+passes) partitions along groups, and the token-major combine's input is constrained to the
+tokens' sharding so that XLA does not all-gather its gradients.
 
 Usage (the trainer):
 
