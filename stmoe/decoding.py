@@ -47,8 +47,9 @@ PAD_ID = 0  # padding, and the decoder start token
 EOS_ID = 1
 
 
-def _jit(fn: Callable, **static) -> Callable:
-    """jax.jit of `fn` with the static (hashable) arguments bound; one compiled function per binding."""
+def jit_static(fn: Callable, **static) -> Callable:
+    """jax.jit of `fn` with the static (hashable) arguments bound; one compiled function per binding
+    (also used by stmoe.inference)."""
     return _jit_cached(fn, tuple(sorted(static.items())))
 
 
@@ -176,7 +177,7 @@ def _autoregressive(params: PyTree, encoder_input_tokens: Array, rng: Array, tem
 def greedy_decode(model: nn.Module, params: PyTree, encoder_input_tokens: Array, *, max_decode_length: int,
                   eos_id: int = EOS_ID, use_cache: bool = True) -> Array:
     """Argmax decoding. encoder_input_tokens [batch, enc_len] -> tokens [batch, max_decode_length]."""
-    fn = _jit(_autoregressive, model=model, max_decode_length=max_decode_length, eos_id=eos_id,
+    fn = jit_static(_autoregressive, model=model, max_decode_length=max_decode_length, eos_id=eos_id,
               use_cache=use_cache, greedy=True)
     return fn(_unbox(params), encoder_input_tokens, jax.random.key(0), jnp.float32(1.0), jnp.int32(0))
 
@@ -192,7 +193,7 @@ def sample(model: nn.Module, params: PyTree, encoder_input_tokens: Array, rng: A
         raise ValueError(f"temperature must be > 0 (use greedy_decode for argmax), got {temperature}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
-    fn = _jit(_autoregressive, model=model, max_decode_length=max_decode_length, eos_id=eos_id,
+    fn = jit_static(_autoregressive, model=model, max_decode_length=max_decode_length, eos_id=eos_id,
               use_cache=use_cache, greedy=False)
     return fn(_unbox(params), encoder_input_tokens, rng, jnp.float32(temperature), jnp.int32(top_k))
 
@@ -294,7 +295,7 @@ def beam_search(model: nn.Module, params: PyTree, encoder_input_tokens: Array, *
         raise ValueError(f"alpha must be >= 0 (the early stop relies on it), got {alpha}")
     if model.config.vocab_size <= 2 * beam_size + 1:
         raise ValueError(f"vocab_size {model.config.vocab_size} is too small for beam_size {beam_size}")
-    fn = _jit(_beam_search, model=model, beam_size=beam_size, max_decode_length=max_decode_length,
+    fn = jit_static(_beam_search, model=model, beam_size=beam_size, max_decode_length=max_decode_length,
               eos_id=eos_id, use_cache=use_cache)
     return fn(_unbox(params), encoder_input_tokens, jnp.float32(alpha))
 
@@ -324,4 +325,4 @@ def score(model: nn.Module, params: PyTree, batch: Mapping[str, Array]) -> Array
     """
     keys = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
             "encoder_segment_ids", "decoder_segment_ids")
-    return _jit(_score, model=model)(_unbox(params), {k: batch[k] for k in keys if k in batch})
+    return jit_static(_score, model=model)(_unbox(params), {k: batch[k] for k in keys if k in batch})

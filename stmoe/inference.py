@@ -106,8 +106,7 @@ def load(path: str, *, eval_capacity_factor: float | None = None, num_devices: i
     shapes = {"encoder_input_tokens": (2, lengths[0]), "decoder_input_tokens": (2, lengths[1]),
               "decoder_target_tokens": (2, lengths[1])}
     abstract, shardings = partitioning.abstract_params_and_shardings(model, mesh, shapes, jax.random.key(0))
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    params = checkpoints.restore_params(state_dir, abstract)
+    params = checkpoints.restore_params(state_dir, partitioning.with_shardings(abstract, shardings))
     vocab_path = data.get("vocab_path") or tasks.families().get(data.task)
     return LoadedModel(model=model, params=params, mesh=mesh, vocabulary=vocab.get_vocabulary(vocab_path),
                        run_config=run_config, checkpoint=state_dir, inputs_length=lengths[0],
@@ -156,11 +155,12 @@ def _shard(loaded: LoadedModel, *arrays: np.ndarray) -> list[jax.Array]:
     return [jax.device_put(jnp.asarray(a), sharding) for a in arrays]
 
 
-def _teacher_forced(targets: np.ndarray) -> dict[str, np.ndarray]:
-    """Targets [n, length] -> decoder inputs (shifted right, start token 0) and loss weights."""
-    inputs = np.pad(targets[:, :-1], [(0, 0), (1, 0)])
-    return {"decoder_input_tokens": inputs, "decoder_target_tokens": targets,
-            "decoder_loss_weights": (targets > 0).astype(np.float32)}
+def _teacher_forced(loaded: LoadedModel, inputs: np.ndarray, targets: np.ndarray) -> dict[str, jax.Array]:
+    """Inputs [n, enc_len], targets [n, dec_len] -> the sharded model batch: decoder inputs are the
+    targets shifted right (start token 0); loss weights mark real target tokens."""
+    batch = {"encoder_input_tokens": inputs, "decoder_input_tokens": np.pad(targets[:, :-1], [(0, 0), (1, 0)]),
+             "decoder_target_tokens": targets, "decoder_loss_weights": (targets > 0).astype(np.float32)}
+    return dict(zip(batch, _shard(loaded, *batch.values())))
 
 
 # ---------------------------------------------------------------------------- predict / score
@@ -196,8 +196,7 @@ def score_tokens(loaded: LoadedModel, encoder_input_tokens: np.ndarray, targets:
     scores = []
     with partitioning.activate(loaded.mesh):
         for real, (inputs, target) in _batches(loaded, [encoder_input_tokens, targets], batch_size):
-            batch = dict(zip(("encoder_input_tokens", *_teacher_forced(target)),
-                             _shard(loaded, inputs, *_teacher_forced(target).values())))
+            batch = _teacher_forced(loaded, inputs, target)
             scores.append(np.asarray(jax.device_get(decoding.score(loaded.model, loaded.params, batch)))[:real])
     return np.concatenate(scores) if scores else np.zeros((0,), np.float32)
 
@@ -217,17 +216,12 @@ def routing_stats(loaded: LoadedModel, encoder_input_tokens: np.ndarray, targets
     dropped_tokens: share of tokens that reached no expert (the residual alone carried them);
     dropped_fraction_rank{r}: share whose rank-r choice was dropped (stmoe.metrics).
     """
-    fn = jax.jit(lambda params, batch: _routing_pass(params, batch, model=loaded.model))
+    fn = decoding.jit_static(_routing_pass, model=loaded.model)
     sums: dict[str, dict[str, float]] = {}
     weights: dict[str, float] = {}
     with partitioning.activate(loaded.mesh):
-        for real, (inputs, target) in _batches(loaded, [encoder_input_tokens, targets], batch_size):
-            if real == 0:
-                continue
-            teacher = _teacher_forced(target)
-            arrays = _shard(loaded, inputs, teacher["decoder_input_tokens"], target)
-            layers = jax.device_get(fn(loaded.params, dict(zip(
-                ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens"), arrays))))
+        for _, (inputs, target) in _batches(loaded, [encoder_input_tokens, targets], batch_size):
+            layers = jax.device_get(fn(loaded.params, _teacher_forced(loaded, inputs, target)))
             for layer, values in layers.items():
                 # Stats are per real token of the batch; weigh batches by their real tokens.
                 side = inputs if layer.startswith("encoder") else target

@@ -225,6 +225,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """A tree of ShapeDtypeStructs with `.sharding` set from the matching tree of shardings
+    (what orbax restores into, and what jit lowers against)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension over ('data', 'expert'); the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))

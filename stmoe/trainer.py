@@ -362,10 +362,6 @@ def _set_aside_steps(directory: str, steps: Sequence[int]) -> None:
         multihost_utils.sync_global_devices("stmoe_set_aside_damaged_steps")
 
 
-def _with_shardings(abstract: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
 def _say(message: str) -> None:
     if jax.process_index() == 0:
         print(message, flush=True)
@@ -427,12 +423,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         eval_iter.close()
     infer_evaluation = None
     if run.infer_eval_task:  # task metrics by decoding (seqio Evaluator); its datasets are cached once
+        import seqio
         infer = config.infer_eval
         infer_evaluation = evaluation.Evaluation(
             run.infer_eval_task, split=infer.split, lengths=lengths,
             num_examples=None if infer.num_examples == -1 else infer.num_examples,
             log_dir=os.path.join(workdir, "infer_eval"), batch_size=infer.batch_size, decoding=infer.decoding,
             beam_size=infer.beam_size)
+        infer_vocabulary = seqio.get_mixture_or_task(run.infer_eval_task).output_features["targets"].vocabulary
 
     # 5. Model and optimizer.
     model = EncoderDecoder(run.model)
@@ -452,7 +450,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
     with partitioning.activate(mesh):
-        abstract_state = _with_shardings(jax.eval_shape(init_state, init_rng), state_shardings)
+        abstract_state = partitioning.with_shardings(jax.eval_shape(init_state, init_rng), state_shardings)
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
 
     # 7. Step functions: pure, bound with partial, jitted with shardings; the state is donated.
@@ -517,9 +515,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     # 9. Evals and the loop.
     def evaluate_by_decoding(step: int) -> dict[str, dict[str, float]]:
-        import seqio
-        vocabulary = seqio.get_mixture_or_task(run.infer_eval_task).output_features["targets"].vocabulary
-        loaded = inference.LoadedModel(model=model, params=state.params, mesh=mesh, vocabulary=vocabulary,
+        loaded = inference.LoadedModel(model=model, params=state.params, mesh=mesh, vocabulary=infer_vocabulary,
                                        run_config=config, checkpoint="", inputs_length=lengths["inputs"],
                                        targets_length=lengths["targets"])
         results = infer_evaluation.run(loaded, step=step)
