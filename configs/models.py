@@ -18,6 +18,7 @@ The paper quotes 4.1B for ST-MoE-L; with the T5 vocabulary (32128, untied) the a
 describes has 4.00B, of which 3.32B are expert weights.
 """
 import ml_collections
+from ml_collections import config_dict
 
 from stmoe.config import ModelConfig
 
@@ -28,7 +29,9 @@ def _moe(**overrides) -> ml_collections.ConfigDict:
     moe = ml_collections.ConfigDict(dict(
         num_experts=8,               # experts per MoE layer
         router_type="tokens_choose",  # or "experts_choose" (encoder-only)
-        decoder_router_type=None,    # None = router_type; must be "tokens_choose" in a sparse decoder
+        # None = router_type; must be "tokens_choose" in a sparse decoder. Typed placeholders (None with a
+        # type) keep every None field settable: --config.model.moe.decoder_router_type=tokens_choose.
+        decoder_router_type=config_dict.placeholder(str),
         top_k=2,                     # 2: ST-MoE, 1: Switch
         second_expert_policy="random",  # ST-MoE App. G; "all" = deterministic (t5x release)
         second_expert_threshold=0.2,
@@ -36,8 +39,8 @@ def _moe(**overrides) -> ml_collections.ConfigDict:
         train_capacity_factor=1.25,  # ST-MoE: 1.25 train / 2.0 eval
         eval_capacity_factor=2.0,
         min_capacity=4,
-        expert_capacity=None,        # an integer overrides the factors (HF Switch)
-        group_size=None,             # tokens per routing group; None = per sequence
+        expert_capacity=config_dict.placeholder(int),  # an integer overrides the factors (HF Switch)
+        group_size=config_dict.placeholder(int),  # tokens per routing group; None = per sequence
         batch_prioritized=False,     # encoder-only priority by router confidence
         route_padding=False,         # HF routes padding; ST-MoE does not
         dropped_token_passthrough=False,  # HF Switch's treatment of dropped tokens
@@ -66,8 +69,9 @@ def _model(moe: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDic
         layer_norm_epsilon=1e-6,
         dtype="float32",             # activations / experts; "bfloat16" on accelerators
         sparse_interval=4,           # block i is sparse when i % interval == offset
-        sparse_offset=None,          # None = interval - 1 (ST-MoE); HF Switch uses 1
-        sparse_layers=None,          # explicit list overrides the interval
+        sparse_offset=config_dict.placeholder(int),  # None = interval - 1 (ST-MoE); HF Switch uses 1
+        # explicit tuple overrides the interval; () = a dense model (--config.model.sparse_layers='()')
+        sparse_layers=config_dict.placeholder(tuple),
         sparse_dense=False,          # extra dense FFN after each sparse one (ST-MoE-32B)
         scan_layers=False,           # nn.scan over (interval-1 dense + 1 sparse) units: compile time flat in depth
         remat="none",                # "full" / "save_dots": recompute blocks in the backward pass to save memory

@@ -30,7 +30,11 @@ def _define_workdir(flag_values):
 def main(argv: list[str]) -> int:
     cli.import_tensorflow_quietly()
     try:
-        config, flags = cli.parse_config_flags(argv, DEFAULT_CONFIG, _define_workdir)
+        config, flags = cli.parse_config_flags(argv, DEFAULT_CONFIG, _define_workdir, program="train.py",
+                                               doc=__doc__)
+    except cli.HelpRequested as text:
+        print(text)
+        return 0
     except cli.UsageError as e:
         return cli.fail("train.py", "config", e)
 

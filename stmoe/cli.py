@@ -6,7 +6,10 @@ status 2; a crash in the computation itself keeps its traceback (status 1).
 """
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -43,9 +46,10 @@ def import_tensorflow_quietly() -> None:
 def one_line(error: BaseException) -> str:
     """The informative last line of an error whose text may embed a traceback."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if isinstance(error, (KeyError, AttributeError)):
-        name = (lines[-1] if lines else str(error)).strip("\"'\\ ")
-        return f"unknown config field {name!r} (check the --config.* overrides)"
+    if isinstance(error, (KeyError, AttributeError)) and lines:
+        # ml_collections: KeyError("'name'\nDid you mean ...?"), repr'd once more by str(): keep the name.
+        name = re.split(r"\\n|\n", str(error).strip("\"'"))[0].strip("\"'\\ ")
+        return f"unknown config field {name!r}"
     return lines[-1] if lines else type(error).__name__
 
 
@@ -56,31 +60,175 @@ def fail(program: str, kind: str, error: BaseException | str) -> int:
     return USAGE_ERROR
 
 
+class HelpRequested(Exception):
+    """--help was given: str(self) is the help text; the script prints it and exits with status 0."""
+
+
+HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-help")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`FILE[:ARG]` -> FILE's get_config(ARG) (get_config() without ARG); raises UsageError in one line."""
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise UsageError(f"--config: no such config file {path!r} (e.g. configs/pretrain.py:tiny)")
+    module_spec = importlib.util.spec_from_file_location(
+        "stmoe_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0]), path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+        get_config = getattr(module, "get_config", None)
+        if get_config is None:
+            raise UsageError(f"--config {spec}: {path} defines no get_config()")
+        config = get_config(arg) if arg else get_config()
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an unknown preset or a broken config file
+        raise UsageError(f"--config {spec}: {one_line(e)}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UsageError(f"--config {spec}: get_config returned a {type(config).__name__}, not a ConfigDict")
+    return config
+
+
+def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every leaf field of `config` as a dotted path, sorted."""
+    paths = []
+    for key in config.keys():
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            paths.extend(field_paths(value, f"{prefix}{key}."))
+        else:
+            paths.append(f"{prefix}{key}")
+    return sorted(paths)
+
+
+def _check_field(config: ml_collections.ConfigDict, path: str) -> None:
+    """Raises UsageError `unknown config field 'a.b'; did you mean 'a.c'?` unless `path` names a field."""
+    node = config
+    for name in path.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+            break
+        node = node[name]
+    else:
+        return
+    known = field_paths(config)
+    known += sorted({p.rsplit(".", i)[0] for p in known for i in range(1, p.count(".") + 1)})  # parents
+    close = difflib.get_close_matches(path, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else " (python scripts/train.py --help lists the fields)"
+    raise UsageError(f"unknown config field {path!r}{hint}")
+
+
+def _split_config_arg(argv: Sequence[str], default_config: str) -> tuple[str, list[str]]:
+    """Takes `--config FILE[:ARG]` / `--config=FILE[:ARG]` out of argv[1:]; -> (spec, the other args)."""
+    spec, rest, args = default_config, [], list(argv[1:])
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config":
+            if i + 1 >= len(args):
+                raise UsageError("--config needs a value: FILE[:PRESET], e.g. configs/pretrain.py:tiny")
+            spec, i = args[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            spec = arg[len("--config="):]
+        else:
+            rest.append(arg)
+        i += 1
+    return spec, rest
+
+
+def _override_name(arg: str) -> str | None:
+    """'--config.a.b=1' / '--noconfig.a.b' -> 'a.b'; None for any other argument."""
+    for prefix in ("--config.", "--noconfig."):
+        if arg.startswith(prefix):
+            return arg[len(prefix):].split("=", 1)[0]
+    return None
+
+
+def _help_text(program: str, doc: str, spec: str, config: ml_collections.ConfigDict, flag_values,
+               extra: dict) -> str:
+    config_file = os.path.relpath(spec.partition(":")[0], os.getcwd())
+    flags_help = [f"  --config FILE[:PRESET]   config file and preset (this run: {config_file}"
+                  f"{':' + spec.partition(':')[2] if spec.partition(':')[2] else ''})",
+                  "  --config.FIELD=VALUE     override any field below (tuples: --config.FIELD='(1, 3)')"]
+    for name in extra:
+        flag = flag_values[name]
+        flags_help.append(f"  --{name:<22} {flag.help} (default: {flag.default})")
+    fields = [f"  {path} = {_value_of(config, path)!r}" for path in field_paths(config)]
+    return "\n".join([
+        f"usage: {program} [--config FILE[:PRESET]] [--config.FIELD=VALUE ...]"
+        + "".join(f" [--{name} ...]" for name in extra), "", doc.strip(), "", "flags:", *flags_help, "",
+        f"fields: see {config_file} (each field with a comment); override any with --config.FIELD=VALUE.",
+        f"Fields and values of this config:", *fields])
+
+
+def _value_of(config: ml_collections.ConfigDict, path: str):
+    node = config
+    for name in path.split("."):
+        node = node[name]
+    return node
+
+
 def parse_config_flags(argv: Sequence[str], default_config: str,
-                       define_extra: Callable[..., dict] = lambda flag_values: {}) -> tuple[
-                           ml_collections.ConfigDict, dict]:
+                       define_extra: Callable[..., dict] = lambda flag_values: {}, *,
+                       program: str = "", doc: str = "") -> tuple[ml_collections.ConfigDict, dict]:
     """Parses `--config FILE:PRESET --config.FIELD=VALUE ...` plus the flags `define_extra(flag_values)`
     defines (it returns {name: FlagHolder}); -> (config, {name: value}).
 
+    The config file is loaded here (`load_config_file`) and every `--config.FIELD` is checked against
+    it before absl parses the values, so a misspelled field is reported with the closest real one.
     Uses a fresh absl FlagValues per call, so `main(argv)` can run several times in one process
-    (tests). Raises UsageError for a bad file, preset or override.
+    (tests). Raises UsageError for a bad file, preset, field or value, HelpRequested for --help.
     """
     from absl import flags
     from ml_collections import config_flags
 
+    wants_help = any(arg in HELP_FLAGS for arg in argv[1:])
+    spec, rest = _split_config_arg([a for a in argv if a not in HELP_FLAGS], default_config)
+    config = load_config_file(spec)
+    for arg in rest:
+        name = _override_name(arg)
+        if name is not None:
+            _check_field(config, name)
     flag_values = flags.FlagValues()
+    argv_rest = [argv[0]] + rest
+    extra = define_extra(flag_values)
+    if wants_help:
+        raise HelpRequested(_help_text(program or os.path.basename(argv[0]), doc, spec, config, flag_values, extra))
     try:
-        config_flag = config_flags.DEFINE_config_file(
-            "config", default_config,
-            "Config file and preset, e.g. configs/pretrain.py:tiny; override fields with --config.FIELD=VALUE.",
-            flag_values=flag_values, lock_config=True, sys_argv=list(argv))
-        extra = define_extra(flag_values)
-        flag_values(list(argv))
+        config_flag = config_flags.DEFINE_config_dict(  # defines one flag per --config.FIELD given
+            "config", config, "Config; override fields with --config.FIELD=VALUE.",
+            flag_values=flag_values, lock_config=True, sys_argv=argv_rest)
+        flag_values(argv_rest)
         config = config_flag.value
-        config.to_dict()  # a config file that failed to load raises here
-    except Exception as e:  # noqa: BLE001 - bad file, preset or override
+        config.to_dict()
+    except flags.IllegalFlagValueError as e:
+        raise UsageError(_bad_value(str(e), config)) from e
+    except flags.UnrecognizedFlagError as e:
+        raise UsageError(f"unknown flag --{e.flagname} ({program or 'the script'} --help lists them)") from e
+    except Exception as e:  # noqa: BLE001 - anything else absl or ml_collections refuse
         raise UsageError(one_line(e)) from e
     return config, {name: holder.value for name, holder in extra.items()}
+
+
+def _bad_value(message: str, config: ml_collections.ConfigDict) -> str:
+    """absl's 'flag --config.batch_size=3.5: invalid literal ...' -> one line naming field and type."""
+    match = re.match(r"flag --config\.([\w.]+)=(.*?): ", message)
+    if match:
+        from ml_collections.config_flags import config_path
+        field, value = match.groups()
+        try:
+            kind = config_path.get_type(field, config)
+        except Exception:  # noqa: BLE001
+            kind = None
+        if kind is not None:
+            name = getattr(kind, "__name__", str(kind))
+            article = "an" if name[:1] in "aeiou" else "a"
+            return (f"config field {field!r} takes {article} {name}, got {value!r} "
+                    f"(--config.{field}=VALUE)")
+    return one_line(Exception(message))
 
 
 def add_checkpoint_args(parser) -> None:
