@@ -25,7 +25,7 @@ PROGRAM = "evaluate.py"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_checkpoint_args(parser)
     parser.add_argument("--task", default=None, help="seqio task / mixture family (stmoe.data.tasks)")
     parser.add_argument("--split", default="validation")

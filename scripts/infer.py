@@ -28,7 +28,7 @@ PROGRAM = "infer.py"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_checkpoint_args(parser)
     parser.add_argument("--mode", choices=("predict", "score"), default="predict")
     parser.add_argument("--input", default="-", help="text file; '-' = stdin")

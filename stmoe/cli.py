@@ -6,6 +6,7 @@ status 2; a crash in the computation itself keeps its traceback (status 1).
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib.util
 import os
@@ -159,8 +160,9 @@ def _help_text(program: str, doc: str, spec: str, config: ml_collections.ConfigD
     fields = [f"  {path} = {_value_of(config, path)!r}" for path in field_paths(config)]
     return "\n".join([
         f"usage: {program} [--config FILE[:PRESET]] [--config.FIELD=VALUE ...]"
-        + "".join(f" [--{name} ...]" for name in extra), "", doc.strip(), "", "flags:", *flags_help, "",
-        f"fields: see {config_file} (each field with a comment); override any with --config.FIELD=VALUE.",
+        + "".join(f" [--{name} VALUE]" for name in extra), "", doc.strip(), "", "flags:", *flags_help, "",
+        f"fields: see {config_file} (model.*: configs/models.py; a comment on each); "
+        "override any with --config.FIELD=VALUE.",
         f"Fields and values of this config:", *fields])
 
 
@@ -231,13 +233,33 @@ def _bad_value(message: str, config: ml_collections.ConfigDict) -> str:
     return one_line(Exception(message))
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (`prog: usage error: ...`), exit status 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: usage error: {message} ({self.prog} --help lists the flags)", file=sys.stderr,
+              flush=True)
+        raise SystemExit(USAGE_ERROR)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_checkpoint_args(parser) -> None:
     """--checkpoint and --eval_capacity_factor, shared by infer.py and evaluate.py."""
     parser.add_argument("--checkpoint", required=True,
                         help="a training run's workdir (config.json + checkpoints/), its checkpoints dir or a step dir")
     parser.add_argument("--eval_capacity_factor", type=float, default=None,
                         help="replaces the checkpoint's model.moe.eval_capacity_factor (e.g. 2.0, or 4.0 to drop less)")
-    parser.add_argument("--batch_size", type=int, default=32, help="rows per decoding batch")
+    parser.add_argument("--batch_size", type=positive_int, default=32, help="rows per decoding batch")
 
 
 def load_model(args):

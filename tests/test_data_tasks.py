@@ -142,8 +142,9 @@ def test_text_files_task_with_trained_sentencepiece(tmp_path):
       "train_vocab", os.path.join(os.path.dirname(__file__), "..", "scripts", "train_vocab.py"))
   train_vocab = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(train_vocab)
-  model = train_vocab.main(["--input", str(tmp_path / "*.txt"), "--model_prefix", str(tmp_path / "sp"),
-                            "--vocab_size", "80", "--no_byte_fallback"])
+  assert train_vocab.main(["--input", str(tmp_path / "*.txt"), "--model_prefix", str(tmp_path / "sp"),
+                           "--vocab_size", "80", "--no_byte_fallback"]) == 0
+  model = str(tmp_path / "sp.model")
   spm = vocab.get_vocabulary(model)
   assert spm.vocab_size == 180 and spm.eos_id == 1 and spm.pad_id == 0
   assert spm.decode(spm.encode("the lazy dog 42")) == "the lazy dog 42"

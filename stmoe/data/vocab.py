@@ -21,6 +21,9 @@ T5_SPM_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
 # T5 reserves 100 extra ids as sentinels; a span-corrupted example of 568
 # tokens has 28 noise spans, so 100 is plenty at every length we use.
 NUM_EXTRA_IDS = 100
+# Ids of T5_SPM_PATH with the extra ids (32000 pieces + 100), so that checking a
+# config against it needs no download; the model presets pad it to 32128.
+T5_SPM_NUM_IDS = 32_000 + NUM_EXTRA_IDS
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,6 +39,26 @@ def get_vocabulary(path: str | None) -> seqio.Vocabulary:
   if path is None:
     return seqio.ByteVocabulary(extra_ids=NUM_EXTRA_IDS)
   return seqio.SentencePieceVocabulary(path, extra_ids=NUM_EXTRA_IDS)
+
+
+def num_ids(path: str | None) -> int:
+  """How many token ids `get_vocabulary(path)` produces (pieces + extra ids): every id is below this.
+
+  Loads a SentencePiece model (except the public T5 one, whose size is known); raises ValueError in
+  one line for a file that does not exist or is not a SentencePiece model.
+  """
+  if path == T5_SPM_PATH:
+    return T5_SPM_NUM_IDS
+  if path is not None:
+    import tensorflow as tf
+    if not tf.io.gfile.exists(path):
+      raise ValueError(f"no such file {path!r} (make one with scripts/train_vocab.py)")
+  try:
+    return int(get_vocabulary(path).vocab_size)
+  except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, sentencepiece's RuntimeError
+    get_vocabulary.cache_clear()  # do not keep a vocabulary that failed to load
+    raise ValueError(f"{path!r} is not a SentencePiece model ({type(e).__name__}: "
+                     f"{str(e).strip().splitlines()[-1] if str(e).strip() else 'unreadable'})") from None
 
 
 def vocab_tag(path: str | None) -> str:
@@ -79,6 +102,7 @@ def train_sentencepiece(
       input_sentence_size=max_sentences,
       shuffle_input_sentence=True,
       byte_fallback=byte_fallback,
+      minloglevel=2,  # the trainer's progress log would fill stderr
       pad_id=0,
       eos_id=1,
       unk_id=2,
