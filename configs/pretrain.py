@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.pack = True  # pack several examples per row (segment ids keep them apart)
     c.data.seed = 0  # shuffling and span-corruption masks
     c.data.text_files = ""  # glob of local text files (one document per line): overrides data.task
+    # Held-out loss on text_files: these files, or ("") the held_out_percent of text_files' documents
+    # whose hash bucket (stmoe.data.tasks.held_out_bucket) is lowest; training never sees them.
+    c.data.eval_text_files = ""
+    c.data.held_out_percent = 5
 
     c.batch_size = 32  # global batch (sequences per step), over all devices and microbatches
     c.microbatches = 1  # gradient accumulation: the batch is split into this many microbatches

@@ -201,10 +201,16 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         raise ConfigError(str(e).replace("OptimConfig.", "optim.", 1)) from None
 
     vocab_path = d.vocab_path or None
+    _check(not d.eval_text_files or d.text_files, "data.eval_text_files", "needs data.text_files (the training text)")
     if d.text_files:
-        task = stmoe_data.register_text_files_task(
-            "stmoe_text_files", {"train": d.text_files, "validation": d.text_files}, vocab_path)
-        eval_task = task
+        import tensorflow as tf
+        for name in ("text_files", "eval_text_files"):
+            _check(not d[name] or tf.io.gfile.glob(d[name]), f"data.{name}", f"no file matches {d[name]!r}")
+        _check(isinstance(d.held_out_percent, int) and 0 <= d.held_out_percent < 100, "data.held_out_percent",
+               f"must be an integer in [0, 100), got {d.held_out_percent!r}")
+        task, eval_task = stmoe_data.register_text_files_tasks(
+            "stmoe_text_files", d.text_files, vocab_path, eval_file_patterns=d.eval_text_files or None,
+            held_out_percent=d.held_out_percent, eval_split=d.eval_split)
     else:
         try:
             task = stmoe_data.task_name_for(d.task, vocab_path) if vocab_path else \
@@ -214,6 +220,22 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
                 stmoe_data.task_name_for(d.eval_task, _default_vocab(d.eval_task)))
         except KeyError as e:
             raise ConfigError(f"data.task: {e.args[0]}") from None
+    # Every id a task's vocabulary produces needs an embedding row: a larger vocabulary than
+    # model.vocab_size would index past the table (NaN losses, not an error).
+    from stmoe.data.vocab import NUM_EXTRA_IDS
+    import seqio
+    vocabulary = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary  # loads nothing
+    checked = getattr(vocabulary, "sentencepiece_model_file", None)  # None: bytes
+    try:
+        ids = stmoe_data.num_ids(checked)
+    except ValueError as e:
+        raise ConfigError(f"data.vocab_path: {e}") from None
+    source = f"data.vocab_path={vocab_path}" if vocab_path else \
+        f"the vocabulary of data.{'text_files' if d.text_files else 'task'}, {checked or 'bytes'},"
+    pieces = f"{ids - NUM_EXTRA_IDS} pieces" if checked else f"{ids - NUM_EXTRA_IDS} bytes and specials"
+    _check(ids <= model_cfg.vocab_size, "model.vocab_size",
+           f"{model_cfg.vocab_size} is smaller than the {ids} token ids of {source} ({pieces} + {NUM_EXTRA_IDS} "
+           f"sentinels); set --config.model.vocab_size={-(-ids // 128) * 128} (the next multiple of 128)")
     infer = config.infer_eval
     infer_task = ""
     if infer.task:

@@ -19,7 +19,9 @@ the default vocabulary keeps the base name, any other gets
 always go through `task_name_for(config.task, config.vocab_path)`.
 
 `register_text_files_task` registers a user's own local text for span
-corruption under a name of their choice, with the vocabulary they pass.
+corruption under a name of their choice, with the vocabulary they pass;
+`register_text_files_tasks` registers a training and a held-out task whose
+documents never overlap (a stable hash of each document picks its side).
 
 Registration never reads data or loads a SentencePiece model, so importing
 this module works offline; the TFDS tasks download on first use.
@@ -216,11 +218,24 @@ def register_all() -> list[str]:
   return [task_name_for(base, default) for base, (_, default) in _FAMILIES.items()]
 
 
+HELD_OUT_BUCKETS = 100  # documents are hashed into 100 buckets; the first `held_out_percent` are held out
+
+
+def held_out_bucket(text: tf.Tensor) -> tf.Tensor:
+  """A document's bucket in [0, 100): FarmHash Fingerprint64 of its bytes mod 100
+  (`tf.strings.to_hash_bucket_fast`), the same on every machine, run and shard, and the same for
+  two copies of one document, so a repeated document never lands in both splits."""
+  return tf.strings.to_hash_bucket_fast(text, HELD_OUT_BUCKETS)
+
+
 def register_text_files_task(
     name: str,
     file_patterns: str | Sequence[str] | Mapping[str, str | Sequence[str]],
     vocab_path: str | None = None,
     one_doc_per: str = "line",
+    *,
+    documents: str = "all",
+    held_out_percent: int = 0,
 ) -> str:
   """Registers span-corruption pretraining on local text files; returns `name`.
 
@@ -230,9 +245,14 @@ def register_text_files_task(
     vocab_path: SentencePiece model path, or None for bytes.
     one_doc_per: 'line' (each non-empty line is a document) or 'file'
       (each file is one document).
+    documents: 'all', or a deterministic split of the documents by
+      `held_out_bucket`: 'held_out' keeps those in buckets < held_out_percent,
+      'train' the others (`register_text_files_tasks` registers both).
   """
   if one_doc_per not in ("line", "file"):
     raise ValueError(f"one_doc_per must be 'line' or 'file', got {one_doc_per!r}")
+  if documents not in ("all", "train", "held_out"):
+    raise ValueError(f"documents must be 'all', 'train' or 'held_out', got {documents!r}")
   if isinstance(file_patterns, (str, bytes)) or not isinstance(file_patterns, Mapping):
     file_patterns = {"train": file_patterns}
   split_to_pattern = {s: ([p] if isinstance(p, str) else list(p)) for s, p in file_patterns.items()}
@@ -253,11 +273,46 @@ def register_text_files_task(
   def drop_blank(ds):
     return ds.filter(lambda ex: tf.strings.length(tf.strings.strip(ex["text"])) > 0)
 
+  def keep_part(ds):
+    if documents == "all":
+      return ds
+    held_out = lambda ex: held_out_bucket(ex["text"]) < held_out_percent
+    return ds.filter(held_out if documents == "held_out" else lambda ex: tf.logical_not(held_out(ex)))
+
   seqio.TaskRegistry.remove(name)
   _add_task(
       name,
       source=source,
       output_features=_features(vocab.get_vocabulary(vocab_path)),
-      preprocessors=[as_document, drop_blank] + _span_corruption_preprocessors(cacheable=True),
+      preprocessors=[as_document, drop_blank, keep_part] + _span_corruption_preprocessors(cacheable=True),
   )
   return name
+
+
+def register_text_files_tasks(
+    name: str,
+    file_patterns: str | Sequence[str],
+    vocab_path: str | None = None,
+    *,
+    eval_file_patterns: str | Sequence[str] | None = None,
+    held_out_percent: int = 5,
+    eval_split: str = "validation",
+    one_doc_per: str = "line",
+) -> tuple[str, str]:
+  """Training and held-out span-corruption tasks on local text; -> (train task, eval task).
+
+  With `eval_file_patterns`, the held-out task reads those files and training reads all of
+  `file_patterns`. Without, both read `file_patterns` and the documents in `held_out_bucket` <
+  `held_out_percent` are held out: the held-out task (split `eval_split`) has only those, the
+  training task (split 'train') never sees them.
+  """
+  if eval_file_patterns:
+    train = register_text_files_task(name, {"train": file_patterns}, vocab_path, one_doc_per)
+    held_out = register_text_files_task(f"{name}.held_out", {eval_split: eval_file_patterns}, vocab_path,
+                                        one_doc_per)
+    return train, held_out
+  train = register_text_files_task(name, {"train": file_patterns}, vocab_path, one_doc_per, documents="train",
+                                   held_out_percent=held_out_percent)
+  held_out = register_text_files_task(f"{name}.held_out", {eval_split: file_patterns}, vocab_path, one_doc_per,
+                                      documents="held_out", held_out_percent=held_out_percent)
+  return train, held_out
