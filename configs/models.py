@@ -41,7 +41,7 @@ def _moe(**overrides) -> ml_collections.ConfigDict:
         min_capacity=4,
         expert_capacity=config_dict.placeholder(int),  # an integer overrides the factors (HF Switch)
         group_size=config_dict.placeholder(int),  # tokens per routing group; None = per sequence
-        batch_prioritized=False,     # encoder-only priority by router confidence
+        batch_prioritized=False,     # encoder: slots by router confidence (V-MoE); decoders keep token order
         route_padding=False,         # HF routes padding; ST-MoE does not
         dropped_token_passthrough=False,  # HF Switch's treatment of dropped tokens
         aux_loss_type="switch_top1",  # "switch_all_k" (flaxformer) or "cv2"

@@ -38,13 +38,17 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:  # the cheap checks before TensorFlow's import
+        cli.check_checkpoint_exists(args.checkpoint)
+        if args.num_examples is not None and args.num_examples < 1:
+            raise cli.UsageError(f"--num_examples must be >= 1, got {args.num_examples}")
+    except cli.UsageError as e:
+        return cli.fail(PROGRAM, "input", e)
     cli.import_tensorflow_quietly()
     from stmoe import evaluation
     from stmoe.data import tasks
 
     try:
-        if args.num_examples is not None and args.num_examples < 1:
-            raise cli.UsageError(f"--num_examples must be >= 1, got {args.num_examples}")
         loaded = cli.load_model(args)
         data = loaded.run_config.data
         family = args.task or loaded.run_config.get("infer_eval", {}).get("task") or data.task

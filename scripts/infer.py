@@ -60,13 +60,14 @@ def read_lines(path: str, what: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cli.import_tensorflow_quietly()
     try:
+        cli.check_checkpoint_exists(args.checkpoint)
         lines = read_lines(args.input, "score" if args.mode == "score" else "decode")
         if args.mode == "score":
             bad = [i + 1 for i, line in enumerate(lines) if line.count("\t") != 1]
             if bad:
                 raise cli.UsageError(f"--mode score needs 'input<TAB>target' on every line; line {bad[0]} is not")
+        cli.import_tensorflow_quietly()
         loaded = cli.load_model(args)
     except cli.UsageError as e:
         return cli.fail(PROGRAM, "input", e)

@@ -262,6 +262,12 @@ def add_checkpoint_args(parser) -> None:
     parser.add_argument("--batch_size", type=positive_int, default=32, help="rows per decoding batch")
 
 
+def check_checkpoint_exists(path: str) -> None:
+    """Raises UsageError at once for a local --checkpoint that does not exist (before reading any input)."""
+    if "://" not in path and not os.path.exists(path):
+        raise UsageError(f"--checkpoint: {path} does not exist (a training run's workdir, e.g. runs/quickstart)")
+
+
 def load_model(args):
     """stmoe.inference.load for the parsed --checkpoint / --eval_capacity_factor; raises UsageError
     for a missing or incompatible checkpoint or a bad factor."""

@@ -67,7 +67,11 @@ class MoeConfig(_Replaceable):
     min_capacity: int = 4
     expert_capacity: int | None = None  # an integer overrides both factors (HF Switch semantics)
     group_size: int | None = None  # tokens per routing group; None = one group per sequence
-    batch_prioritized: bool = False  # encoder only: route confident tokens first (V-MoE BPR)
+    # Encoder layers hand out capacity slots by descending top-1 router probability (V-MoE's
+    # batch-prioritized routing, Riquelme et al. 2021 sec. 4.1) instead of token order. Decoder layers
+    # always use token order: a priority by confidence would let later tokens take an earlier one's
+    # slot, i.e. look at the future (router_for / batch_prioritized_for give each stack's rule).
+    batch_prioritized: bool = False
     route_padding: bool = False  # HF routes padding tokens; ST-MoE does not
     # transformers 4.x Switch kept a dropped token's (normed) input x router prob; 5.x (and Mesh TF) give zero.
     dropped_token_passthrough: bool = False
@@ -81,6 +85,10 @@ class MoeConfig(_Replaceable):
 
     def router_for(self, causal: bool) -> str:
         return (self.decoder_router_type or self.router_type) if causal else self.router_type
+
+    def batch_prioritized_for(self, causal: bool) -> bool:
+        """Batch-prioritized routing in this stack: the encoder's choice; a causal decoder never."""
+        return self.batch_prioritized and not causal
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], prefix: str = "moe.") -> "MoeConfig":

@@ -27,8 +27,8 @@ and give the same numbers (tests/test_dispatch.py, tests/test_moe.py):
 - cpu: "gather". Measured (scripts/benchmark_moe.py, README Performance; 2 cores): at
   T=8192, E=32 the gather layer's forward is 1.15x the FLOP-matched dense FFN, its
   forward+backward 0.89x and its activation memory 0.64x (experts run one after another on
-  CPU, moe.expert_mlps); einsum 2.12x / 1.53x; dropless (ragged_dot) ~47x forward (issue 7,
-  not re-measured).
+  CPU, moe.expert_mlps); einsum 2.12x / 1.53x; dropless (ragged_dot, forced on CPU with
+  STMOE_FORCE_DROPLESS=1) ~47x forward in an earlier run of that benchmark, not re-measured.
 - gpu: "gather". Capacity-based, so shapes are static and expert parallelism uses plain
   all-to-all; gathers/scatters of d-wide rows are bandwidth-bound and cheap on GPU,
   while the one-hot einsum adds cf * group_size / d_ff of the useful FLOPs. Not

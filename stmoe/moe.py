@@ -113,8 +113,6 @@ class MoeLayer(nn.Module):
         if self.causal and router_type == "experts_choose":
             raise ValueError("moe.router_type='experts_choose' cannot be used in a causal decoder: each "
                              "expert's choice depends on later tokens. Use 'tokens_choose' there.")
-        if self.causal and moe.batch_prioritized:
-            raise ValueError("moe.batch_prioritized looks at later tokens and cannot be used in a decoder.")
         batch, length, d_model = inputs.shape
         dtype = jnp.dtype(cfg.dtype)
 
@@ -151,7 +149,7 @@ class MoeLayer(nn.Module):
                 probs, mask, top_k=moe.top_k, capacity=capacity,
                 second_expert_policy=moe.second_expert_policy,
                 second_expert_threshold=moe.second_expert_threshold, normalize_gates=moe.normalize_gates,
-                batch_prioritized=moe.batch_prioritized,
+                batch_prioritized=moe.batch_prioritized_for(self.causal),  # decoders: token order
                 rng=self.make_rng("dropout") if use_random else None)
 
         # 3. Dispatch to [experts, groups, capacity, d]; the constraint is where the all-to-all happens.

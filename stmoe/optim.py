@@ -1,6 +1,6 @@
 """Optimizers, learning-rate schedules and parameter groups (optax).
 
-The ST-MoE recipe (Zoph et al. 2022, arXiv 2202.08906; see DESIGN.md,
+The ST-MoE recipe (Zoph et al. 2022, arXiv 2202.08906; see docs/design.md,
 "Optimization") trains with Adafactor (factored second moments, decay 0.8,
 update clipping 1.0, whose stability role is discussed in sec. 3.3) on T5's
 inverse-square-root schedule; AdamW is offered for comparison and
@@ -178,8 +178,7 @@ def aux_loss_coef_schedule(base_coef: float, schedule: str = "constant",
     'constant' returns `base_coef` (ST-MoE: 1e-2). 'linear_decay' starts at
     `base_coef * warmup_multiplier` and decays linearly to `base_coef` over
     `decay_steps`, then stays there: a stronger push towards balance while the
-    router is still random (DESIGN.md, "the balance coefficient may follow a
-    schedule").
+    router is still random (docs/design.md, "Losses").
     """
     if schedule not in _AUX_SCHEDULES:
         raise ValueError(

@@ -3,7 +3,7 @@
 One mesh with three axes, `('data', 'expert', 'model')`, all `AxisType.Auto`
 (GSPMD: the sharding constraints in the model are hints that XLA's SPMD
 partitioner propagates; jax 0.10's `jax.make_mesh` would make Explicit axes,
-whose `with_sharding_constraint` refuses logical specs, see DESIGN.md).
+whose `with_sharding_constraint` refuses logical specs, see docs/design.md "Sharding").
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning` in
 layers.py / moe.py / routing.py) and the activations are constrained with
@@ -54,7 +54,7 @@ rescaling (tests). Simulated CPU devices time memory copies, not ICI; the
 decision should be re-measured on TPU with the same script (`--expert 32` on
 a v4-64), and if the gap holds, steps 3-5 of MoeLayer.__call__ can be swapped
 for the benchmark's `make_layer_shard_map` (shard_map is also the route for a
-dropless `ragged_all_to_all` dispatch, which XLA:CPU cannot run, DESIGN.md).
+dropless `ragged_all_to_all` dispatch, which XLA:CPU cannot run, docs/design.md "Sharding").
 
 No all-gather of router probabilities either: `jax.lax.top_k` on probabilities sharded
 along groups used to be all-gathered by the SPMD partitioner; routing.small_top_k (k argmax

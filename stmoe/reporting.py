@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -162,3 +163,67 @@ def plot_expert_load(path: str, png_path: str, prefix: str = "train") -> str | N
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
+
+
+def _in_notebook() -> bool:
+    """True inside a Jupyter kernel (where tqdm.auto draws a widget that updates in place)."""
+    shell = sys.modules.get("IPython") and getattr(sys.modules["IPython"], "get_ipython", lambda: None)()
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class Progress:
+    """Training progress on stderr.
+
+    On a terminal or in a notebook: a tqdm bar (tqdm.auto) updated every step, with the last logging
+    window's loss and tokens/s. Anywhere else (a log file, a teed TPU-worker log, CI), where each
+    bar refresh would be one more line: one line per logging window,
+    `train: step 40/300 (13%), loss 3.2140, 5,210 tokens/s, ETA 2m05s`, plus one per evaluation.
+    """
+
+    def __init__(self, total: int, initial: int, *, enabled: bool = True, stream=None, interactive=None):
+        self.total, self.enabled = total, enabled
+        self.stream = stream or sys.stderr
+        if interactive is None:
+            isatty = getattr(self.stream, "isatty", lambda: False)
+            interactive = bool(isatty()) or _in_notebook()
+        self.interactive = interactive and enabled
+        self._bar = None
+        if self.interactive:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train", unit="step",
+                             file=self.stream)
+
+    def update(self, step: int) -> None:
+        """After each optimizer step."""
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def log(self, step: int, train: Mapping[str, float]) -> None:
+        """At the end of a logging window: cross_entropy, tokens_per_sec, steps_per_sec of the window."""
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{train['cross_entropy']:.3f}", tok_s=f"{train['tokens_per_sec']:.0f}",
+                                  refresh=False)
+        elif self.enabled:
+            eta = (self.total - step) / max(train.get("steps_per_sec", 0.0), 1e-9)
+            print(f"train: step {step}/{self.total} ({100 * step / self.total:.0f}%), loss "
+                  f"{train['cross_entropy']:.4f}, {train['tokens_per_sec']:,.0f} tokens/s, ETA {_duration(eta)}",
+                  file=self.stream, flush=True)
+
+    def log_eval(self, step: int, train: Mapping[str, float], held_out: Mapping[str, float]) -> None:
+        """After a held-out evaluation."""
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{train.get('cross_entropy', float('nan')):.3f}",
+                                  eval=f"{held_out['cross_entropy']:.3f}", refresh=False)
+        elif self.enabled:
+            print(f"eval: step {step}/{self.total}, held-out loss {held_out['cross_entropy']:.4f}",
+                  file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -3,7 +3,8 @@
 One function in fixed sections (big_vision / flax examples style):
 
   1. config     validate every field once (`validate_config`), exit status 2 on a bad one
-  2. logging    clu writers: TensorBoard + metrics.jsonl (process 0), tqdm progress bar
+  2. logging    clu writers: TensorBoard + metrics.jsonl (process 0); progress: a tqdm bar on a
+                terminal, else one line per logging window (stmoe.reporting.Progress)
   3. mesh       (data, expert, model) over all devices or the first `num_devices`
   4. data       seqio train iterator (per-host shard), a fixed list of held-out batches
   5. model and optimizer
@@ -32,7 +33,6 @@ import logging
 import math
 import os
 import re
-import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -400,7 +400,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     use one to send SIGTERM at a chosen step).
     """
     from clu import metric_writers, periodic_actions
-    from tqdm import tqdm
 
     from stmoe import data as stmoe_data
 
@@ -572,8 +571,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         handler = checkpoints.install_preemption_handler()
     except RuntimeError:  # not the main thread (e.g. a notebook worker): no signal handling
         handler = None
-    bar = tqdm(total=config.total_steps, initial=start_step, disable=process > 0, dynamic_ncols=True,
-               desc="train", unit="step", file=sys.stderr)
+    progress = reporting.Progress(config.total_steps, start_step, enabled=process == 0)  # tqdm on a TTY only
     try:
         while step < config.total_steps:
             batch = next(train_iter)
@@ -583,7 +581,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             step += 1
             window.append(step_metrics)
             step_metrics["loss"].block_until_ready()  # an honest progress bar / ETA; XLA keeps the device busy
-            bar.update(1)
+            progress.update(step)
             for hook in hooks:
                 hook(step, state)
             report_progress(step)
@@ -594,14 +592,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 train_metrics["tokens_per_sec"] = window_tokens * num_shards / elapsed
                 train_metrics["steps_per_sec"] = len(window) / elapsed
                 writer.write_scalars(step, {f"train/{k}": v for k, v in train_metrics.items()})
-                bar.set_postfix(loss=f"{train_metrics['cross_entropy']:.3f}",
-                                tok_s=f"{train_metrics['tokens_per_sec']:.0f}", refresh=False)
+                progress.log(step, train_metrics)
                 window, window_tokens, window_start = [], 0, time.perf_counter()
             if eval_batches and (step % config.eval_every_steps == 0 or step == config.total_steps):
                 eval_metrics = evaluate()
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-                bar.set_postfix(loss=f"{train_metrics.get('cross_entropy', float('nan')):.3f}",
-                                eval=f"{eval_metrics['cross_entropy']:.3f}", refresh=False)
+                progress.log_eval(step, train_metrics, eval_metrics)
             if infer_evaluation and (step % config.eval_every_steps == 0 or step == config.total_steps):
                 infer_metrics = evaluate_by_decoding(step)
             if step % config.checkpoint_every_steps == 0:
@@ -611,7 +607,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 break
         save(step, wait=True)
     finally:
-        bar.close()
+        progress.close()
         if handler is not None:
             handler.uninstall()
         writer.flush()

@@ -1,4 +1,4 @@
-"""Fine-tuning, evaluation and inference (issue 6) on 8 simulated CPU devices.
+"""Fine-tuning, evaluation and inference on 8 simulated CPU devices.
 
 One module-scoped pretraining run (`pretrained`: 2 steps of a d_model-32 model) provides the
 checkpoint everything else starts from:

@@ -2,7 +2,7 @@
 all-to-all in the compiled step, and equality with a 1-device run for every layout.
 
 The train step is the minimal one in tests/sharded_step.py (value_and_grad of
-losses.total_loss + optax.adam). Comparisons use GEGLU (no ReLU kinks, DESIGN.md),
+losses.total_loss + optax.adam). Comparisons use GEGLU (no ReLU kinks, docs/design.md "Testing conventions"),
 group_size = sequence length (the same routing groups on every layout), float32 and
 matmul precision 'highest' (conftest). No gradient is rescaled: the loss is the
 global mean, so the partitioned gradients equal the 1-device ones as they are.
