@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import re
@@ -76,49 +77,76 @@ def files(tmp_path_factory):
 
 # --------------------------------------------------------------------------------- bad inputs
 
+# Each case runs the real script: as a subprocess (exit status, the process's whole stderr), or, where the
+# subprocess would only repeat a code path another case covers (the parse of --config and its fields),
+# in-process through the script's main() to save the ~7 s of TensorFlow import per case.
 BAD_INPUTS = [
-    # (id, script, args ({spm}, {not_spm}, {text}, {work} filled in), substrings of the one stderr line)
+    # (id, script, args ({spm}, {not_spm}, {work} filled in), substrings of the one stderr line, subprocess?)
     ("vocab_larger_than_embedding", "train.py", ["--config.data.vocab_path={spm}"],
      ["train.py: config error: model.vocab_size: 384", "600 token ids", "data.vocab_path",
-      "--config.model.vocab_size=640"]),
+      "--config.model.vocab_size=640"], True),
     ("misspelled_field", "train.py", ["--config.optim.learnin_rate=0.1"],
-     ["train.py: config error: unknown config field 'optim.learnin_rate'; did you mean 'optim.learning_rate'?"]),
-    ("missing_config_file", "train.py", ["--config", "configs/nope.py"], ["no such config file 'configs/nope.py'"]),
-    ("unknown_preset", "train.py", ["--config", "configs/pretrain.py:nope"], ["pretrain preset 'nope' unknown"]),
-    ("mesh_not_device_count", "train.py", ["--config.mesh.data=3"], ["config error: mesh:", "device count 1"]),
-    ("non_integer_batch", "train.py", ["--config.batch_size=3.5"], ["'batch_size' takes an int, got '3.5'"]),
+     ["train.py: config error: unknown config field 'optim.learnin_rate'; did you mean 'optim.learning_rate'?"],
+     True),
+    ("missing_config_file", "train.py", ["--config", "configs/nope.py"], ["no such config file 'configs/nope.py'"],
+     False),
+    ("unknown_preset", "train.py", ["--config", "configs/pretrain.py:nope"], ["pretrain preset 'nope' unknown"],
+     False),
+    ("mesh_not_device_count", "train.py", ["--config.mesh.data=3"], ["config error: mesh:", "device count 1"], True),
+    ("non_integer_batch", "train.py", ["--config.batch_size=3.5"], ["'batch_size' takes an int, got '3.5'"], False),
+    ("unknown_flag", "finetune.py", ["--init_checkpont=x"], ["unknown flag --init_checkpont"], False),
     ("not_a_sentencepiece_model", "train.py", ["--config.data.vocab_path={not_spm}"],
-     ["data.vocab_path:", "is not a SentencePiece model"]),
+     ["data.vocab_path:", "is not a SentencePiece model"], True),
     ("missing_text_files", "train.py", ["--config.data.text_files={work}/nothing/*.txt"],
-     ["data.text_files: no file matches"]),
+     ["data.text_files: no file matches"], True),
     ("none_field_override_reaches_validation", "finetune.py", ["--config.model.sparse_layers=(1, 9)"],
-     ["finetune.py: config error: model.sparse_layers: indices must be in [0, 4), got (1, 9)"]),
-    ("missing_checkpoint", "infer.py", ["--checkpoint", "{work}/no_run"], ["infer.py: input error: --checkpoint:",
-                                                                         "does not exist"]),
+     ["finetune.py: config error: model.sparse_layers: indices must be in [0, 4), got (1, 9)"], True),
+    ("missing_checkpoint", "infer.py", ["--checkpoint", "{work}/no_run"],
+     ["infer.py: input error: --checkpoint:", "does not exist"], True),
     ("non_positive_batch", "evaluate.py", ["--checkpoint", "{work}", "--batch_size", "0"],
-     ["evaluate.py: usage error: argument --batch_size: must be >= 1, got 0"]),
+     ["evaluate.py: usage error: argument --batch_size: must be >= 1, got 0"], True),
     ("missing_vocab_input", "train_vocab.py", ["--input", "{work}/none/*.txt", "--model_prefix", "{work}/v"],
-     ["train_vocab.py: input error: --input: no file matches"]),
+     ["train_vocab.py: input error: --input: no file matches"], True),
     ("vocab_too_large_for_text", "train_vocab.py", ["--input", "{work}/tiny.txt", "--model_prefix", "{work}/v",
                                                     "--vocab_size", "5000"],
-     ["train_vocab.py: input error: sentencepiece: Vocabulary size too high (5000)"]),
+     ["train_vocab.py: input error: sentencepiece: Vocabulary size too high (5000)"], False),
 ]
+_SCRIPTS = {}
 
 
-@pytest.mark.parametrize("script,args,expected", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_exits_2_with_one_line(files, tmp_path, script, args, expected):
+def script_main(script: str):
+    if script not in _SCRIPTS:
+        spec = importlib.util.spec_from_file_location(f"script_{script[:-3]}", os.path.join(ROOT, "scripts", script))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _SCRIPTS[script] = module.main
+    return _SCRIPTS[script]
+
+
+@pytest.mark.parametrize("script,args,expected,as_subprocess", [c[1:] for c in BAD_INPUTS],
+                         ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line(files, tmp_path, capsys, monkeypatch, script, args, expected,
+                                         as_subprocess):
     work = tmp_path / "work"
     (work / "checkpoints" / "100").mkdir(parents=True)
     (work / "checkpoints" / "100" / "state").write_text("a checkpoint that must survive")
     (work / "tiny.txt").write_text("a b c\nd e f\n")
     before = tree(tmp_path)
-    values = {"spm": files["spm"], "not_spm": files["not_spm"], "text": files["text"], "work": str(work)}
+    values = {"spm": files["spm"], "not_spm": files["not_spm"], "work": str(work)}
     workdir = [] if script not in ("train.py", "finetune.py") else ["--workdir", str(work)]
-    proc = run_script(script, [a.format(**values) for a in args] + workdir, cwd=ROOT)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
+    argv = [a.format(**values) for a in args] + workdir
+    if as_subprocess:
+        proc = run_script(script, argv, cwd=ROOT)
+        status, stderr = proc.returncode, proc.stderr
+    else:
+        monkeypatch.chdir(ROOT)
+        capsys.readouterr()
+        status = script_main(script)(([script] if script in ("train.py", "finetune.py") else []) + argv)
+        stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert status == 2, stderr
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
     for part in expected:
         assert part in lines[0], lines[0]
     assert tree(tmp_path) == before  # nothing deleted, nothing written
@@ -127,13 +155,19 @@ def test_bad_input_exits_2_with_one_line(files, tmp_path, script, args, expected
 # ------------------------------------------------------------------------------------- --help
 
 
-@pytest.mark.parametrize("script,config_file", [("train.py", "configs/pretrain.py"),
-                                                ("finetune.py", "configs/finetune.py")])
-def test_help_lists_flags_and_fields(script, config_file):
-    proc = run_script(script, ["--help"], cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.strip() == ""
-    out = proc.stdout
+@pytest.mark.parametrize("script,config_file,as_subprocess", [("train.py", "configs/pretrain.py", True),
+                                                              ("finetune.py", "configs/finetune.py", False)])
+def test_help_lists_flags_and_fields(capsys, monkeypatch, script, config_file, as_subprocess):
+    if as_subprocess:
+        proc = run_script(script, ["--help"], cwd=ROOT)
+        status, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        monkeypatch.chdir(ROOT)
+        capsys.readouterr()
+        status = script_main(script)([script, "--help"])
+        out, err = capsys.readouterr()
+    assert status == 0, err
+    assert err.strip() == ""
     assert f"fields: see {config_file}" in out and "override any with --config.FIELD=VALUE" in out
     assert "--workdir" in out and "--config FILE[:PRESET]" in out
     assert re.search(r"^  optim\.learning_rate = 0\.01$", out, re.M)  # every field with its value
