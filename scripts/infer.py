@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cli.check_checkpoint_exists(args.checkpoint)
+        for flag, path in (("--output", args.output), ("--stats_json", args.stats_json)):
+            folder = os.path.dirname(os.path.abspath(path)) if path and path != "-" else None
+            if folder and not os.path.isdir(folder):
+                raise cli.UsageError(f"{flag}: folder {folder} does not exist")
         lines = read_lines(args.input, "score" if args.mode == "score" else "decode")
         if args.mode == "score":
             bad = [i + 1 for i, line in enumerate(lines) if line.count("\t") != 1]

@@ -220,10 +220,13 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
                 stmoe_data.task_name_for(d.eval_task, _default_vocab(d.eval_task)))
         except KeyError as e:
             raise ConfigError(f"data.task: {e.args[0]}") from None
+    import seqio
+    if config.eval_steps:
+        splits = sorted(seqio.get_mixture_or_task(eval_task).splits)  # declared at registration: reads nothing
+        _check(d.eval_split in splits, "data.eval_split", f"{d.eval_split!r} is not a split of {eval_task}: {splits}")
     # Every id a task's vocabulary produces needs an embedding row: a larger vocabulary than
     # model.vocab_size would index past the table (NaN losses, not an error).
     from stmoe.data.vocab import NUM_EXTRA_IDS
-    import seqio
     vocabulary = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary  # loads nothing
     checked = getattr(vocabulary, "sentencepiece_model_file", None)  # None: bytes
     try:
@@ -243,6 +246,8 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
             infer_task = stmoe_data.task_name_for(infer.task, vocab_path or _default_vocab(infer.task))
         except KeyError as e:
             raise ConfigError(f"infer_eval.task: {e.args[0]}") from None
+        splits = sorted(seqio.get_mixture_or_task(infer_task).splits)
+        _check(infer.split in splits, "infer_eval.split", f"{infer.split!r} is not a split of {infer_task}: {splits}")
         _check(infer.decoding in ("greedy", "beam"), "infer_eval.decoding",
                f"must be 'greedy' or 'beam', got {infer.decoding!r}")
         for name in ("batch_size", "beam_size"):
