@@ -209,7 +209,9 @@ def parse_config_flags(argv: Sequence[str], default_config: str,
     except flags.IllegalFlagValueError as e:
         raise UsageError(_bad_value(str(e), config)) from e
     except flags.UnrecognizedFlagError as e:
-        raise UsageError(f"unknown flag --{e.flagname} ({program or 'the script'} --help lists them)") from e
+        close = difflib.get_close_matches(e.flagname, ["config", *extra], n=1)
+        hint = f"; did you mean --{close[0]}?" if close else f" ({program or 'the script'} --help lists them)"
+        raise UsageError(f"unknown flag --{e.flagname}{hint}") from e
     except Exception as e:  # noqa: BLE001 - anything else absl or ml_collections refuse
         raise UsageError(one_line(e)) from e
     return config, {name: holder.value for name, holder in extra.items()}

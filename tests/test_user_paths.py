@@ -94,7 +94,7 @@ BAD_INPUTS = [
      False),
     ("mesh_not_device_count", "train.py", ["--config.mesh.data=3"], ["config error: mesh:", "device count 1"], True),
     ("non_integer_batch", "train.py", ["--config.batch_size=3.5"], ["'batch_size' takes an int, got '3.5'"], False),
-    ("unknown_flag", "finetune.py", ["--init_checkpont=x"], ["unknown flag --init_checkpont"], False),
+    ("unknown_flag", "finetune.py", ["--init_checkpont=x"], ["unknown flag --init_checkpont; did you mean --init_checkpoint?"], False),
     ("not_a_sentencepiece_model", "train.py", ["--config.data.vocab_path={not_spm}"],
      ["data.vocab_path:", "is not a SentencePiece model"], True),
     ("missing_text_files", "train.py", ["--config.data.text_files={work}/nothing/*.txt"],
