@@ -156,9 +156,11 @@ class MoeLayer(nn.Module):
 
         # 3. Dispatch to [experts, groups, capacity, d]; the constraint is where the all-to-all happens.
         names = ("expert_wi_0", "expert_wi_1") if cfg.mlp_gated else ("expert_wi",)
-        wi_init = nn.with_logical_partitioning(fan_in_init(), ("expert", "embed", "expert_mlp"))
+        # Each expert is initialized as its own dense layer: the expert axis is a batch axis, not fan-in.
+        expert_init = fan_in_init(1.0, (-2,), (-1,), batch_axes=(0,))
+        wi_init = nn.with_logical_partitioning(expert_init, ("expert", "embed", "expert_mlp"))
         wi = [self.param(n, wi_init, (moe.num_experts, d_model, cfg.d_ff), jnp.float32) for n in names]
-        wo = self.param("expert_wo", nn.with_logical_partitioning(fan_in_init(), ("expert", "expert_mlp", "embed")),
+        wo = self.param("expert_wo", nn.with_logical_partitioning(expert_init, ("expert", "expert_mlp", "embed")),
                         (moe.num_experts, cfg.d_ff, d_model), jnp.float32)
         if impl == "dropless":
             dropout = lambda h: nn.Dropout(moe.expert_dropout_rate)(h, deterministic)
