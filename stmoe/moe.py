@@ -136,7 +136,7 @@ class MoeLayer(nn.Module):
         if impl == "dropless":
             capacity = group_size  # an expert can take every token of a group: nothing is dropped
         elif moe.expert_capacity is not None:
-            capacity = moe.expert_capacity
+            capacity = min(moe.expert_capacity, group_size)  # more slots than tokens only compute padding
         else:
             factor = moe.eval_capacity_factor if deterministic else moe.train_capacity_factor
             capacity = routing.expert_capacity(group_size, moe.num_experts, factor, moe.min_capacity)

@@ -144,3 +144,37 @@ def test_moe_losses_average_over_layers():
                           "b": {"moe": {"stats": ({"aux_loss": jnp.float32(3.0), "z_loss": jnp.float32(2.0)},)}}}}
     result = losses.moe_losses(layers)
     assert float(result["aux_loss"]) == 2.0 and float(result["router_z_loss"]) == 3.0
+
+
+def _dropped_share(moe_cfg: MoeConfig, x, mask) -> float:
+    cfg = ModelConfig(d_model=x.shape[-1], d_ff=32, moe=moe_cfg)
+    layer = MoeLayer(cfg)
+    params = layer.init(jax.random.key(0), x, mask)["params"]
+    _, state = layer.apply({"params": params}, x, mask, deterministic=True, mutable=["moe"])
+    return float(state["moe"]["stats"][0]["dropped_tokens"])
+
+
+def test_eval_capacity_factor_applies_over_an_integer_expert_capacity():
+    # An imported HF Switch model has an integer expert_capacity; asking for an eval factor must
+    # change the capacity (here from 1 slot per expert, which drops, to ample, which drops nothing).
+    from stmoe import inference
+
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16))
+    mask = jnp.ones((2, 16))
+    hf_style = MoeConfig(num_experts=4, top_k=1, expert_capacity=1, min_capacity=1)
+    assert _dropped_share(hf_style, x, mask) >= 0.5  # 4 slots for 16 tokens per group
+    applied = MoeConfig.from_dict(inference.with_eval_capacity_factor(hf_style.to_dict(), 8.0)).validate()
+    assert applied.expert_capacity is None and applied.eval_capacity_factor == 8.0
+    assert _dropped_share(applied, x, mask) == 0.0
+    assert inference.applied_eval_capacity_factor(ModelConfig(moe=applied)) == 8.0
+    assert inference.applied_eval_capacity_factor(ModelConfig(moe=hf_style)) is None
+
+
+def test_eval_capacity_factor_is_refused_for_dropless():
+    from stmoe import inference
+    from stmoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dropless"):
+        inference.with_eval_capacity_factor(MoeConfig(dispatch="dropless").to_dict(), 2.0)
+    with pytest.raises(ConfigError, match="must be > 0"):
+        inference.with_eval_capacity_factor(MoeConfig().to_dict(), 0.0)
