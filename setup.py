@@ -20,12 +20,12 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # The HF parity tests need torch (CPU build) and transformers; the importer only needs safetensors.
-    "hf": ["safetensors>=0.4", "transformers>=4.40"],
+    "hf": ["safetensors>=0.4", "transformers>=5.23"],
     "test": [
         "pytest>=8.0",
         "chex>=0.1.87",
         "safetensors>=0.4",
-        "transformers>=4.40",
+        "transformers>=5.23",  # the parity tests rely on 5.x dropped-token semantics (zero, not passthrough)
         "torch==2.13.0",
     ],
     "notebooks": ["jupyter", "nbconvert", "nbclient", "ipykernel"],

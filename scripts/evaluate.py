@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except cli.UsageError as e:
         return cli.fail(PROGRAM, "input", e)
     cli.import_tensorflow_quietly()
-    from stmoe import evaluation
+    from stmoe import evaluation, inference
     from stmoe.data import tasks
 
     try:
@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
     step = cli.step_of(loaded.checkpoint)
     results = evaluator.run(loaded, step=step)
-    factor = loaded.config.moe.eval_capacity_factor
-    summary = {"checkpoint": loaded.checkpoint, "step": step, "split": args.split, "eval_capacity_factor": factor,
+    capacity = inference.capacity_description(loaded.config)
+    summary = {"checkpoint": loaded.checkpoint, "step": step, "split": args.split,
+               "eval_capacity_factor": inference.applied_eval_capacity_factor(loaded.config), "capacity": capacity,
                "decoding": args.decoding, "tasks": results}
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in metrics.items():
             if isinstance(value, float):
                 print(f"{task_name:<{width}}  {name:<27}  {value:.4f}")
-    print(f"step {step}, eval capacity factor {factor}, {args.split} split; written to "
+    print(f"step {step}, {capacity}, {args.split} split; written to "
           f"{os.path.join(output_dir, 'metrics.json')}")
     return 0
 

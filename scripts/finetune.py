@@ -86,7 +86,10 @@ def main(argv: list[str]) -> int:
             check_init_checkpoint(config)
         except (FileNotFoundError, checkpoints.IncompatibleCheckpointError) as e:
             return cli.fail("finetune.py", "checkpoint", f"--init_checkpoint: {cli.one_line(e)}")
-    trainer.train_and_evaluate(config, flags["workdir"])
+    try:
+        trainer.train_and_evaluate(config, flags["workdir"])
+    except trainer.TrainingDiverged as e:
+        return cli.fail("finetune.py", "training", e, status=cli.TRAINING_DIVERGED)
     return 0
 
 

@@ -100,12 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         if stream is not sys.stdout:
             stream.close()
 
-    factor = loaded.config.moe.eval_capacity_factor
+    capacity = inference.capacity_description(loaded.config)
     stats = inference.routing_stats(loaded, inputs, targets, batch_size=args.batch_size)
-    print(f"{PROGRAM}: {len(lines)} rows; {cli.routing_summary(stats, factor)}", file=sys.stderr, flush=True)
+    print(f"{PROGRAM}: {len(lines)} rows; {cli.routing_summary(stats, capacity)}", file=sys.stderr, flush=True)
     if args.stats_json:
         with open(args.stats_json, "w") as f:
-            json.dump({"eval_capacity_factor": factor, "checkpoint": loaded.checkpoint, "rows": len(lines),
+            json.dump({"eval_capacity_factor": inference.applied_eval_capacity_factor(loaded.config),
+                       "capacity": capacity, "checkpoint": loaded.checkpoint, "rows": len(lines),
                        "layers": stats}, f, indent=2)
     return 0
 

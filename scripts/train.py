@@ -45,7 +45,10 @@ def main(argv: list[str]) -> int:
         trainer.validate_config(config)
     except ConfigError as e:
         return cli.fail("train.py", "config", e)
-    trainer.train_and_evaluate(config, flags["workdir"])
+    try:
+        trainer.train_and_evaluate(config, flags["workdir"])
+    except trainer.TrainingDiverged as e:
+        return cli.fail("train.py", "training", e, status=cli.TRAINING_DIVERGED)
     return 0
 
 

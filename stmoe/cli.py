@@ -2,7 +2,9 @@
 
 Convention: a bad input (config field, missing or incompatible checkpoint, unknown task, empty input
 file) prints ONE line on stderr, `<script>: <what> error: <message>`, and the script exits with
-status 2; a crash in the computation itself keeps its traceback (status 1).
+status 2. A run stopped by non-finite steps (stmoe.trainer.TrainingDiverged) prints one such line
+and exits with status 3, its checkpoints kept. A crash in the computation itself keeps its
+traceback (status 1).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Callable, Sequence
 import ml_collections
 
 USAGE_ERROR = 2
+TRAINING_DIVERGED = 3  # non-finite steps stopped the run (stmoe.trainer.TrainingDiverged); checkpoints kept
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -54,11 +57,11 @@ def one_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def fail(program: str, kind: str, error: BaseException | str) -> int:
-    """Prints `<program>: <kind> error: <one line>` on stderr; returns the exit status 2."""
+def fail(program: str, kind: str, error: BaseException | str, status: int = USAGE_ERROR) -> int:
+    """Prints `<program>: <kind> error: <one line>` on stderr; returns the exit status (default 2)."""
     message = error if isinstance(error, str) else one_line(error)
     print(f"{program}: {kind} error: {message}", file=sys.stderr, flush=True)
-    return USAGE_ERROR
+    return status
 
 
 class HelpRequested(Exception):
@@ -288,12 +291,13 @@ def step_of(state_dir: str) -> int | None:
     return int(name) if name.isdigit() else None
 
 
-def routing_summary(stats: dict, capacity_factor: float) -> str:
-    """One line about what the eval capacity dropped (stmoe.inference.routing_stats)."""
+def routing_summary(stats: dict, capacity: str) -> str:
+    """One line about what the eval capacity (`inference.capacity_description`) dropped
+    (stmoe.inference.routing_stats)."""
     if "all" not in stats:
-        return f"eval capacity factor {capacity_factor}: no MoE layer"
+        return f"{capacity}: no MoE layer"
     overall = stats["all"]
     ranks = ", ".join(f"rank {k[-1]} {100 * v:.2f}%" for k, v in sorted(overall.items())
                       if k.startswith("dropped_fraction_rank"))
-    return (f"eval capacity factor {capacity_factor}: {100 * overall['dropped_tokens']:.2f}% of tokens reached no "
+    return (f"{capacity}: {100 * overall['dropped_tokens']:.2f}% of tokens reached no "
             f"expert ({ranks} of choices dropped), mean over {len(stats) - 1} MoE layers")

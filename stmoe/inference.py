@@ -73,6 +73,37 @@ def find_run_config(path: str) -> tuple[ml_collections.ConfigDict, str]:
                             "(scripts/train.py writes WORKDIR/config.json)")
 
 
+def with_eval_capacity_factor(moe_values: dict[str, Any], factor: float) -> dict[str, Any]:
+    """The run's `model.moe` fields with `factor` as the capacity of every deterministic pass.
+
+    An integer `expert_capacity` (imported Hugging Face models) would override any factor, so it is
+    cleared: the factor is what the caller asked for. `dispatch='dropless'` has no capacity at all,
+    so a factor cannot apply: ConfigError, rather than a figure reported for a setting that did nothing.
+    """
+    if not factor > 0:
+        raise ConfigError(f"eval_capacity_factor: must be > 0, got {factor}")
+    if moe_values.get("dispatch") == "dropless":
+        raise ConfigError("eval_capacity_factor: this model uses model.moe.dispatch='dropless', which has no "
+                          "expert capacity and drops no token, so a capacity factor cannot apply")
+    return {**moe_values, "eval_capacity_factor": float(factor), "expert_capacity": None}
+
+
+def capacity_description(cfg: ModelConfig) -> str:
+    """How the deterministic (eval / inference) passes of `cfg` size the experts, for reports."""
+    if cfg.moe.dispatch == "dropless":
+        return "dropless dispatch (no capacity)"
+    if cfg.moe.expert_capacity is not None:
+        return f"expert capacity {cfg.moe.expert_capacity} slots per group (integer, overrides the factors)"
+    return f"eval capacity factor {cfg.moe.eval_capacity_factor}"
+
+
+def applied_eval_capacity_factor(cfg: ModelConfig) -> float | None:
+    """The eval capacity factor that sizes the experts of `cfg`, or None where none does."""
+    if cfg.moe.dispatch == "dropless" or cfg.moe.expert_capacity is not None:
+        return None
+    return cfg.moe.eval_capacity_factor
+
+
 def load(path: str, *, eval_capacity_factor: float | None = None, num_devices: int | None = None,
          config: ml_collections.ConfigDict | None = None) -> LoadedModel:
     """The model of the run at `path` (workdir, checkpoints dir or step dir) with its trained params.
@@ -87,9 +118,7 @@ def load(path: str, *, eval_capacity_factor: float | None = None, num_devices: i
     run_config = config if config is not None else find_run_config(path)[0]
     model_values = run_config.model.to_dict()
     if eval_capacity_factor is not None:
-        if not eval_capacity_factor > 0:
-            raise ConfigError(f"eval_capacity_factor: must be > 0, got {eval_capacity_factor}")
-        model_values["moe"]["eval_capacity_factor"] = float(eval_capacity_factor)
+        model_values["moe"] = with_eval_capacity_factor(model_values["moe"], eval_capacity_factor)
     model_cfg = ModelConfig.from_dict(model_values).validate()
 
     devices = jax.devices()[:num_devices] if num_devices else jax.devices()

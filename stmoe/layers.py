@@ -23,9 +23,20 @@ Initializer = Callable[..., Array]
 ACTIVATIONS = {"gelu": nn.gelu, "relu": nn.relu, "silu": nn.silu}
 
 
-def fan_in_init(scale: float = 1.0, fan_in_axes: tuple[int, ...] = (-2,)) -> Initializer:
-    """Truncated normal with variance scale / fan_in (T5's init)."""
-    return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal", in_axis=fan_in_axes)
+def fan_in_init(scale: float = 1.0, fan_in_axes: tuple[int, ...] = (-2,), out_axes: tuple[int, ...] = (-1,),
+                batch_axes: tuple[int, ...] = (), distribution: str = "truncated_normal") -> Initializer:
+    """Variance scale / fan_in, fan_in = the product of `fan_in_axes` only (T5's init).
+
+    Every axis of the kernel must be named as fan-in, output or batch: jax's variance_scaling
+    multiplies any other axis into BOTH fans as a "receptive field". T5 initializes a
+    multi-axis kernel as the 2-D matrix it reshapes to (t5x `t5x/examples/t5/layers.py:398-411`,
+    `DenseGeneral` draws a `(prod(in), prod(out))` kernel), and each stacked expert as its own
+    dense layer (flaxformer `architectures/moe/moe_layers.py:565-575`, `vmap` with
+    `variable_axes={'params': 0}`): so `[d_model, heads, d_kv]` has fan-in d_model (out_axes
+    (-2, -1)) and `[experts, d_model, d_ff]` fan-in d_model (batch_axes (0,)).
+    """
+    return nn.initializers.variance_scaling(scale, "fan_in", distribution, in_axis=fan_in_axes,
+                                            out_axis=out_axes, batch_axis=batch_axes)
 
 
 def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
@@ -120,8 +131,12 @@ class RelativePositionBias(nn.Module):
     @nn.compact
     def __call__(self, query_positions: Array, key_positions: Array) -> Array:
         """query_positions: [q] or [batch, q]; key_positions: [k]. Returns [1 or batch, heads, q, k] float32."""
+        # T5 / t5x: variance_scaling(1.0, 'fan_avg', 'uniform') over [heads, buckets], i.e. uniform with
+        # variance 2 / (heads + buckets) (t5x `t5x/examples/t5/network.py:199-201`, flaxformer
+        # `t5x/configs/moe/architectures/moe.gin:205-209`).
+        bias_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-2, out_axis=-1)
         table = self.param("rel_embedding",
-                           nn.with_logical_partitioning(fan_in_init(1.0, (-1,)), ("heads", "relpos_buckets")),
+                           nn.with_logical_partitioning(bias_init, ("heads", "relpos_buckets")),
                            (self.num_heads, self.num_buckets), jnp.float32)
         query_positions = jnp.atleast_2d(query_positions)  # [b, q]
         relative = key_positions[None, None, :] - query_positions[:, :, None]  # [b, q, k]
@@ -148,15 +163,18 @@ class MultiHeadAttention(nn.Module):
         """inputs_q: [b, q, d]; inputs_kv: [b, k, d]; bias: [b|1, heads, q, k]; mask: [b|1, 1|heads, q, k] bool."""
         d_model = inputs_q.shape[-1]
         head_names = ("embed", "heads", "kv")
-        # The query init carries the missing 1/sqrt(d_kv) of dot-product attention.
-        query_init = fan_in_init(1.0 / self.d_kv, (-3,))
+        # Fan-in d_model for q/k/v, heads * d_kv for out, normal (not truncated) as t5x's attention
+        # (`t5x/examples/t5/layers.py:155-157`). The query init carries the missing 1/sqrt(d_kv) of
+        # dot-product attention (`layers.py:210-211`): std 1/sqrt(d_model * d_kv).
+        kv_init = fan_in_init(1.0, (-3,), (-2, -1), distribution="normal")
+        query_init = fan_in_init(1.0 / self.d_kv, (-3,), (-2, -1), distribution="normal")
         project = lambda name, init, x: jnp.einsum(
             "bld,dhk->blhk", x,
             self.param(name, nn.with_logical_partitioning(init, head_names),
                        (d_model, self.num_heads, self.d_kv), jnp.float32).astype(self.dtype))
         query = project("query", query_init, inputs_q)  # [b, q, heads, d_kv]
-        key = project("key", fan_in_init(1.0, (-3,)), inputs_kv)  # [b, k, heads, d_kv]
-        value = project("value", fan_in_init(1.0, (-3,)), inputs_kv)
+        key = project("key", kv_init, inputs_kv)  # [b, k, heads, d_kv]
+        value = project("value", kv_init, inputs_kv)
 
         if decode:
             key, value, mask = self._update_cache(key, value, mask)
@@ -169,7 +187,7 @@ class MultiHeadAttention(nn.Module):
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic)
         attended = jnp.einsum("bhqs,bshk->bqhk", weights, value)  # [b, q, heads, d_kv]
-        out_kernel = self.param("out", nn.with_logical_partitioning(fan_in_init(1.0, (-3, -2)),
+        out_kernel = self.param("out", nn.with_logical_partitioning(fan_in_init(1.0, (-3, -2), (-1,), distribution="normal"),
                                                                     ("heads", "kv", "embed")),
                                 (self.num_heads, self.d_kv, d_model), jnp.float32)
         return jnp.einsum("bqhk,hkd->bqd", attended, out_kernel.astype(self.dtype))

@@ -134,7 +134,7 @@ class MoeLayer(nn.Module):
         if impl == "dropless":
             capacity = group_size  # an expert can take every token of a group: nothing is dropped
         elif moe.expert_capacity is not None:
-            capacity = moe.expert_capacity
+            capacity = min(moe.expert_capacity, group_size)  # more slots than tokens only compute padding
         else:
             factor = moe.eval_capacity_factor if deterministic else moe.train_capacity_factor
             capacity = routing.expert_capacity(group_size, moe.num_experts, factor, moe.min_capacity)
@@ -154,9 +154,11 @@ class MoeLayer(nn.Module):
 
         # 3. Dispatch to [experts, groups, capacity, d]; the constraint is where the all-to-all happens.
         names = ("expert_wi_0", "expert_wi_1") if cfg.mlp_gated else ("expert_wi",)
-        wi_init = nn.with_logical_partitioning(fan_in_init(), ("expert", "embed", "expert_mlp"))
+        # Each expert is initialized as its own dense layer: the expert axis is a batch axis, not fan-in.
+        expert_init = fan_in_init(1.0, (-2,), (-1,), batch_axes=(0,))
+        wi_init = nn.with_logical_partitioning(expert_init, ("expert", "embed", "expert_mlp"))
         wi = [self.param(n, wi_init, (moe.num_experts, d_model, cfg.d_ff), jnp.float32) for n in names]
-        wo = self.param("expert_wo", nn.with_logical_partitioning(fan_in_init(), ("expert", "expert_mlp", "embed")),
+        wo = self.param("expert_wo", nn.with_logical_partitioning(expert_init, ("expert", "expert_mlp", "embed")),
                         (moe.num_experts, cfg.d_ff, d_model), jnp.float32)
         if impl == "dropless":
             dropout = lambda h: nn.Dropout(moe.expert_dropout_rate)(h, deterministic)

@@ -7,7 +7,7 @@ inverse-square-root schedule; AdamW is offered for comparison and
 fine-tuning. Everything is built from optax's own transformations:
 
     masked(set_to_zero, frozen)         # frozen grads leave the norm and the NaN check
-    -> apply_if_finite(                 # skip steps with Inf/NaN grads, count them
+    -> apply_if_finite(                 # skip steps with Inf/NaN grads, count them; never apply one
          clip_by_global_norm            # one global norm over trainable params
          -> multi_transform({           # parameter groups
               'frozen':  set_to_zero,   # no optimizer state at all
@@ -39,6 +39,7 @@ DEFAULT = "default"
 _OPTIMIZERS = ("adamw", "adafactor")
 _SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "rsqrt")
 _AUX_SCHEDULES = ("constant", "linear_decay")
+NEVER_APPLY_NONFINITE = 2**31 - 1  # optax's consecutive-skip counter is int32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +66,10 @@ class OptimConfig:
     router_lr_multiplier: float = 1.0  # Scales updates of params with 'router' in the path.
     # Regexes searched in '/'-joined param paths; matching params are frozen.
     freeze_patterns: tuple[str, ...] = ()
-    skip_nonfinite: bool = True  # Skip updates whose gradients contain Inf/NaN.
-    max_consecutive_nonfinite: int = 10  # After this many skips in a row, apply anyway.
+    skip_nonfinite: bool = True  # Skip updates whose gradients contain Inf/NaN (never applied).
+    # The trainer stops the run (TrainingDiverged) after this many skipped steps in a row;
+    # 0 stops at the first. A skipped update is never applied, however many there are.
+    max_consecutive_nonfinite: int = 10
 
     def replace(self, **changes) -> "OptimConfig":
         return dataclasses.replace(self, **changes)
@@ -324,13 +327,22 @@ def make_optimizer(cfg: OptimConfig, params: Any) -> optax.GradientTransformatio
         inner.insert(0, optax.clip_by_global_norm(cfg.grad_clip_norm))
     tx = optax.chain(*inner)
     if cfg.skip_nonfinite:
-        tx = optax.apply_if_finite(tx, cfg.max_consecutive_nonfinite)
+        # optax applies a non-finite update once `max_consecutive_errors` skips in a row are
+        # exceeded, which poisons the parameters and the moments for good. Never: the trainer
+        # stops the run instead (max_consecutive_nonfinite, stmoe.trainer).
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=NEVER_APPLY_NONFINITE)
     if cfg.freeze_patterns:
         # Zero frozen grads first (stateless): they must not count towards the
         # global norm, nor make a step be skipped.
         tx = optax.chain(
             optax.masked(optax.set_to_zero(), lambda tree: _frozen_mask(tree, cfg)), tx)
     return tx
+
+
+def consecutive_nonfinite_skips(opt_state: Any) -> Any:
+    """Skipped steps in a row up to now ([] int32 array; optax's `notfinite_count`), or None
+    when skipping is off."""
+    return optax.tree.get(opt_state, "notfinite_count", default=None)
 
 
 def count_nonfinite_skips(opt_state: Any) -> int:

@@ -13,6 +13,7 @@ so the dispatch implementations never see which router ran.
 """
 from __future__ import annotations
 
+import fractions
 import math
 
 import flax.linen as nn
@@ -24,12 +25,19 @@ Array = jax.Array
 
 
 def expert_capacity(group_size: int, num_experts: int, capacity_factor: float, min_capacity: int = 4) -> int:
-    """Slots per expert and group: max(min_capacity, ceil(cf * group_size / num_experts)).
+    """Slots per expert and group: min(group_size, max(min_capacity, ceil(cf * group_size / num_experts))).
 
     Not multiplied by top_k: with top-2 and cf 1.25 there are 1.25 * T slots for
     2T assignments, which is what ST-MoE's capacity factor means (sec. 2, Table 3).
+
+    The factor is taken as the decimal it was written as (`Fraction(repr(cf))`): in floating
+    point 1.1 * 100 / 11 is 10.000000000000002 and its ceiling 11, where the capacity meant is 10.
+    The result is clamped to `group_size`: each token picks an expert at most once, so no expert
+    can receive more than `group_size` tokens of a group, and more slots only compute padding
+    (e.g. a cached decoding step routes groups of one token: 1 slot, not min_capacity 4).
     """
-    return max(min_capacity, math.ceil(capacity_factor * group_size / num_experts))
+    exact = fractions.Fraction(repr(float(capacity_factor))) * group_size / num_experts
+    return min(group_size, max(min_capacity, math.ceil(exact)))
 
 
 @flax.struct.dataclass

@@ -69,6 +69,14 @@ FREEZE_PRESETS: dict[str, tuple[str, ...]] = {
     "non_moe_ffn_only": (r"^(?!.*/ffn/(mlp|extra_mlp)/)",),
 }
 SUM_KEYS = ("cross_entropy", "output_z_loss", "correct", "weight")
+LATEST_KEYS = ("nonfinite_skips", "consecutive_nonfinite")
+# Step metrics whose non-finite value a divergence message names.
+LOSS_TERMS = ("loss", "cross_entropy", "output_z_loss", "aux_loss", "router_z_loss", "aux_loss_coef",
+              "learning_rate", "grad_norm")
+
+
+class TrainingDiverged(RuntimeError):
+    """The run stopped because too many steps in a row had non-finite gradients (none was applied)."""
 
 
 @flax.struct.dataclass
@@ -335,6 +343,10 @@ def train_step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Modul
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     skips = optax.tree.get(opt_state, "total_notfinite", default=jnp.zeros((), jnp.int32))
+    consecutive = optim.consecutive_nonfinite_skips(opt_state)
+    if consecutive is None:  # skipping is off: this step's update was applied, finite or not
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        consecutive = 1 - finite.astype(jnp.int32)
     step_metrics = {
         **ce, **moe, **layer_metrics,
         "loss": loss,
@@ -344,6 +356,7 @@ def train_step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Modul
         "param_norm": optax.tree.norm(params),
         "update_norm": optax.tree.norm(updates),
         "nonfinite_skips": skips.astype(jnp.float32),
+        "consecutive_nonfinite": consecutive.astype(jnp.float32),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
 
@@ -359,7 +372,7 @@ def eval_step(params: Any, batch: Mapping[str, Array], *, model: nn.Module) -> d
 
 def reduce_metrics(steps: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Per-step device metrics -> one scalar each: SUM_KEYS summed and divided by the token count,
-    everything else averaged over steps (nonfinite_skips: the latest value)."""
+    everything else averaged over steps (LATEST_KEYS: the latest value)."""
     host = jax.device_get(list(steps))
     sums = {k: float(sum(np.sum(m[k]) for m in host)) for k in SUM_KEYS if k in host[0]}
     weight = max(sums.get("weight", 0.0), 1.0)
@@ -368,9 +381,26 @@ def reduce_metrics(steps: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     for key in host[0]:
         if key in SUM_KEYS:
             continue
-        out[key] = float(np.asarray(host[-1][key])) if key == "nonfinite_skips" else \
+        out[key] = float(np.asarray(host[-1][key])) if key in LATEST_KEYS else \
             float(np.mean([np.asarray(m[key]) for m in host]))
     return out
+
+
+def _divergence(step: int, metrics: Mapping[str, Array], optim_cfg: optim.OptimConfig) -> str | None:
+    """Why the run must stop after `step`, or None. A step with non-finite gradients is skipped
+    (its update never applied); `optim.max_consecutive_nonfinite` skips in a row (0: the first)
+    stop the run. With `optim.skip_nonfinite=False` the first one stops it, before any save."""
+    consecutive = int(metrics["consecutive_nonfinite"])  # the loop waits for every step anyway
+    if consecutive == 0 or (optim_cfg.skip_nonfinite and consecutive < optim_cfg.max_consecutive_nonfinite):
+        return None
+    values = jax.device_get({k: metrics[k] for k in LOSS_TERMS if k in metrics})
+    bad = ", ".join(k for k, v in values.items() if not np.all(np.isfinite(v))) or "the gradients only"
+    if optim_cfg.skip_nonfinite:
+        what = (f"{consecutive} steps in a row, {step - consecutive + 1} to {step}, had non-finite gradients "
+                f"(optim.max_consecutive_nonfinite={optim_cfg.max_consecutive_nonfinite})")
+    else:
+        what = f"step {step} had non-finite gradients (optim.skip_nonfinite=False)"
+    return f"training diverged: {what}; non-finite at step {step}: {bad}"
 
 
 def _set_aside_steps(directory: str, steps: Sequence[int]) -> None:
@@ -571,6 +601,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     eval_metrics: dict[str, float] = {}
     infer_metrics: dict[str, dict[str, float]] = {}
     preempted = False
+    diverged: str | None = None
     step = start_step
     try:
         handler = checkpoints.install_preemption_handler()
@@ -584,6 +615,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             with partitioning.activate(mesh):
                 state, step_metrics = p_train_step(state, partitioning.shard_batch(batch, mesh))
             step += 1
+            diverged = _divergence(step, step_metrics, run.optim)
+            if diverged:  # this step's update was skipped (or, skipping off, is never saved)
+                break
             window.append(step_metrics)
             step_metrics["loss"].block_until_ready()  # an honest progress bar / ETA; XLA keeps the device busy
             progress.update(step)
@@ -610,7 +644,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             if handler is not None and handler.requested:
                 preempted = True
                 break
-        save(step, wait=True)
+        if not diverged:
+            save(step, wait=True)
     finally:
         progress.close()
         if handler is not None:
@@ -621,6 +656,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         train_iter.close()
 
     # 10. Report.
+    if diverged:
+        last = max(saved_steps) if saved_steps else None
+        where = (f"last good checkpoint: step {last} in {os.path.join(workdir, 'checkpoints')} (rerunning resumes "
+                 "there)" if last is not None else "no checkpoint was saved")
+        raise TrainingDiverged(f"{diverged}; no non-finite update was applied or saved; {where}. Try a lower "
+                               "learning rate, the router z-loss, or a float32 router / activations")
     if preempted:
         _say(f"stmoe: stopped by a signal at step {step}; checkpoint saved, rerun the same command to resume")
     elif process == 0:
@@ -638,8 +679,8 @@ def _report(workdir: str, jsonl_path: str, tb_dir: str, step: int, train_metrics
                      f"accuracy {train_metrics['accuracy']:.3f} (last logging window)")
     if eval_metrics:
         lines.append(f"  held-out cross-entropy {eval_metrics['cross_entropy']:.4f} nats/token, "
-                     f"accuracy {eval_metrics['accuracy']:.3f} ({run.eval_task}, eval capacity factor "
-                     f"{run.model.moe.eval_capacity_factor})")
+                     f"accuracy {eval_metrics['accuracy']:.3f} ({run.eval_task}, "
+                     f"{inference.capacity_description(run.model)})")
     for task, values in infer_metrics.items():
         shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float))
         lines.append(f"  decoded  {task}: {shown} (greedy; infer_eval/{task}-metrics.jsonl)")

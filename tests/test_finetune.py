@@ -11,6 +11,7 @@ checkpoint everything else starts from:
 - scripts/evaluate.py writes metrics.json;
 - bad inputs to finetune.py / infer.py / evaluate.py: one stderr line, exit status 2.
 """
+import glob
 import importlib.util
 import json
 import os
@@ -54,6 +55,15 @@ def pretrained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("pretrained"))
     result = trainer.train_and_evaluate(c, workdir)
     return workdir, jax.device_get(result.state.params)
+
+
+def _logged_exact_match(log_dir, task):
+    """(100 x share of logged predictions equal to their target, rows): recomputed here from the decoded
+    strings that seqio's JSONLogger writes to <task>-<step>.jsonl, independently of the metric code."""
+    (path,) = glob.glob(os.path.join(log_dir, f"{task}-[0-9]*.jsonl"))
+    rows = [json.loads(line) for line in open(path)]
+    hits = [str(r["prediction"]).strip() == str(r["target"]).strip() for r in rows]
+    return 100.0 * float(np.mean(hits)), len(rows)
 
 
 def _flat(tree):
@@ -147,8 +157,8 @@ def test_finetune_from_checkpoint_freezes_moe_and_evaluates_by_decoding(pretrain
     assert moe_names
     for name in before:
         assert np.array_equal(before[name], after[name]) == (name in moe_names), name
-    qa = next(v for k, v in result.infer_eval_metrics.items() if k.startswith("stmoe_synthetic_qa"))
-    assert 0.0 <= qa["exact_match"] <= 100.0
+    task, qa = next((k, v) for k, v in result.infer_eval_metrics.items() if k.startswith("stmoe_synthetic_qa"))
+    assert (qa["exact_match"], c.infer_eval.num_examples) == _logged_exact_match(tmp_path / "infer_eval", task)
     assert 0.0 <= qa["moe/dropped_tokens"] <= 1.0
     logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert any(any(k.startswith("infer_eval/") and k.endswith("/exact_match") for k in r) for r in logged)
@@ -203,7 +213,28 @@ def test_infer_capacity_factor_changes_dropped_fraction(pretrained, tmp_path, ca
     assert infer.main(["--checkpoint", workdir, "--mode", "score", "--input", str(pairs),
                        "--output", str(scored)]) == 0
     values = [float(line.split("\t")[0]) for line in scored.read_text().splitlines()]
-    assert len(values) == 2 and all(np.isfinite(v) and v < 0 for v in values)
+    counts = [int(line.split("\t")[1]) for line in scored.read_text().splitlines()]
+    # Independently: the checkpoint's teacher-forced logits, float64 log-softmax, summed over the
+    # target's tokens (vocabulary ids + EOS, cut to targets_length; decoder inputs = targets shifted
+    # right behind a 0).
+    from stmoe import inference
+    loaded = inference.load(workdir)
+    cut = lambda text, length: list(loaded.vocabulary.encode(text))[:length - 1] + [1]  # a cut row keeps EOS (1)
+    rows = [(cut(a, loaded.inputs_length), cut(b, loaded.targets_length))
+            for a, b in (("question: x?", "answer"), ("question: y?", "other answer"))]
+    enc = np.zeros((2, loaded.inputs_length), np.int32)
+    target = np.zeros((2, loaded.targets_length), np.int32)
+    for i, (a, b) in enumerate(rows):
+        enc[i, :len(a)], target[i, :len(b)] = a, b
+    dec_in = np.pad(target[:, :-1], [(0, 0), (1, 0)])
+    params = nn.meta.unbox(jax.device_get(loaded.params))
+    logits = np.asarray(jax.jit(lambda p: loaded.model.apply({"params": p}, enc, dec_in, target, enable_dropout=False))(
+        params), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = [logp[i, np.arange(len(b)), b].sum() for i, (_, b) in enumerate(rows)]
+    assert counts == [len(b) for _, b in rows]
+    np.testing.assert_allclose(values, want, rtol=1e-5, atol=2e-6)
 
 
 def test_infer_and_evaluate_bad_inputs_exit_2(pretrained, tmp_path, capsys):
@@ -229,6 +260,7 @@ def test_evaluate_script_writes_metrics(pretrained, tmp_path, capsys):
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert summary["step"] == 2 and summary["eval_capacity_factor"] == 2.0
     (task, metrics), = summary["tasks"].items()
-    assert task.startswith("stmoe_synthetic_qa") and 0.0 <= metrics["exact_match"] <= 100.0
+    assert task.startswith("stmoe_synthetic_qa")
+    assert (metrics["exact_match"], 8) == _logged_exact_match(tmp_path, task)
     assert "exact_match" in capsys.readouterr().out
     assert checkpoints.state_dir(workdir).endswith(os.path.join("checkpoints", "2", "state"))

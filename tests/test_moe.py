@@ -1,4 +1,4 @@
-"""MoeLayer: dispatch implementations agree, drops go through the residual, router gradients."""
+"""MoeLayer: dispatch implementations agree, drops go through the residual, train and eval capacity."""
 import functools
 
 import flax.linen as nn
@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import moe_reference
 from stmoe import losses, metrics
 from stmoe.config import ModelConfig, MoeConfig
 
@@ -85,7 +86,10 @@ def test_dropped_tokens_and_padding_get_zero_output():
                 seen.add(expert[b, t])
     out = np.asarray(out)
     assert np.all(out[~kept] == 0.0), "dropped or padded tokens must get exactly zero (the residual carries them)"
-    assert np.all(np.abs(out[kept]).sum(-1) > 0)
+    # Kept tokens get router prob x their expert's GEGLU MLP (tests/moe_reference.py, float64).
+    want = moe_reference.forward(jax.tree.map(np.asarray, params), x, mask, top_k=1, cap=1)
+    np.testing.assert_array_equal(want["kept"][..., 0], kept)
+    np.testing.assert_allclose(out, want["out"], atol=1e-6, rtol=1e-5)
     real = np.asarray(mask) > 0
     np.testing.assert_allclose(stats["dropped_tokens"], 1 - kept[real].mean(), rtol=1e-6)
 
@@ -97,39 +101,16 @@ def test_train_and_eval_capacity_factors_are_separate():
     params = init_params(cfg, x, mask)
     _, eval_stats = apply(cfg, params, x, mask, deterministic=True)
     _, train_stats = apply(cfg, params, x, mask, deterministic=False)
-    assert float(eval_stats["dropped_tokens"]) == 0.0
-    assert float(train_stats["dropped_fraction_rank1"]) > 0.0
+    # Capacities: eval ceil(4.0 * 12 / 4) = 12 (nothing drops), train ceil(0.5 * 12 / 4) = 2.
+    np_params = jax.tree.map(np.asarray, params)
+    for stats, cap in ((eval_stats, 12), (train_stats, 2)):
+        want = moe_reference.forward(np_params, x, mask, top_k=2, cap=cap)
+        for name in ("dropped_fraction_rank1", "dropped_fraction_rank2", "dropped_tokens"):
+            np.testing.assert_allclose(float(stats[name]), want[name], rtol=1e-6, err_msg=f"C={cap} {name}")
+    assert want["dropped_fraction_rank1"] > 0  # the train capacity binds
 
 
-def test_router_gets_gradients_from_task_and_aux_losses():
-    x, mask = inputs(3)
-    cfg = layer_config(top_k=2, second_expert_policy="all")
-    params = nn.meta.unbox(MoeLayer(cfg).init({"params": jax.random.key(0)}, x, mask)["params"])
-
-    def task_only(params):
-        out, _ = apply(cfg, params, x, mask)
-        return jnp.mean(jnp.square(out))
-
-    def aux_only(name):
-        def loss(params):
-            _, stats = apply(cfg, params, x, mask)
-            return stats[name]
-        return loss
-
-    for loss in (task_only, aux_only("aux_loss"), aux_only("z_loss")):
-        grad = jax.jit(jax.grad(loss))(params)["router"]["kernel"]
-        assert float(jnp.linalg.norm(grad)) > 0, loss
-
-
-def test_bfloat16_experts_keep_float32_router():
-    x, mask = inputs(4)
-    cfg = layer_config(top_k=2).replace(dtype="bfloat16")
-    params = init_params(cfg, x, mask)
-    out, stats = apply(cfg, params, x, mask)
-    assert out.dtype == jnp.bfloat16
-    assert stats["z_loss"].dtype == jnp.float32
-    ref, _ = apply(cfg.replace(dtype="float32"), params, x, mask)
-    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.1, rtol=0.05)
+# Router gradients against finite differences, and bfloat16 with a float32 router: test_moe_reference.py.
 
 
 def test_expert_choice_refused_in_causal_decoder():
@@ -144,3 +125,37 @@ def test_moe_losses_average_over_layers():
                           "b": {"moe": {"stats": ({"aux_loss": jnp.float32(3.0), "z_loss": jnp.float32(2.0)},)}}}}
     result = losses.moe_losses(layers)
     assert float(result["aux_loss"]) == 2.0 and float(result["router_z_loss"]) == 3.0
+
+
+def _dropped_share(moe_cfg: MoeConfig, x, mask) -> float:
+    cfg = ModelConfig(d_model=x.shape[-1], d_ff=32, moe=moe_cfg)
+    layer = MoeLayer(cfg)
+    params = layer.init(jax.random.key(0), x, mask)["params"]
+    _, state = layer.apply({"params": params}, x, mask, deterministic=True, mutable=["moe"])
+    return float(state["moe"]["stats"][0]["dropped_tokens"])
+
+
+def test_eval_capacity_factor_applies_over_an_integer_expert_capacity():
+    # An imported HF Switch model has an integer expert_capacity; asking for an eval factor must
+    # change the capacity (here from 1 slot per expert, which drops, to ample, which drops nothing).
+    from stmoe import inference
+
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16))
+    mask = jnp.ones((2, 16))
+    hf_style = MoeConfig(num_experts=4, top_k=1, expert_capacity=1, min_capacity=1)
+    assert _dropped_share(hf_style, x, mask) >= 0.5  # 4 slots for 16 tokens per group
+    applied = MoeConfig.from_dict(inference.with_eval_capacity_factor(hf_style.to_dict(), 8.0)).validate()
+    assert applied.expert_capacity is None and applied.eval_capacity_factor == 8.0
+    assert _dropped_share(applied, x, mask) == 0.0
+    assert inference.applied_eval_capacity_factor(ModelConfig(moe=applied)) == 8.0
+    assert inference.applied_eval_capacity_factor(ModelConfig(moe=hf_style)) is None
+
+
+def test_eval_capacity_factor_is_refused_for_dropless():
+    from stmoe import inference
+    from stmoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dropless"):
+        inference.with_eval_capacity_factor(MoeConfig(dispatch="dropless").to_dict(), 2.0)
+    with pytest.raises(ConfigError, match="must be > 0"):
+        inference.with_eval_capacity_factor(MoeConfig().to_dict(), 0.0)

@@ -296,6 +296,24 @@ def test_nonfinite_step_is_skipped_and_counted():
     np.testing.assert_allclose(new["decoder"]["mlp"]["kernel"], ref, rtol=1e-5)
 
 
+def test_nonfinite_update_is_never_applied_however_many_in_a_row():
+    # optax.apply_if_finite alone applies the NaN update once max_consecutive_errors is exceeded;
+    # the run must stop instead (trainer), so the optimizer never applies one.
+    params = _params()
+    tx = optim.make_optimizer(_cfg(skip_nonfinite=True, max_consecutive_nonfinite=2), params)
+    state = tx.init(params)
+    bad = jax.tree.map(lambda g: g * jnp.nan, _grads(params))
+    new = params
+    for expected_in_a_row in range(1, 6):
+        new, state = _step(tx, new, bad, state)
+        assert int(optim.consecutive_nonfinite_skips(state)) == expected_in_a_row
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating))
+    new, state = _step(tx, new, _grads(params, 7), state)  # a finite step resets the run of skips
+    assert int(optim.consecutive_nonfinite_skips(state)) == 0
+
+
 def test_count_is_zero_without_skipping():
     params = _params()
     tx = optim.make_optimizer(_cfg(skip_nonfinite=False), params)

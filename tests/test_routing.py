@@ -71,6 +71,31 @@ def test_capacity_formula_matches_design():
     assert routing.expert_capacity(100, 8, 2.0, min_capacity=1) == 25
 
 
+def test_capacity_rounds_the_written_decimal():
+    # 1.1 * 100 / 11 is exactly 10; in float64 it is 10.000000000000002, whose ceiling is 11.
+    assert routing.expert_capacity(100, 11, 1.1, min_capacity=1) == 10
+    assert routing.expert_capacity(300, 3, 0.3, min_capacity=1) == 30  # 0.3 * 300 / 3 = 30 (float: 30.000000000000004)
+    assert routing.expert_capacity(100, 11, 1.1001, min_capacity=1) == 11  # a hair above 10 still rounds up
+
+
+def test_capacity_is_clamped_to_the_group():
+    # No expert can receive more than every token of its group (each token picks an expert once).
+    assert routing.expert_capacity(1, 8, 2.0, min_capacity=4) == 1  # a cached decoding step: one token
+    assert routing.expert_capacity(6, 2, 4.0, min_capacity=1) == 6  # ceil(4 * 6 / 2) = 12 slots for 6 tokens
+    assert routing.expert_capacity(3, 64, 1.25, min_capacity=4) == 3
+
+
+def test_clamped_capacity_changes_no_result():
+    # Top-2 over a group of 5 tokens: capacity 5 (the clamp) and 50 route identically.
+    probs = random_probs(3, 2, 5, 4)
+    mask = np.ones((2, 5), np.float32)
+    small = routing.tokens_choose_routing(probs, mask, top_k=2, capacity=5)
+    large = routing.tokens_choose_routing(probs, mask, top_k=2, capacity=50)
+    np.testing.assert_array_equal(small.kept, large.kept)
+    np.testing.assert_array_equal(small.choice_weight, large.choice_weight)
+    assert bool(np.all(small.kept))
+
+
 @pytest.mark.parametrize("k,capacity,prioritized", [(1, 3, False), (2, 3, False), (2, 2, True), (2, 40, False)])
 def test_tokens_choose_matches_numpy(k, capacity, prioritized):
     groups, tokens, experts = 3, 24, 4

@@ -207,3 +207,47 @@ def test_nonfinite_gradient_is_skipped_and_counted():
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
                                                         jax.tree.leaves(before))]
     assert any(changed)
+
+
+def test_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """From step 5 on every gradient is NaN (the balance-loss coefficient is NaN): after
+    max_consecutive_nonfinite=3 skipped steps (5, 6, 7) train.py stops with exit status 3 and one
+    line; the checkpoints (2, 4, 6) hold finite parameters, and step 6's equal step 4's (skipped)."""
+    import importlib.util
+
+    import orbax.checkpoint as ocp
+
+    from stmoe import checkpoints, cli
+
+    real = optim.aux_loss_coef_schedule
+    monkeypatch.setattr(optim, "aux_loss_coef_schedule", lambda *a, **k: (
+        lambda step: jnp.where(step >= 4, jnp.nan, real(*a, **k)(step))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("train_script", os.path.join(root, "scripts", "train.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    overrides = ["--config.model.d_model=32", "--config.model.d_ff=64", "--config.model.num_heads=2",
+                 "--config.model.num_encoder_layers=2", "--config.model.num_decoder_layers=2",
+                 f"--config.data.inputs_length={INPUTS}",
+                 f"--config.data.targets_length={preprocessors.pre_corruption_length(INPUTS)[1]}",
+                 "--config.batch_size=8", "--config.total_steps=20", "--config.checkpoint_every_steps=2",
+                 "--config.keep_checkpoints=10", "--config.eval_steps=0", "--config.log_every_steps=1",
+                 "--config.optim.max_consecutive_nonfinite=3"]
+    capsys.readouterr()
+    status = script.main(["train.py", "--workdir", str(tmp_path)] + overrides)
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert status == cli.TRAINING_DIVERGED == 3
+    assert len(err) == 1, err
+    assert "3 steps in a row, 5 to 7, had non-finite gradients" in err[0]
+    assert "last good checkpoint: step 6" in err[0] and "aux_loss_coef" in err[0] and "grad_norm" in err[0]
+
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    assert ckpt.all_steps() == [2, 4, 6]  # nothing saved at the stop
+    ckpt.close()
+    params = {}
+    for step in (4, 6):
+        with ocp.PyTreeCheckpointer() as reader:
+            params[step] = jax.device_get(reader.restore(checkpoints.state_dir(
+                str(tmp_path / "checkpoints" / str(step))))["params"])
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params[step]))
+    _leaves_equal(params[6], params[4])  # steps 5 and 6 were skipped, not applied
