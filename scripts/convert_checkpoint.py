@@ -94,8 +94,8 @@ def parse_args(argv):
 
 
 def _validate(args) -> None:
-    """Everything that can be checked before JAX is imported."""
-    from configs import finetune
+    """Everything that can be checked before JAX (and seqio's TensorFlow) is imported."""
+    from stmoe.interop import t5x
 
     pair = (args.source[0], args.target[0])
     if pair not in CONVERSIONS:
@@ -106,14 +106,31 @@ def _validate(args) -> None:
     out = args.target[1]
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise cli.UsageError(f"--to {out}: exists and is not empty; nothing was written")
-    if args.target[0] == "stmoe" and args.preset not in finetune.PRESETS:
-        raise cli.UsageError(f"--preset {args.preset!r}: one of {list(finetune.PRESETS)}")
     for name in ("num_selected_experts", "min_expert_capacity", "group_size", "num_expert_replicas",
                  "relative_attention_max_distance"):
         if getattr(args, name) < 1:
             raise cli.UsageError(f"--{name}: must be >= 1, got {getattr(args, name)}")
     if args.num_heads is not None and args.num_heads < 1:
         raise cli.UsageError(f"--num_heads: must be >= 1, got {args.num_heads}")
+    source = args.source[1]
+    if args.source[0] == "t5x":
+        try:
+            t5x.find_checkpoint(source)
+        except t5x.ConversionError as e:
+            raise cli.UsageError(str(e)) from e
+    elif not os.path.isfile(os.path.join(source, "config.json")):
+        kind = "a Hugging Face checkpoint" if args.source[0] == "hf" else "an stmoe run (scripts/train.py writes it)"
+        raise cli.UsageError(f"--from {args.source[0]} {source}: no config.json (not {kind})")
+
+
+def _preset(name: str):
+    """configs/finetune.py's preset `name` (importing it imports seqio and TensorFlow, quietly)."""
+    cli.import_tensorflow_quietly()
+    from configs import finetune
+
+    if name not in finetune.PRESETS:
+        raise cli.UsageError(f"--preset {name!r}: one of {list(finetune.PRESETS)}")
+    return finetune.get_config(name)
 
 
 def kind_of(path: str) -> str:
@@ -145,10 +162,9 @@ def write_stmoe_run(out: str, model_cfg, params, preset: str, source: str) -> No
     """OUT/checkpoints/0/state (params), OUT/config.json (run config), OUT/config.py (finetune config)."""
     import ml_collections
 
-    from configs import finetune
     from stmoe import checkpoints
 
-    run = finetune.get_config(preset)
+    run = _preset(preset)
     run.unlock()
     run.model = ml_collections.ConfigDict(model_cfg.to_dict())
     if run.mesh.expert > 1 and model_cfg.moe.num_experts % run.mesh.expert:
@@ -167,20 +183,20 @@ def write_stmoe_run(out: str, model_cfg, params, preset: str, source: str) -> No
 def _from_t5x(args) -> None:
     import jax.numpy as jnp
 
-    from configs import finetune
     from stmoe.interop import t5x
 
-    preset_model = finetune.get_config(args.preset).model
     options = t5x.Options(
         num_heads=args.num_heads, num_selected_experts=args.num_selected_experts,
         train_capacity_factor=args.train_capacity_factor, eval_capacity_factor=args.eval_capacity_factor,
         min_expert_capacity=args.min_expert_capacity, group_size=args.group_size,
         num_expert_replicas=args.num_expert_replicas, batch_prioritized_routing=args.batch_prioritized_routing,
         aux_loss_factor=args.aux_loss_factor, router_z_loss_factor=args.router_z_loss_factor,
-        mlp_activation=args.mlp_activation, relative_attention_max_distance=args.relative_attention_max_distance,
-        dropout_rate=preset_model.dropout_rate, expert_dropout_rate=preset_model.moe.expert_dropout_rate)
+        mlp_activation=args.mlp_activation, relative_attention_max_distance=args.relative_attention_max_distance)
     flat, directory = t5x.read_target(args.source[1])
     cfg, mapped, counts = t5x.convert(flat, options)
+    preset_model = _preset(args.preset).model  # dropout is a fine-tuning setting: the preset's
+    cfg = cfg.replace(dropout_rate=preset_model.dropout_rate,
+                      moe=cfg.moe.replace(expert_dropout_rate=preset_model.moe.expert_dropout_rate))
     params = t5x.to_params({p: jnp.asarray(v) for p, v in mapped.items()})
     write_stmoe_run(args.target[1], cfg, params, args.preset, f"t5x {directory}")
     _report(counts, f"t5x {directory}", args.target[1])
@@ -197,8 +213,7 @@ def _from_hf(args) -> None:
 
     from stmoe.interop import hf_switch
 
-    if not os.path.isfile(os.path.join(args.source[1], "config.json")):
-        raise cli.UsageError(f"--from hf {args.source[1]}: no config.json (not a Hugging Face checkpoint)")
+    _preset(args.preset)  # fail on a bad preset before reading any weights
     model, params = hf_switch.load_pretrained(args.source[1])
     flat = flax.traverse_util.flatten_dict(params)
     counts: dict[str, int] = {}
@@ -210,6 +225,7 @@ def _from_hf(args) -> None:
 
 
 def _to_hf(args) -> None:
+    cli.import_tensorflow_quietly()
     import flax
     import jax
 
@@ -238,7 +254,7 @@ def _to_hf(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cli.import_tensorflow_quietly()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         _validate(args)
     except cli.UsageError as e:

@@ -191,7 +191,8 @@ def test_logits_match_hand_mapping(converted):
     enc = rng.integers(3, VOCAB, (4, 12)).astype(np.int32)
     dec = rng.integers(3, VOCAB, (4, 8)).astype(np.int32)
     enc[1, 9:] = 0  # padding: routed, as in t5x
-    apply = lambda model, params: np.asarray(model.apply({"params": params}, enc, dec, dec, enable_dropout=False))
+    apply = lambda model, params: np.asarray(jax.jit(lambda p: model.apply({"params": p}, enc, dec, dec,
+                                                                         enable_dropout=False))(params))
     want = apply(EncoderDecoder(HAND_CONFIG), _nest({k: jnp.asarray(v) for k, v in hand_mapping(ff).items()}))
     got = apply(loaded.model, jax.device_get(loaded.params))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -312,12 +313,12 @@ def test_moe_layer_pads_and_groups_like_flaxformer():
     mask = jnp.ones((3, 5), bool)
     layer = MoeLayer(flaxish)
     params = layer.init(jax.random.key(0), x, mask)
-    got = layer.apply(params, x, mask, mutable=["moe"])[0]
+    got = jax.jit(lambda p: layer.apply(p, x, mask, mutable=["moe"])[0])(params)
     rows, positions = routing.flaxformer_padding(3, 5, 4)
     padded = jnp.pad(x, ((0, rows), (0, positions), (0, 0)))
     tokens = (3 + rows) * (5 + positions)
     explicit = base.replace(moe=base.moe.replace(group_size=tokens // 4)).validate()
-    want = MoeLayer(explicit).apply(params, padded, jnp.pad(mask, ((0, rows), (0, positions))),
-                                    mutable=["moe"])[0][:3, :5]
+    want = jax.jit(lambda p: MoeLayer(explicit).apply(p, padded, jnp.pad(mask, ((0, rows), (0, positions))),
+                                                      mutable=["moe"])[0][:3, :5])(params)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
     assert got.shape == (3, 5, 8)
