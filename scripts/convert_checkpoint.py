@@ -1,6 +1,7 @@
 r"""Convert checkpoints: t5x (flaxformer) -> stmoe, Hugging Face Switch -> stmoe, stmoe -> Hugging Face.
 
-    python scripts/convert_checkpoint.py --from t5x gs://B/st_moe_base/checkpoint_1000000 --to stmoe runs/st_moe_base \
+    gcloud storage cp -r gs://B/st_moe_base/checkpoint_1000000 ./st_moe_base      # a local copy
+    python scripts/convert_checkpoint.py --from t5x ./st_moe_base --to stmoe runs/st_moe_base \
         --num_heads 12                                   # t5x stores attention kernels as [d, heads * d_kv]
     python scripts/finetune.py --config runs/st_moe_base/config.py --workdir runs/st_moe_base_rte
     python scripts/convert_checkpoint.py --from hf ./switch-base-8 --to stmoe runs/switch_base_8 --preset switch_base_8
