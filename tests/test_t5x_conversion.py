@@ -255,6 +255,32 @@ def test_router_matches_flaxformer_masked_router(capacity):
         assert (want > 0).sum() < 2 * 3 * 10  # some choices were dropped
 
 
+def test_relative_position_buckets_match_flaxformer():
+    """numpy port of RelativePositionBiases._relative_position_bucket (relative_position_biases.py:91-141),
+    whose log carries an extra float32 eps, against stmoe's buckets for every distance up to 3000."""
+    from stmoe.layers import relative_position_bucket
+
+    def flaxformer_bucket(relative, bidirectional, num_buckets, max_distance):
+        ret, n = 0, -relative
+        if bidirectional:
+            num_buckets //= 2
+            ret += (n < 0).astype(np.int32) * num_buckets
+            n = np.abs(n)
+        else:
+            n = np.maximum(n, 0)
+        max_exact = num_buckets // 2
+        large = max_exact + (np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps)
+                             / np.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(np.int32)
+        return ret + np.where(n < max_exact, n, np.minimum(large, num_buckets - 1))
+
+    relative = np.arange(-3000, 3000, dtype=np.int32)
+    for bidirectional in (True, False):
+        for num_buckets, max_distance in ((32, 128), (16, 64), (8, 16)):
+            np.testing.assert_array_equal(
+                np.asarray(relative_position_bucket(jnp.asarray(relative), bidirectional, num_buckets, max_distance)),
+                flaxformer_bucket(relative, bidirectional, num_buckets, max_distance))
+
+
 def _flaxformer_num_groups(num_tokens, max_group_size, multiple):
     """moe_layers.py:749-774 as written there."""
     num_groups = max(num_tokens // max_group_size, multiple)

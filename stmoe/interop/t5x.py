@@ -24,13 +24,13 @@ Checkpoint layout
 
 Parameter names (unscanned; flaxformer/architectures/t5/t5_architecture.py:241-242, 416-420,
 789, 1006, 1062-1071; moe_architecture.py:61, 132, 394, 483) -> stmoe (models.py, layers.py, moe.py)
-- token_embedder/embedding [vocab, d] (embedding.py:215)        -> token_embedder/embedding
+- token_embedder/embedding [vocab, d] (embedding.py:215-216)        -> token_embedder/embedding
 - {stack}/relpos_bias/rel_embedding [heads, buckets], shared by the stack's layers
-  (relative_position_biases.py:193-197; moe.gin:103, 134)       -> {stack}/relative_position_bias/rel_embedding
+  (relative_position_biases.py:194-198; moe.gin:103, 134)       -> {stack}/relative_position_bias/rel_embedding
 - {stack}/layers_<i>/{attention | self_attention | encoder_decoder_attention}/{query,key,value}/kernel:
   [d, heads * d_kv] (DenseGeneral reshape_kernel, dense.py:114-148), or [d, heads, d_kv] with
-  split_head_kernel (dense_attention.py:347)                    -> .../{query,key,value} [d, heads, d_kv]
-  .../out/kernel [heads * d_kv, d] or [heads, d_kv, d] (dense_attention.py:632-642) -> .../out [heads, d_kv, d]
+  split_head_kernel (dense_attention.py:788)                    -> .../{query,key,value} [d, heads, d_kv]
+  .../out/kernel [heads * d_kv, d] or [heads, d_kv, d] (dense_attention.py:1073-1083) -> .../out [heads, d_kv, d]
 - pre_attention_layer_norm, pre_self_attention_layer_norm, pre_cross_attention_layer_norm,
   pre_mlp_layer_norm, pre_extra_mlp_layer_norm /scale            -> pre_attention_norm, pre_self_attention_norm,
                                                                    pre_cross_attention_norm, ffn/pre_mlp_norm,
@@ -53,8 +53,8 @@ Architecture semantics (all as stmoe's T5.1.1 backbone)
 - 'gelu' is flax.linen.gelu, the tanh approximation (dense.py:171-180 `getattr(nn, name)`), the
   same as stmoe's "gelu"; gated ('gelu', 'linear') when wi_0/wi_1 are present (moe.gin:215, 275).
 - T5LayerNorm: RMS, epsilon 1e-6 (layer_norm.py:46, 76); no 1/sqrt(d_kv) in attention
-  (rescale_logits False, dense_attention.py:56, 144-145); relative position buckets: the same
-  function as stmoe's (relative_position_biases.py:81-120; tests check every distance).
+  (rescale_logits False, dense_attention.py:497, 144-145); relative position buckets: the same
+  function as stmoe's (relative_position_biases.py:91-141; tests check every distance).
 
 Routing semantics (TokensChooseMaskedRouter, flaxformer/architectures/moe/routing.py and
 moe_layers.py) and the MoeConfig value that reproduces each:
@@ -232,16 +232,16 @@ class Options:
     t5x/configs/moe/models/st_moe_base.gin and tokens_choose_base.gin, architectures/moe.gin)."""
 
     num_heads: int | None = None  # NUM_HEADS; needed when attention kernels are [d, heads * d_kv]
-    num_selected_experts: int = 2  # NUM_SELECTED_EXPERTS (tokens_choose_base.gin:59; Switch: 1)
-    train_capacity_factor: float = 1.25  # TRAIN_EXPERT_CAPACITY_FACTOR (tokens_choose_base.gin:56)
-    eval_capacity_factor: float = 2.0  # EVAL_EXPERT_CAPACITY_FACTOR (:57)
+    num_selected_experts: int = 2  # NUM_SELECTED_EXPERTS (tokens_choose_base.gin:35; switch_base.gin:33: 1)
+    train_capacity_factor: float = 1.25  # TRAIN_EXPERT_CAPACITY_FACTOR (tokens_choose_base.gin:32)
+    eval_capacity_factor: float = 2.0  # EVAL_EXPERT_CAPACITY_FACTOR (:33)
     min_expert_capacity: int = 4  # MoeLayer.min_expert_capacity (moe_layers.py:100)
     group_size: int = 4096  # GROUP_SIZE = MoeLayer.max_group_size (moe.gin:62, 231)
     num_expert_replicas: int = 1  # devices / (expert partitions x model partitions) (moe_layers.py:798-819)
     batch_prioritized_routing: bool = False  # sparse_encoder router (st_moe_base.gin:20)
-    aux_loss_factor: float = 0.01  # AUX_LOSS_FACTOR (tokens_choose_base.gin:63)
+    aux_loss_factor: float = 0.01  # AUX_LOSS_FACTOR (tokens_choose_base.gin:39)
     router_z_loss_factor: float = 1e-4  # ROUTER_Z_LOSS_FACTOR (st_moe_base.gin:17; 32B: 1e-3)
-    mlp_activation: str | None = None  # None: "gelu" if gated (wi_0/wi_1), "relu" if not (switch_base.gin:142)
+    mlp_activation: str | None = None  # None: "gelu" if gated (wi_0/wi_1), "relu" if not (switch_base.gin:39)
     relative_attention_max_distance: int = 128  # RelativePositionBiases.max_distance (moe.gin:204)
     layer_norm_epsilon: float = 1e-6  # T5LayerNorm.epsilon (layer_norm.py:46)
     dropout_rate: float = 0.0
