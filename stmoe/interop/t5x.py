@@ -78,8 +78,11 @@ moe_layers.py) and the MoeConfig value that reproduces each:
 - capacity = max(min_expert_capacity, int(round(cf * tokens_per_group / experts)))
   (moe_layers.py:170-178; min 4, :100)                          -> capacity_rounding="round", min_capacity,
                                                                    train/eval_capacity_factor
-- balance loss counts all k choices: experts^2 * mean(f * P) (routing.py:720-754), padding included
-                                                                -> aux_loss_type="switch_all_k"
+- balance loss counts all k choices: experts^2 * mean(f * P) (routing.py:720-754), padding included;
+  it and the z-loss are scaled by AUX_LOSS_FACTOR / ROUTER_Z_LOSS_FACTOR and averaged over the MoE
+  layers (t5x/contrib/moe/models.py:359-377), as in stmoe/losses.py
+                                                                -> aux_loss_type="switch_all_k",
+                                                                   aux_loss_coef, z_loss_coef
 - router in float32 from float32 inputs, z-loss over all tokens (routing.py:290-324, 757-774);
   no jitter in t5x training (moe.gin:67)                        -> jitter_noise=0
 Not mirrored: flaxformer multiplies every sublayer input by the padding mask (t5_architecture.py:
