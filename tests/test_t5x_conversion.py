@@ -223,6 +223,30 @@ def test_orbax_and_scanned_layouts_give_the_same_params(converted, tmp_path):
         np.testing.assert_array_equal(mapped[path], value, err_msg=path)
 
 
+def test_fused_mlp_and_split_head_kernels(converted):
+    """MlpBlock(fuse_kernels=True) stores wi_fused [(E,) d, 2, d_ff] (dense.py:358-370); split_head_kernel
+    stores attention kernels [d, heads, d_kv] / [heads, d_kv, d] (dense_attention.py:788): the same params
+    come out, and --num_heads is not needed."""
+    ff, _, _ = converted
+    reference = t5x.convert(ff, t5x.Options(num_heads=HEADS))
+    variant = {}
+    for name, value in ff.items():
+        if name.endswith(("/query/kernel", "/key/kernel", "/value/kernel")):
+            variant[name] = value.reshape(D, HEADS, DKV)
+        elif name.endswith("/out/kernel"):
+            variant[name] = value.reshape(HEADS, DKV, D)
+        elif name.endswith("/wi_0/kernel"):
+            variant[name.replace("wi_0", "wi_fused")] = np.stack([value, ff[name.replace("wi_0", "wi_1")]], axis=-2)
+        elif not name.endswith("/wi_1/kernel"):
+            variant[name] = value
+    cfg, mapped, counts = t5x.convert(variant, t5x.Options())
+    assert cfg == reference[0] and sorted(mapped) == sorted(reference[1])
+    for path, value in reference[1].items():
+        np.testing.assert_array_equal(mapped[path], value, err_msg=path)
+    with pytest.raises(t5x.ConversionError, match="--num_heads"):
+        t5x.convert(ff, t5x.Options())
+
+
 # ------------------------------------------------------------------ routing semantics vs flaxformer
 
 
