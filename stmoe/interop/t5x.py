@@ -85,6 +85,8 @@ moe_layers.py) and the MoeConfig value that reproduces each:
                                                                    aux_loss_coef, z_loss_coef
 - router in float32 from float32 inputs, z-loss over all tokens (routing.py:290-324, 757-774);
   no jitter in t5x training (moe.gin:67)                        -> jitter_noise=0
+Only tokens-choose routers: a checkpoint of flaxformer's ExpertsChooseMaskedRouter (experts_choose_*.gin)
+has the same parameters and would convert silently to tokens-choose routing; do not convert those.
 Not mirrored: flaxformer multiplies every sublayer input by the padding mask (t5_architecture.py:
 319-320, 342-343; decoder mask: dense_attention.py:2319), so routed padding tokens reach the
 router as zero vectors (uniform probabilities: experts 0..k-1); here padding is routed with its
