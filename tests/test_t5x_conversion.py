@@ -43,7 +43,8 @@ def flaxformer_params(seed: int = 0) -> dict[str, np.ndarray]:
     shapes = {"token_embedder/embedding": (VOCAB, D), "decoder/logits_dense/kernel": (D, VOCAB),
               "encoder/encoder_norm/scale": (D,), "decoder/decoder_norm/scale": (D,),
               "encoder/relpos_bias/rel_embedding": (HEADS, 32), "decoder/relpos_bias/rel_embedding": (HEADS, 32)}
-    for stack, attentions in (("encoder", ("attention",)), ("decoder", ("self_attention", "encoder_decoder_attention"))):
+    stacks = (("encoder", ("attention",)), ("decoder", ("self_attention", "encoder_decoder_attention")))
+    for stack, attentions in stacks:
         for i in range(LAYERS):
             p = f"{stack}/layers_{i}/"
             norms = ["pre_attention_layer_norm"] if stack == "encoder" else \
@@ -67,7 +68,8 @@ def flaxformer_params(seed: int = 0) -> dict[str, np.ndarray]:
                     shapes[p + f"mlp/{name}/kernel"] = shape
     out = {}
     for name, shape in shapes.items():
-        scale = 1.0 if name.endswith(("embedding", "rel_embedding")) else 1.0 / np.sqrt(shape[-2] if len(shape) > 1 else 1)
+        fan_in = shape[-2] if len(shape) > 1 else 1
+        scale = 1.0 if name.endswith(("embedding", "rel_embedding")) else 1.0 / np.sqrt(fan_in)
         value = rng.normal(size=shape) * scale
         out[name] = (1.0 + 0.1 * value if name.endswith("/scale") else value).astype(np.float32)
     return out
