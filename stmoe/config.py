@@ -19,6 +19,7 @@ DISPATCH_IMPLS = ("einsum", "gather", "dropless", "auto")
 REMAT_POLICIES = ("none", "full", "save_dots")
 MLP_ACTIVATIONS = ("gelu", "relu", "silu")
 DTYPES = ("float32", "bfloat16")
+CAPACITY_ROUNDINGS = ("ceil", "round")
 
 
 class ConfigError(ValueError):
@@ -66,7 +67,12 @@ class MoeConfig(_Replaceable):
     eval_capacity_factor: float = 2.0
     min_capacity: int = 4
     expert_capacity: int | None = None  # an integer overrides both factors (HF Switch semantics)
+    capacity_rounding: str = "ceil"  # "round": int(round(cf * group_size / E)), half to even (flaxformer)
     group_size: int | None = None  # tokens per routing group; None = one group per sequence
+    # flaxformer's groups over the whole batch (routing.flaxformer_num_groups): at most max_group_size tokens
+    # each, a group count that is a multiple of num_groups_multiple (its num_experts x expert replicas).
+    max_group_size: int | None = None
+    num_groups_multiple: int = 1
     # Encoder layers hand out capacity slots by descending top-1 router probability (V-MoE's
     # batch-prioritized routing, Riquelme et al. 2021 sec. 4.1) instead of token order. Decoder layers
     # always use token order: a priority by confidence would let later tokens take an earlier one's
@@ -113,8 +119,18 @@ class MoeConfig(_Replaceable):
         _check(self.min_capacity >= 1, f"{p}min_capacity", f"must be >= 1, got {self.min_capacity}")
         _check(self.expert_capacity is None or self.expert_capacity >= 1, f"{p}expert_capacity",
                f"must be None or >= 1, got {self.expert_capacity}")
+        _check(self.capacity_rounding in CAPACITY_ROUNDINGS, f"{p}capacity_rounding",
+               f"must be one of {CAPACITY_ROUNDINGS}, got {self.capacity_rounding!r}")
         _check(self.group_size is None or self.group_size >= 1, f"{p}group_size",
                f"must be None or >= 1, got {self.group_size}")
+        _check(self.max_group_size is None or self.max_group_size >= 1, f"{p}max_group_size",
+               f"must be None or >= 1, got {self.max_group_size}")
+        _check(self.max_group_size is None or self.group_size is None, f"{p}max_group_size",
+               f"set group_size={self.group_size} or max_group_size={self.max_group_size}, not both")
+        _check(self.num_groups_multiple >= 1, f"{p}num_groups_multiple",
+               f"must be >= 1, got {self.num_groups_multiple}")
+        _check(self.num_groups_multiple == 1 or self.max_group_size is not None, f"{p}num_groups_multiple",
+               f"={self.num_groups_multiple} needs max_group_size (it shapes flaxformer's batch-wide groups)")
         _check(self.aux_loss_type in AUX_LOSS_TYPES, f"{p}aux_loss_type",
                f"must be one of {AUX_LOSS_TYPES}, got {self.aux_loss_type!r}")
         for name in ("aux_loss_coef", "z_loss_coef", "jitter_noise"):

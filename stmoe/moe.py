@@ -2,7 +2,8 @@
 
 Algorithm (ST-MoE sec. 2; Switch sec. 2):
 1. Flatten [batch, length, d] tokens into groups [groups, group_size, d]; capacity is
-   counted per group (one group per sequence by default).
+   counted per group (one group per sequence by default; `max_group_size` gives
+   flaxformer's batch-wide groups, routing.flaxformer_num_groups).
 2. The float32 router scores every token; routing.py decides which (expert, slot)
    each token occupies and with which weight (tokens-choose top-k or expert-choice).
 3. Dispatch fills per-expert buffers [experts, groups, capacity, d]. Under a mesh the
@@ -117,7 +118,18 @@ class MoeLayer(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
 
         # 1. Token groups.
-        group_size = moe.group_size or length
+        if moe.max_group_size is not None:
+            # flaxformer's batch-wide groups: zero-pad rows or positions to a multiple of the group
+            # count (padding is routed only with route_padding, as there), then its group count.
+            pad_rows, pad_positions = routing.flaxformer_padding(batch, length, moe.num_groups_multiple)
+            inputs = jnp.pad(inputs, ((0, pad_rows), (0, pad_positions), (0, 0)))
+            token_mask = jnp.pad(token_mask, ((0, pad_rows), (0, pad_positions)))
+            batch, length = batch + pad_rows, length + pad_positions
+            group_size = batch * length // routing.flaxformer_num_groups(
+                batch * length, moe.max_group_size, moe.num_groups_multiple)
+        else:
+            pad_rows = pad_positions = 0
+            group_size = moe.group_size or length
         num_tokens = batch * length
         if num_tokens % group_size:
             raise ValueError(f"moe.group_size={group_size} must divide batch * length = {num_tokens}")
@@ -137,7 +149,8 @@ class MoeLayer(nn.Module):
             capacity = min(moe.expert_capacity, group_size)  # more slots than tokens only compute padding
         else:
             factor = moe.eval_capacity_factor if deterministic else moe.train_capacity_factor
-            capacity = routing.expert_capacity(group_size, moe.num_experts, factor, moe.min_capacity)
+            capacity = routing.expert_capacity(group_size, moe.num_experts, factor, moe.min_capacity,
+                                               moe.capacity_rounding)
         logits = routing.Router(moe.num_experts, moe.router_init_std, moe.jitter_noise, name="router")(
             x, deterministic)  # [g, t, e] float32
         probs = jax.nn.softmax(logits, axis=-1)
@@ -204,4 +217,5 @@ class MoeLayer(nn.Module):
                              else routing.auxiliary_loss(moe.aux_loss_type, probs, route, mask))
         stats["z_loss"] = routing.router_z_loss(logits, mask)
         self.sow("moe", "stats", stats)
-        return outputs.reshape(batch, length, d_model).astype(dtype)
+        outputs = outputs.reshape(batch, length, d_model)
+        return outputs[:batch - pad_rows, :length - pad_positions].astype(dtype)

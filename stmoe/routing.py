@@ -24,11 +24,14 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def expert_capacity(group_size: int, num_experts: int, capacity_factor: float, min_capacity: int = 4) -> int:
+def expert_capacity(group_size: int, num_experts: int, capacity_factor: float, min_capacity: int = 4,
+                    rounding: str = "ceil") -> int:
     """Slots per expert and group: min(group_size, max(min_capacity, ceil(cf * group_size / num_experts))).
 
     Not multiplied by top_k: with top-2 and cf 1.25 there are 1.25 * T slots for
     2T assignments, which is what ST-MoE's capacity factor means (sec. 2, Table 3).
+    `rounding="round"` is flaxformer's int(round(...)) instead of ceil (Python's round: half
+    to even; flaxformer/architectures/moe/moe_layers.py:175-178).
 
     The factor is taken as the decimal it was written as (`Fraction(repr(cf))`): in floating
     point 1.1 * 100 / 11 is 10.000000000000002 and its ceiling 11, where the capacity meant is 10.
@@ -37,7 +40,36 @@ def expert_capacity(group_size: int, num_experts: int, capacity_factor: float, m
     (e.g. a cached decoding step routes groups of one token: 1 slot, not min_capacity 4).
     """
     exact = fractions.Fraction(repr(float(capacity_factor))) * group_size / num_experts
-    return min(group_size, max(min_capacity, math.ceil(exact)))
+    slots = round(exact) if rounding == "round" else math.ceil(exact)
+    return min(group_size, max(min_capacity, slots))
+
+
+def flaxformer_num_groups(num_tokens: int, max_group_size: int, multiple: int) -> int:
+    """flaxformer's group count for a whole batch (flaxformer/architectures/moe/moe_layers.py:715-797).
+
+    The smallest n >= max(num_tokens // max_group_size, multiple) with num_tokens % n == 0 and
+    n % multiple == 0 (flaxformer: multiple = num_experts x expert replicas, so the group count and
+    hence the group size num_tokens / n depend on the batch and on the device layout).
+    Raises ValueError when num_tokens has no such divisor (flaxformer pads first: flaxformer_padding).
+    """
+    num_groups = max(num_tokens // max_group_size, multiple)
+    while num_groups < num_tokens and not (num_tokens % num_groups == 0 and num_groups % multiple == 0):
+        num_groups += 1
+    if num_tokens % num_groups:
+        raise ValueError(f"moe.max_group_size={max_group_size}, moe.num_groups_multiple={multiple}: no group count "
+                         f"divides {num_tokens} tokens")
+    return num_groups
+
+
+def flaxformer_padding(batch: int, length: int, multiple: int) -> tuple[int, int]:
+    """(extra rows, extra positions) flaxformer's MoE layer pads a [batch, length] input with so that the
+    token count is a multiple of `multiple`: whichever of the two dimensions needs fewer padded tokens,
+    positions on a tie (flaxformer/architectures/moe/moe_layers.py:822-901, `_maybe_pad`)."""
+    if (batch * length) % multiple == 0:
+        return 0, 0
+    rows = next(r for r in range(1, multiple + 1) if ((batch + r) * length) % multiple == 0)
+    positions = next(p for p in range(1, multiple + 1) if (batch * (length + p)) % multiple == 0)
+    return (0, positions) if positions * batch <= rows * length else (rows, 0)
 
 
 @flax.struct.dataclass

@@ -152,7 +152,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "moe.router_type": (moe.router_type, "tokens_choose"),
         "moe.decoder_router_type": (moe.decoder_router_type or moe.router_type, "tokens_choose"),
         "moe.top_k": (moe.top_k, 1),
-        "moe.group_size": (moe.group_size, None), "moe.batch_prioritized": (moe.batch_prioritized, False),
+        "moe.group_size": (moe.group_size, None), "moe.max_group_size": (moe.max_group_size, None),
+        "moe.batch_prioritized": (moe.batch_prioritized, False),
         "moe.route_padding": (moe.route_padding, True),
         "moe.dropped_token_passthrough": (moe.dropped_token_passthrough, False),
     }
