@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import moe_reference as ref
+from test_moe import apply  # the jitted MoeLayer call (outputs, sown stats) the dispatch tests use
 from stmoe import metrics, routing
 from stmoe import moe as moe_lib
 from stmoe.config import ModelConfig, MoeConfig
@@ -42,13 +43,6 @@ def init_params(cfg, x, mask, router_scale=50.0, seed=0):
     # A sharper router than the init (std 2e-2) so that loads are uneven and capacity binds.
     params["router"] = {"kernel": draw(shapes["router"]["kernel"].shape, 2e-2 * router_scale)}
     return params
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def apply(cfg, params, x, mask, deterministic=True):
-    out, state = MoeLayer(cfg).apply({"params": params}, x, mask, deterministic, mutable=["moe"],
-                                     rngs={"dropout": jax.random.key(1)})
-    return out, metrics.collect_layers(state["moe"])[""]
 
 
 def np_params(params):
