@@ -15,7 +15,8 @@ Algorithm (ST-MoE sec. 2; Switch sec. 2):
 5. Combine brings each slot's output back to its token, times its weight (with tokens-choose
    and "gather", every token gathers its k slots). A token that got no slot receives zero
    and is carried by the residual connection.
-6. The aux losses and router metrics of the layer are sown into the 'moe' collection.
+6. The aux losses and router metrics of the layer are sown into the 'moe' collection; with
+   mutable=['intermediates'] also each token's choices (expert_index / wanted / kept, [batch, length, k]).
 
 The dispatch implementations (dispatch.py) give the same numbers (tests).
 """
@@ -206,4 +207,7 @@ class MoeLayer(nn.Module):
                              else routing.auxiliary_loss(moe.aux_loss_type, probs, route, mask))
         stats["z_loss"] = routing.router_z_loss(logits, mask)
         self.sow("moe", "stats", stats)
+        # Opt-in per-token routing for stmoe.tracing: stored only under mutable=['intermediates'].
+        self.sow("intermediates", "routing", {name: getattr(route, name).reshape(batch, length, -1)
+                                              for name in ("expert_index", "wanted", "kept")})
         return outputs.reshape(batch, length, d_model).astype(dtype)

