@@ -3,10 +3,10 @@
 - health flags on synthetic metric values: each threshold fires on its own, healthy values raise
   none, the printed report names the thresholds; routing_report of a JSONL file carries them;
 - on a tiny checkpoint (module-scoped: 3 train steps of a d_model-32 model, 8 simulated devices):
-  entropies within [0, ln E]; token and sentinel counts equal numpy counts of the rows; the
-  encoder layer's top-1 entropy (all tokens and sentinels) equals a numpy entropy of the argmax of
-  the router logits, captured independently with flax's capture_intermediates on the Router
-  module; dropped first choices equal inference.routing_stats (the sown metrics); domain matrix
+  entropies within [0, ln E]; token and sentinel counts equal numpy counts of the rows; each
+  layer's top-1 entropy (all tokens and sentinels) and top-token counts equal numpy values from the
+  argmax of the router logits, captured independently with flax's capture_intermediates on the
+  Router module; dropped first choices equal inference.routing_stats (the sown metrics); domain matrix
   rows sum to 1, one per domain; every expert with tokens lists its top tokens; pair matrix sums
   to 1 with a zero diagonal;
 - the script: writes report.md, trace.json and the PNGs; bad inputs exit 2 with one stderr line;
@@ -133,31 +133,39 @@ def test_entropies_and_counts(run):
         assert sum(s["top1_share_all"]) == pytest.approx(1.0)
 
 
-def test_encoder_entropy_matches_numpy_argmax_of_router_logits(run):
-    """Golden values: argmax of the Router module's logits (flax capture_intermediates, no sown
-    routing involved), entropy computed here in numpy over the real tokens."""
+def test_entropies_match_numpy_argmax_of_router_logits(run):
+    """Golden values: argmax of each Router module's logits (flax capture_intermediates, no sown
+    routing involved), entropies computed here in numpy over the real tokens: the encoder's input
+    tokens, the decoder's input tokens (targets shifted right) where the target is real."""
     _, loaded, inputs, targets, _, result = run
-    @jax.jit
-    def router_logits(params, inputs, targets):
-        _, captured = loaded.model.apply(
-            {"params": params}, inputs, jnp.pad(targets[:, :-1], [(0, 0), (1, 0)]), targets, enable_dropout=False,
-            mutable=["intermediates"], capture_intermediates=lambda module, _: isinstance(module, routing.Router))
-        return captured["intermediates"]["encoder"]["layers_1"]["ffn"]["moe"]["router"]["__call__"][0]
 
+    @jax.jit
+    def router_logits(params, inputs, decoder_inputs, targets):
+        _, captured = loaded.model.apply(
+            {"params": params}, inputs, decoder_inputs, targets, enable_dropout=False,
+            mutable=["intermediates"], capture_intermediates=lambda module, _: isinstance(module, routing.Router))
+        return {stack: captured["intermediates"][stack]["layers_1"]["ffn"]["moe"]["router"]["__call__"][0]
+                for stack in ("encoder", "decoder")}
+
+    decoder_inputs = np.pad(targets[:, :-1], [(0, 0), (1, 0)])
     with partitioning.activate(loaded.mesh):
-        logits = router_logits(loaded.params, jnp.asarray(inputs), jnp.asarray(targets))
-    top1 = np.asarray(logits).argmax(-1).reshape(inputs.shape)  # one group per sequence: [batch, length]
-    real = inputs > 0
-    sentinel = real & (inputs >= loaded.vocabulary.vocab_size - loaded.vocabulary.extra_ids)
+        logits = router_logits(loaded.params, *map(jnp.asarray, (inputs, decoder_inputs, targets)))
 
     def entropy(choices):
         p = np.bincount(choices, minlength=loaded.config.moe.num_experts) / choices.size
         return -np.sum(p[p > 0] * np.log(p[p > 0]))
 
-    s = result["layers"][ENCODER_LAYER]
-    assert s["entropy_all"] == pytest.approx(entropy(top1[real]), abs=1e-9)
-    assert s["entropy_sentinel"] == pytest.approx(entropy(top1[sentinel]), abs=1e-9)
-    assert s["top1_share_all"] == pytest.approx((np.bincount(top1[real], minlength=8) / real.sum()).tolist())
+    for stack, tokens, real in (("encoder", inputs, inputs > 0), ("decoder", decoder_inputs, targets > 0)):
+        top1 = np.asarray(logits[stack]).argmax(-1).reshape(tokens.shape)  # one group per sequence
+        sentinel = real & (tokens >= loaded.vocabulary.vocab_size - loaded.vocabulary.extra_ids)
+        s = result["layers"][f"{stack}/layers_1/ffn"]
+        assert s["entropy_all"] == pytest.approx(entropy(top1[real]), abs=1e-9)
+        assert s["entropy_sentinel"] == pytest.approx(entropy(top1[sentinel]), abs=1e-9)
+        assert s["top1_share_all"] == pytest.approx((np.bincount(top1[real], minlength=8) / real.sum()).tolist())
+        # ... and expert e's top tokens are the most frequent tokens among those whose argmax is e.
+        for e in (0, 7):
+            ids, counts = np.unique(tokens[real & (top1 == e)], return_counts=True)
+            assert [t["count"] for t in s["top_tokens"][str(e)]] == sorted(counts, reverse=True)[:10]
 
 
 def test_dropped_share_matches_sown_metrics(run):
