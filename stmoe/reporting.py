@@ -284,7 +284,7 @@ def health_flags(layers: Mapping[str, Mapping[str, float]], num_experts: int | N
         if entropy is not None and entropy / log_e > t.max_router_entropy:
             flag("router_not_learning", entropy / log_e, t.max_router_entropy,
                  f"router entropy {entropy:.3f} nats = {entropy / log_e:.3f} ln E (> {t.max_router_entropy:g} ln E): "
-                 "near uniform, the router is not learning")
+                 "router probabilities near uniform: the router hardly prefers any expert (not learning, or not yet)")
         if entropy is not None and entropy / log_e < t.min_router_entropy:
             flag("router_saturated", entropy / log_e, t.min_router_entropy,
                  f"router entropy {entropy:.3f} nats = {entropy / log_e:.3f} ln E (< {t.min_router_entropy:g} ln E): "

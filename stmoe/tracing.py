@@ -460,19 +460,26 @@ def plot_entropy(result: Mapping[str, Any], path: str) -> str:
 
 
 def _heatmaps(panels: Mapping[str, np.ndarray], path: str, title: str, ylabels: Sequence[str] | None,
-              xlabel: str, ylabel: str) -> str:
+              xlabel: str, ylabel: str, annotate: bool = False) -> str:
+    """One heatmap panel per layer, a shared colour scale from 0."""
     plt, cols, rows = _grid(len(panels))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 0.45 * max(len(ylabels or [0] * 8), 4) + 1.6 * rows),
-                             squeeze=False)
+    height = 0.4 * next(iter(panels.values())).shape[0] + 1.2
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 1.0, height * rows + 0.5), squeeze=False,
+                             sharey=True, constrained_layout=True)
     vmax = max(float(np.max(m)) for m in panels.values()) or 1.0
-    for ax, (name, matrix) in zip(axes.flat, panels.items()):
+    for index, (ax, (name, matrix)) in enumerate(zip(axes.flat, panels.items())):
         image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
         ax.set_title(name.replace("/ffn", ""), fontsize=9)
         ax.set_xticks(range(matrix.shape[1]))
-        ax.tick_params(labelsize=7)
         ax.set_yticks(range(matrix.shape[0]), ylabels if ylabels is not None else range(matrix.shape[0]))
+        ax.tick_params(labelsize=7)
         ax.set_xlabel(xlabel, fontsize=8)
-        ax.set_ylabel(ylabel, fontsize=8)
+        if index % cols == 0:
+            ax.set_ylabel(ylabel, fontsize=8)
+        if annotate:
+            for (i, j), value in np.ndenumerate(matrix):
+                ax.text(j, i, f"{value:.2f}"[1:] if value < 1 else "1", ha="center", va="center", fontsize=6,
+                        color="white" if value < 0.6 * vmax else "black")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
@@ -502,7 +509,8 @@ def write_outputs(result: Mapping[str, Any], out_dir: str) -> dict[str, str]:
     if result.get("domains"):
         images["domain_routing"] = _heatmaps(
             {n: np.asarray(s["domain_matrix"]) for n, s in layers.items()}, os.path.join(out_dir, "domain_routing.png"),
-            "Share of each domain's tokens per top-1 expert", result["domains"], "expert", "domain")
+            "Share of each domain's tokens per top-1 expert (rows sum to 1)", result["domains"], "expert", "domain",
+            annotate=True)
     if any("first_second" in s for s in layers.values()):
         images["expert_pairs"] = _heatmaps(
             {n: np.asarray(s["first_second"]["pairs"]) for n, s in layers.items() if "first_second" in s},
