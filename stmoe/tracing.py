@@ -334,6 +334,8 @@ def trace(loaded: inference.LoadedModel, inputs: np.ndarray, targets: np.ndarray
     {'num_experts', 'top_k', 'ln_num_experts', 'eval_capacity_factor', 'rows',
      'layers': {layer: {...}}, 'health': {'thresholds', 'flags'}}.
     """
+    if (domain_rows is None) != (domain_names is None):
+        raise ValueError("trace: pass domain_rows and domain_names together")
     moe = loaded.config.moe
     num_experts = moe.num_experts
     layers: dict[str, _LayerTokens] = {}
