@@ -127,8 +127,9 @@ class _ScanUnit(nn.Module):
 
 def _scan_stack(cfg: ModelConfig, layer_cls: type, num_layers: int, static_argnums: tuple[int, ...],
                 static_args: tuple, num_broadcast: int):
-    """nn.scan over num_layers // interval units; params and sown 'moe' values get a leading 'layers' axis."""
-    scanned = nn.scan(_ScanUnit, variable_axes={"params": 0, "moe": 0},
+    """nn.scan over num_layers // interval units; params and sown 'moe' / 'intermediates' values get a leading
+    'layers' axis."""
+    scanned = nn.scan(_ScanUnit, variable_axes={"params": 0, "moe": 0, "intermediates": 0},
                       split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * num_broadcast,
                       length=num_layers // cfg.sparse_interval, metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, layer_cls, static_argnums, static_args, name=f"scan_{cfg.sparse_interval}")

@@ -16,7 +16,8 @@ Algorithm (ST-MoE sec. 2; Switch sec. 2):
 5. Combine brings each slot's output back to its token, times its weight (with tokens-choose
    and "gather", every token gathers its k slots). A token that got no slot receives zero
    and is carried by the residual connection.
-6. The aux losses and router metrics of the layer are sown into the 'moe' collection.
+6. The aux losses and router metrics of the layer are sown into the 'moe' collection; with
+   mutable=['intermediates'] also each token's choices (expert_index / wanted / kept, [batch, length, k]).
 
 The dispatch implementations (dispatch.py) give the same numbers (tests).
 """
@@ -217,5 +218,9 @@ class MoeLayer(nn.Module):
                              else routing.auxiliary_loss(moe.aux_loss_type, probs, route, mask))
         stats["z_loss"] = routing.router_z_loss(logits, mask)
         self.sow("moe", "stats", stats)
+        # Opt-in per-token routing for stmoe.tracing: stored only under mutable=['intermediates'].
+        unpad = lambda a: a.reshape(batch, length, -1)[:batch - pad_rows, :length - pad_positions]
+        self.sow("intermediates", "routing", {name: unpad(getattr(route, name))
+                                              for name in ("expert_index", "wanted", "kept")})
         outputs = outputs.reshape(batch, length, d_model)
         return outputs[:batch - pad_rows, :length - pad_positions].astype(dtype)

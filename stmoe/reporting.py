@@ -13,10 +13,13 @@ layer averages `{prefix}/moe/{metric}`. From that file:
 - `routing_report(path, prefix)` -> the table of the last record (dropped fraction per rank,
   load CV, router entropy, confidence), one row per MoE layer;
 - `plot_expert_load(path, png)`  -> one panel per MoE layer, each expert's share of the
-  routed tokens over training (1 / num_experts everywhere is perfect balance).
+  routed tokens over training (1 / num_experts everywhere is perfect balance);
+- `health_flags(layers)` / `format_health(...)` -> the layers whose routing looks unhealthy, by the
+  thresholds of `HealthThresholds` (printed with the flags), and what to try for each.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -103,7 +106,8 @@ def layer_stats(record: Mapping[str, float], prefix: str = "train") -> dict[str,
 
 
 def routing_report(path: str, prefix: str = "train") -> tuple[str, dict[str, dict[str, float]]]:
-    """(table, per-layer stats) of the last `prefix` record in the JSON-lines file at `path`."""
+    """(report, per-layer stats) of the last `prefix` record in the JSON-lines file at `path`; the
+    report is the routing table followed by the health check (`format_health`)."""
     last = None
     for record in read_records(path, prefix):
         last = record
@@ -112,7 +116,7 @@ def routing_report(path: str, prefix: str = "train") -> tuple[str, dict[str, dic
     layers = layer_stats(last, prefix)
     if not layers:
         return "(no MoE layers)", {}
-    return moe_metrics.format_table(layers), layers
+    return moe_metrics.format_table(layers) + "\n\n" + format_health(health_flags(layers), layers), layers
 
 
 def expert_load_history(path: str, prefix: str = "train") -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -227,3 +231,146 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+# ------------------------------------------------------------------------------ routing health
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthThresholds:
+    """When a MoE layer's routing is flagged. Entropies are in units of ln E (uniform over E experts).
+
+    - max_dropped_rank1 0.01: more than 1% of real tokens lost their FIRST choice to the capacity.
+      Only rank 1 is checked: with top-2 at the train capacity factor 1.25 there are 1.25 T slots for
+      2 T choices, so second choices are dropped by design (ST-MoE sec. 2; every first choice is
+      served before any second). With balanced load (the aux loss's target) first choices fit the
+      capacity, so 1% dropped means the load is skewed beyond what the capacity absorbs.
+    - max_load_cv 0.5: std / mean of the tokens each expert processed. At 0.5 the typical expert is
+      half the mean load off it: with the capacity near the mean load (top-1 cf 1.25, top-2 cf 2.0)
+      the busy half overflows while the idle half wastes its slots.
+    - max_router_entropy 0.98 ln E: the mean per-token router entropy still at the uniform
+      distribution, i.e. the router has not learned to tell tokens apart. The init (std 2e-2) starts
+      there: at d_model 64 the logits have std ~0.16 and the entropy ~0.99 ln E.
+    - min_router_entropy 0.1 ln E: a saturated router: nearly every token gives its top expert
+      probability ~1 (for E = 8, 0.1 ln E = 0.21 nats is a 0.96 / 0.04 split). Its logits have grown
+      large, the regime where ST-MoE (sec. 3) sees training instabilities.
+    - min_load_entropy 0.5 ln E: the entropy of the experts' shares of the processed tokens (from the
+      per-expert counts). exp(entropy) is the effective number of experts in use, so 0.5 ln E means
+      fewer than sqrt(E) experts effectively used: a routing collapse onto a few experts.
+    """
+
+    max_dropped_rank1: float = 0.01
+    max_load_cv: float = 0.5
+    max_router_entropy: float = 0.98
+    min_router_entropy: float = 0.1
+    min_load_entropy: float = 0.5
+
+    def describe(self) -> str:
+        return (f"thresholds: first-choice dropped > {100 * self.max_dropped_rank1:g}%, load CV > {self.max_load_cv:g}, "
+                f"router entropy > {self.max_router_entropy:g} ln E (not learning) or < "
+                f"{self.min_router_entropy:g} ln E (saturated), load entropy < {self.min_load_entropy:g} ln E "
+                "(collapse)")
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthFlag:
+    layer: str
+    check: str  # 'dropped', 'load_cv', 'router_not_learning', 'router_saturated', 'collapse'
+    value: float  # entropies as a fraction of ln E
+    threshold: float
+    message: str
+    advice: str
+
+
+ADVICE = {
+    "dropped": "raise the capacity factor (model.moe.train_capacity_factor / eval_capacity_factor; "
+               "evaluation can use a higher one without retraining) or the balance coefficient "
+               "(model.moe.aux_loss_coef)",
+    "load_cv": "raise the balance coefficient (model.moe.aux_loss_coef, or a higher early value with "
+               "aux_loss_schedule) or the capacity factor",
+    "router_not_learning": "train longer, or raise the router's learning rate (optim.router_lr_multiplier); "
+                           "if the balance loss dominates, lower model.moe.aux_loss_coef",
+    "router_saturated": "add or raise the router z-loss (model.moe.z_loss_coef, ST-MoE: 1e-3) or lower "
+                        "the learning rate",
+    "collapse": "raise the balance coefficient (model.moe.aux_loss_coef), add router jitter (model.moe.jitter_noise) "
+                "or z-loss (model.moe.z_loss_coef), "
+                "or lower the learning rate",
+}
+
+
+def load_entropy(counts: np.ndarray) -> float:
+    """Entropy (nats) of the experts' shares of the processed tokens, counts [experts]; 0 ln 0 = 0."""
+    counts = np.asarray(counts, np.float64)
+    total = counts.sum()
+    if total <= 0:
+        return float("nan")
+    p = counts[counts > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
+def _expert_counts(stats: Mapping[str, float]) -> np.ndarray | None:
+    experts = sorted(int(m.group(1)) for k in stats if (m := _EXPERT_KEY.match(k)))
+    if not experts:
+        return None
+    return np.array([stats[f"expert_{e}_tokens"] for e in experts], np.float64)
+
+
+def health_flags(layers: Mapping[str, Mapping[str, float]], num_experts: int | None = None,
+                 thresholds: HealthThresholds = HealthThresholds()) -> list[HealthFlag]:
+    """The unhealthy layers of `layers` = {layer: {metric: value}} (`layer_stats`, or
+    stmoe.inference.routing_stats, whose 'all' row is skipped).
+
+    Metrics used when present: dropped_fraction_rank1, load_cv, router_entropy and
+    expert_{e}_tokens. `num_experts` defaults to the number of expert_{e}_tokens keys; without
+    either the entropy checks are skipped.
+    """
+    t = thresholds
+    flags: list[HealthFlag] = []
+    for layer, stats in layers.items():
+        if layer == "all":
+            continue
+        counts = _expert_counts(stats)
+        experts = num_experts or (len(counts) if counts is not None else None)
+        log_e = math.log(experts) if experts and experts > 1 else None
+
+        def flag(check, value, threshold, message):
+            flags.append(HealthFlag(layer, check, float(value), threshold, message, ADVICE[check]))
+
+        dropped = stats.get("dropped_fraction_rank1")
+        if dropped is not None and dropped > t.max_dropped_rank1:
+            flag("dropped", dropped, t.max_dropped_rank1,
+                 f"{100 * dropped:.2f}% of first choices dropped (> {100 * t.max_dropped_rank1:g}%)")
+        cv = stats.get("load_cv")
+        if cv is not None and cv > t.max_load_cv:
+            flag("load_cv", cv, t.max_load_cv, f"load CV {cv:.3f} (> {t.max_load_cv:g})")
+        if log_e is None:
+            continue
+        entropy = stats.get("router_entropy")
+        if entropy is not None and entropy / log_e > t.max_router_entropy:
+            flag("router_not_learning", entropy / log_e, t.max_router_entropy,
+                 f"router entropy {entropy:.3f} nats = {entropy / log_e:.3f} ln E (> {t.max_router_entropy:g} ln E): "
+                 "router probabilities near uniform: the router hardly prefers any expert (not learning, or not yet)")
+        if entropy is not None and entropy / log_e < t.min_router_entropy:
+            flag("router_saturated", entropy / log_e, t.min_router_entropy,
+                 f"router entropy {entropy:.3f} nats = {entropy / log_e:.3f} ln E (< {t.min_router_entropy:g} ln E): "
+                 "saturated router")
+        if counts is not None and counts.sum() > 0:
+            h = load_entropy(counts) / log_e
+            if h < t.min_load_entropy:
+                flag("collapse", h, t.min_load_entropy,
+                     f"load entropy {h:.3f} ln E (< {t.min_load_entropy:g} ln E): {math.exp(h * log_e):.1f} of "
+                     f"{experts} experts effectively used")
+    return flags
+
+
+def format_health(flags: list[HealthFlag], layers: Mapping[str, object] | None = None,
+                  thresholds: HealthThresholds = HealthThresholds()) -> str:
+    """Text block: the thresholds, then one line per flag with what to try, or 'no layer flagged'."""
+    checked = "" if layers is None else f" ({len([k for k in layers if k != 'all'])} MoE layers checked)"
+    lines = [f"Routing health{checked}; {thresholds.describe()}"]
+    if not flags:
+        lines.append("  no layer flagged")
+    lines += [f"  FLAG {f.layer}: {f.message}" for f in flags]
+    checks = list(dict.fromkeys(f.check for f in flags))  # in order of first appearance
+    lines += [f"  try ({check}): {ADVICE[check]}" for check in checks]
+    return "\n".join(lines)
