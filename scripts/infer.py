@@ -17,6 +17,7 @@ stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -104,10 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     stats = inference.routing_stats(loaded, inputs, targets, batch_size=args.batch_size)
     print(f"{PROGRAM}: {len(lines)} rows; {cli.routing_summary(stats, capacity)}", file=sys.stderr, flush=True)
     if args.stats_json:
+        from stmoe import reporting
+
+        flags = reporting.health_flags(stats, num_experts=loaded.config.moe.num_experts)
+        print(reporting.format_health(flags, stats), file=sys.stderr, flush=True)
         with open(args.stats_json, "w") as f:
             json.dump({"eval_capacity_factor": inference.applied_eval_capacity_factor(loaded.config),
                        "capacity": capacity, "checkpoint": loaded.checkpoint, "rows": len(lines),
-                       "layers": stats}, f, indent=2)
+                       "layers": stats, "health": [dataclasses.asdict(flag) for flag in flags]}, f, indent=2)
     return 0
 
 

@@ -202,6 +202,10 @@ def test_infer_capacity_factor_changes_dropped_fraction(pretrained, tmp_path, ca
         assert len(out.read_text().splitlines()) == len(lines)
         report = json.loads(stats.read_text())
         assert report["eval_capacity_factor"] == factor
+        assert isinstance(report["health"], list)
+        # The 'dropped' flag follows each layer's first-choice drop share (threshold 1%).
+        assert {f["layer"] for f in report["health"] if f["check"] == "dropped"} == {
+            layer for layer, v in report["layers"].items() if layer != "all" and v["dropped_fraction_rank1"] > 0.01}
         dropped[factor] = report["layers"]["all"]["dropped_tokens"]
         assert f"eval capacity factor {factor}" in capsys.readouterr().err
     # capacity ceil(0.5 * 2 * tokens / 8 experts) (min 4) cannot hold every choice; 8.0 holds all.
