@@ -213,7 +213,8 @@ def test_damaged_newest_steps_are_skipped_and_named(reference, tmp_path, capsys)
 
 
 def test_sigkill_during_async_save_resumes_from_last_complete_step(reference, tmp_path, cache_dir, capsys):
-    workdir, marker = str(tmp_path / "run"), str(tmp_path / "saving")
+    """The worker resumes a copy of the reference at step 2 and is killed inside the save of step 4."""
+    workdir, marker = _copy(reference[0], tmp_path / "run", keep_steps={2}), str(tmp_path / "saving")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(WORKER), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, WORKER, workdir, "4", marker, cache_dir], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -266,21 +267,22 @@ def test_full_disk_at_a_save_stops_with_one_line_and_keeps_the_previous(referenc
     from orbax.checkpoint._src.path import atomicity
     finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
-    async def full_disk_at_step_4(self):
-        if self.get_final().name == "4":
+    async def full_disk_at_step_6(self):
+        if self.get_final().name == "6":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return await finalize(self)
 
-    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full_disk_at_step_4)
-    workdir = str(tmp_path / "run")
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full_disk_at_step_6)
+    workdir = _copy(reference[0], tmp_path, keep_steps={2, 4})  # resumes at 4, the save of 6 fails
     assert _script("train").main(["train.py", "--workdir", workdir] + fw.flags()) == 2
     line = _last_stderr_line(capsys)
-    assert line.startswith("train.py: checkpoint error: could not save checkpoint step 4 to ") and \
-        "No space left on device" in line and "the newest complete checkpoint, step 2, is intact" in line, line
+    assert line.startswith("train.py: checkpoint error: could not save checkpoint step 6 to ") and \
+        "No space left on device" in line and "the newest complete checkpoint, step 4, is intact" in line, line
     monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "6.orbax-checkpoint-tmp"]
 
     result = trainer.train_and_evaluate(fw.tiny_config(), workdir)  # the disk has room again
-    assert "starting at step 2 from its own checkpoint at step 2" in capsys.readouterr().out
+    assert "starting at step 4 from its own checkpoint at step 4" in capsys.readouterr().out
     _leaves_equal(jax.device_get(result.state.params), reference[1])
 
 
