@@ -10,7 +10,7 @@ A checkpoint step holds two items:
 Orbax writes each step into a temporary directory (`<step>.orbax-checkpoint-tmp`)
 and renames it when all files are down, so a save that was cut off (SIGKILL,
 a crash, a lost VM) never shows up as a step; `Checkpointer.unfinished_steps`
-lists such leftovers, which the next save deletes. What the rename cannot rule
+lists such leftovers (orbax deletes them when the directory is opened). What the rename cannot rule
 out is a finished step that was damaged later (a truncated file, a missing
 directory, a partial copy between buckets): `Checkpointer.restore` then warns,
 naming the step and the error, falls back to the next older step, and lists
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -113,7 +112,8 @@ def check_writable(directory: str) -> None:
         probe.unlink()
     except OSError as e:
         reason = e.strerror or str(e) or type(e).__name__
-        where = f" ({e.filename})" if getattr(e, "filename", None) and str(e.filename) != str(probe) else ""
+        filename = str(getattr(e, "filename", None) or "")
+        where = f" ({filename})" if filename and filename not in (str(path), str(probe)) else ""
         raise WorkdirError(f"cannot write to {directory}: {reason}{where}") from None
 
 

@@ -2,7 +2,8 @@
 
 One function in fixed sections (big_vision / flax examples style):
 
-  1. config     validate every field once (`validate_config`), exit status 2 on a bad one
+  1. config     validate every field once (`validate_config`), exit status 2 on a bad one;
+                probe the workdir (a file written and removed): an unwritable one fails before any step
   2. logging    clu writers: TensorBoard + metrics.jsonl (process 0), tqdm progress bar
   3. mesh       (data, expert, model) over all devices or the first `num_devices`
   4. data       seqio train iterator (per-host shard), a fixed list of held-out batches
