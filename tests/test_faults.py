@@ -218,7 +218,7 @@ def test_sigkill_during_async_save_resumes_from_last_complete_step(reference, tm
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(WORKER), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, WORKER, workdir, "4", marker, cache_dir], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600  # generous: a loaded CI machine
     while not os.path.exists(marker) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     if not os.path.exists(marker):
