@@ -51,7 +51,7 @@ def check_init_checkpoint(config) -> None:
               "decoder_input_tokens": jax.ShapeDtypeStruct((1, config.data.targets_length), "int32"),
               "decoder_target_tokens": jax.ShapeDtypeStruct((1, config.data.targets_length), "int32")}
     abstract = jax.eval_shape(lambda inputs: nn.unbox(model.init(jax.random.key(0), **inputs)["params"]), tokens)
-    checkpoints.check_compatible(config.init_checkpoint, abstract)
+    checkpoints.check_compatible(config.init_checkpoint, abstract, model_config=config.model.to_dict())
 
 
 def main(argv: list[str]) -> int:
@@ -90,6 +90,8 @@ def main(argv: list[str]) -> int:
         trainer.train_and_evaluate(config, flags["workdir"])
     except trainer.TrainingDiverged as e:
         return cli.fail("finetune.py", "training", e, status=cli.TRAINING_DIVERGED)
+    except trainer.USER_ERRORS as e:  # e.g. an unwritable workdir, a checkpoint of another model
+        return cli.fail("finetune.py", trainer.error_kind(e), e)
     return 0
 
 

@@ -6,8 +6,11 @@ r"""Pretrain or fine-tune: parse flags, call stmoe.trainer.train_and_evaluate.
 
 (Fine-tuning has its own entry point with the checkpoint checks: scripts/finetune.py.)
 A bad config (unknown field, impossible value, missing file or preset) prints one line on
-stderr naming the field and exits with status 2. Rerunning the same command resumes from the
-newest checkpoint in --workdir; SIGTERM / Ctrl-C saves a checkpoint before exiting.
+stderr naming the field and exits with status 2; so do a workdir that cannot be written (checked
+before any step), a workdir whose checkpoints are of another model, and a checkpoint that could
+not be saved (e.g. a full disk; the previous one stays intact). Rerunning the same command resumes
+from the newest complete checkpoint in --workdir (damaged or unfinished steps are skipped and
+named); SIGTERM / Ctrl-C saves a checkpoint before exiting.
 """
 from __future__ import annotations
 
@@ -49,6 +52,8 @@ def main(argv: list[str]) -> int:
         trainer.train_and_evaluate(config, flags["workdir"])
     except trainer.TrainingDiverged as e:
         return cli.fail("train.py", "training", e, status=cli.TRAINING_DIVERGED)
+    except trainer.USER_ERRORS as e:  # e.g. an unwritable workdir, a checkpoint of another model
+        return cli.fail("train.py", trainer.error_kind(e), e)
     return 0
 
 

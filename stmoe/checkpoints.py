@@ -7,11 +7,25 @@ A checkpoint step holds two items:
   data:  the input pipeline's position as a small JSON dict (JsonSave), so
          a restart neither repeats nor skips examples.
 
-Orbax writes each step into a temporary directory and renames it when all
-files are down, so a save that was cut off never shows up as a step. What it
-cannot rule out is a finished step that was damaged later (a disk error, a
-partial copy between buckets, a stray `rm`): `Checkpointer.restore` then
-warns, naming the step and the error, and falls back to the next older step.
+Orbax writes each step into a temporary directory (`<step>.orbax-checkpoint-tmp`)
+and renames it when all files are down, so a save that was cut off (SIGKILL,
+a crash, a lost VM) never shows up as a step; `Checkpointer.unfinished_steps`
+lists such leftovers (orbax deletes them when the directory is opened). What the rename cannot rule
+out is a finished step that was damaged later (a truncated file, a missing
+directory, a partial copy between buckets): `Checkpointer.restore` then warns,
+naming the step and the error, falls back to the next older step, and lists
+what it skipped in `Checkpointer.skipped`.
+
+A save that fails (a full disk, a read-only bucket) raises CheckpointSaveError
+naming the step and the newest complete step, which the failed save never
+touches; `check_writable` probes a directory at start so that an unwritable
+workdir is reported before any training step.
+
+Fine-tuning and inference read params only (`restore_params`); a checkpoint in
+the other layer layout (scanned `scan_{interval}/layers_{j}` with a leading
+layers axis vs unscanned `layers_{i}`, stmoe.models.scan_params) is converted on
+the way in, and one of another architecture is refused by
+IncompatibleCheckpointError, whose one-line message lists what differs.
 
 Restoring takes an abstract state whose `jax.ShapeDtypeStruct` leaves carry
 the target shardings, so a run saved on one mesh resumes on another (other
@@ -19,15 +33,19 @@ device count, other axis sizes) with each process reading only its shards.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
-from typing import Any, Callable, Iterable
+import uuid
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 _STATE = "state"
 _DATA = "data"
@@ -39,6 +57,64 @@ class CheckpointRestoreError(RuntimeError):
 
 class IncompatibleCheckpointError(ValueError):
     """A checkpoint's parameters do not fit the model config (the message lists the differences)."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (the message names the step and the newest complete one)."""
+
+
+class WorkdirError(OSError):
+    """A run's directory cannot be created or written (the message names it and the reason)."""
+
+
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line, cut to `limit` (tensorstore errors embed whole specs)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    text = text if len(text) <= limit else text[:limit] + " ..."
+    return f"{type(error).__name__}: {text}"
+
+
+def _unfinished_saves(directory: str) -> list[int]:
+    from etils import epath
+    path = epath.Path(directory)
+    if not path.is_dir():
+        return []
+    steps = {child.name.split(_TMP_SUFFIX)[0] for child in path.iterdir() if _TMP_SUFFIX in child.name}
+    return sorted(int(step) for step in steps if step.isdigit())
+
+
+def _damage(error: BaseException) -> str:
+    """Why a step could not be read, in a few words where the error is a known kind of damage."""
+    text = " ".join(str(error).split())
+    missing = re.search(r'Item "(\w+)" was not found in the checkpoint', text)
+    if missing:
+        return f"its {missing.group(1)}/ directory is missing"
+    short = re.search(r'local file "([^"]+)": Requested byte range \[\d+, (\d+)\) is not valid for value of '
+                      r'size (\d+)', text)
+    if short:
+        return f"file {short.group(1)} is truncated ({short.group(3)} bytes, at least {short.group(2)} expected)"
+    return _short(error, limit=240)
+
+
+def check_writable(directory: str) -> None:
+    """Creates `directory` (and parents) and writes and deletes a probe file in it; raises
+    WorkdirError naming the directory and the OS's reason when either fails (a file where a
+    directory is expected, a read-only mount or bucket, no space left)."""
+    from etils import epath
+    path = epath.Path(directory)
+    probe = path / f".stmoe_write_probe_{uuid.uuid4().hex[:12]}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("stmoe: write probe, safe to delete\n")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        filename = str(getattr(e, "filename", None) or "")
+        where = f" ({filename})" if filename and filename not in (str(path), str(probe)) else ""
+        raise WorkdirError(f"cannot write to {directory}: {reason}{where}") from None
 
 
 class Checkpointer:
@@ -60,6 +136,7 @@ class Checkpointer:
         if save_interval_steps < 1:
             raise ValueError(f"Checkpointer.save_interval_steps={save_interval_steps}; must be >= 1")
         self.directory = str(directory)
+        self._unfinished = _unfinished_saves(self.directory)  # before orbax starts deleting them
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
@@ -70,6 +147,10 @@ class Checkpointer:
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(_STATE, _DATA))
+        self._pending: int | None = None  # the step of a save that may still be in flight
+        self._failed = False  # a CheckpointSaveError was raised (close does not raise it twice)
+        # (step, reason) of every step the last `restore` could not read, newest first.
+        self.skipped: list[tuple[int, str]] = []
 
     def save(self, step: int, state: Any, data_state: dict | None = None, *, force: bool = False,
              wait: bool = False) -> bool:
@@ -80,17 +161,38 @@ class Checkpointer:
         `wait=True` blocks until the step is on disk (e.g. before exiting).
         """
         data_state = {} if data_state is None else dict(data_state)
-        saved = self._manager.save(
-            int(step),
-            args=ocp.args.Composite(**{
-                _STATE: ocp.args.StandardSave(state),
-                _DATA: ocp.args.JsonSave(data_state),
-            }),
-            force=force,
-        )
+        try:  # a previous async save's failure surfaces here (orbax waits for it first)
+            saved = self._manager.save(
+                int(step),
+                args=ocp.args.Composite(**{
+                    _STATE: ocp.args.StandardSave(state),
+                    _DATA: ocp.args.JsonSave(data_state),
+                }),
+                force=force,
+            )
+        except Exception as e:  # noqa: BLE001 - every failure to write is reported the same way
+            raise self._save_error(self._pending if self._pending is not None else int(step), e) from e
+        if saved:
+            self._pending = int(step)
         if wait:
             self.wait()
         return saved
+
+    def _save_error(self, step: int | None, error: BaseException) -> CheckpointSaveError:
+        self._pending, self._failed = None, True
+        try:
+            complete = [s for s in self.all_steps() if s != step]
+        except Exception:  # noqa: BLE001 - an unreadable directory: say nothing about older steps
+            complete = []
+        kept = (f"the newest complete checkpoint, step {complete[-1]}, is intact" if complete
+                else "no earlier checkpoint exists")
+        what = "a checkpoint" if step is None else f"checkpoint step {step}"
+        return CheckpointSaveError(f"could not save {what} to {self.directory}: {_short(error)} ({kept})")
+
+    def unfinished_steps(self) -> list[int]:
+        """Steps whose save had been cut off before it completed (SIGKILL, a crash) when this
+        Checkpointer was opened; orbax deletes their temporary directories in the background."""
+        return list(self._unfinished)
 
     def latest_step(self) -> int | None:
         """Newest finalized step in the directory (it may still be damaged)."""
@@ -125,6 +227,7 @@ class Checkpointer:
             raise FileNotFoundError(f"Checkpointer.restore: no checkpoint in {self.directory}")
 
         errors = []
+        self.skipped = []
         for candidate in candidates:
             try:
                 restored = self._manager.restore(
@@ -134,26 +237,43 @@ class Checkpointer:
                         _DATA: ocp.args.JsonRestore(),
                     }),
                 )
+                if restored[_DATA] is None:  # the step's data/ directory is gone
+                    raise FileNotFoundError(f"no '{_DATA}' item (the data iterator position) in step {candidate}")
             except Exception as e:  # noqa: BLE001 - any failure means "try an older step".
-                # tensorstore errors embed the whole spec: keep the head.
-                reason = str(e) if len(str(e)) <= 400 else str(e)[:400] + " ..."
-                message = (f"Checkpointer: could not restore step {candidate} from "
-                           f"{self.directory}: {type(e).__name__}: {reason}")
+                message = (f"Checkpointer: could not restore step {candidate} from {self.directory}: "
+                           f"{_short(e, limit=400)}")
                 errors.append(message)
+                self.skipped.append((candidate, _damage(e)))
                 _warn(message + ("; trying an older step" if candidate != candidates[-1] else ""))
                 continue
-            data_state = restored[_DATA]
-            return restored[_STATE], ({} if data_state is None else dict(data_state)), candidate
+            return restored[_STATE], dict(restored[_DATA]), candidate
         raise CheckpointRestoreError(
             f"Checkpointer.restore: no step in {self.directory} could be restored:\n  "
             + "\n  ".join(errors))
 
     def wait(self) -> None:
-        """Blocks until any asynchronous save has finished (and is finalized)."""
-        self._manager.wait_until_finished()
+        """Blocks until any asynchronous save has finished (and is finalized); raises
+        CheckpointSaveError if it failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(self._pending, e) from e
+        self._pending = None
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager's threads."""
+        """Waits for pending saves and releases the manager's threads; raises CheckpointSaveError
+        if a pending save failed (the threads are released either way)."""
+        failed_before = self._failed
+        try:
+            self.wait()
+        except CheckpointSaveError:
+            try:
+                self._manager.close()
+            except Exception:  # noqa: BLE001 - the same failure again
+                pass
+            if not failed_before:
+                raise
+            return
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
@@ -280,10 +400,17 @@ def state_dir(path: str) -> str:
     raise FileNotFoundError(f"no checkpoint in {path} (expected step directories like {path}/100/state)")
 
 
+def _key_name(key: Any) -> str:
+    return str(getattr(key, "key", getattr(key, "name", key)))
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return {"/".join(_key_name(k) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): tuple(leaf.shape)
-            for path, leaf in flat}
+    return {name: tuple(leaf.shape) for name, leaf in _flat(tree).items()}
 
 
 def saved_param_shapes(directory: str) -> dict[str, tuple[int, ...]]:
@@ -313,32 +440,170 @@ def shape_differences(expected: dict[str, tuple[int, ...]], saved: dict[str, tup
     return out
 
 
-def check_compatible(path: str, abstract_params: Any) -> str:
-    """The state directory of the checkpoint at `path` (see `state_dir`) after checking that its params
-    have exactly `abstract_params`' names and shapes (metadata only, no array read).
+# The ModelConfig fields that decide parameter names and shapes (scan_layers is converted instead).
+ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "d_ff", "num_heads", "d_kv", "num_encoder_layers",
+                       "num_decoder_layers", "mlp_gated", "relative_attention_num_buckets", "tie_embeddings",
+                       "sparse_interval", "sparse_offset", "sparse_layers", "sparse_dense", "moe.num_experts")
 
-    Raises FileNotFoundError if there is no checkpoint, and IncompatibleCheckpointError listing every
-    parameter whose shape differs or that only one side has.
-    """
+
+def _run_model_fields(directory: str) -> dict[str, Any] | None:
+    """The `model` fields of the config.json of the run that wrote the state dir `directory` (in it or
+    up to three directories above: step, checkpoints, workdir), flattened as 'moe.num_experts'; None
+    if there is none (e.g. an imported checkpoint)."""
+    if "://" in directory:
+        return None
+    path = os.path.abspath(directory)
+    for _ in range(4):
+        candidate = os.path.join(path, "config.json")
+        if os.path.isfile(candidate):
+            try:
+                with open(candidate) as f:
+                    model = json.load(f).get("model", {})
+            except (OSError, ValueError):
+                return None
+            return {**{k: v for k, v in model.items() if k != "moe"},
+                    **{f"moe.{k}": v for k, v in model.get("moe", {}).items()}}
+        path = os.path.dirname(path)
+    return None
+
+
+def _field_differences(directory: str, model_config: Mapping[str, Any] | None) -> list[str]:
+    """'model.d_model: checkpoint's run 32 vs config 64' for every architecture field that differs."""
+    saved = _run_model_fields(directory)
+    if saved is None or model_config is None:
+        return []
+    current = {**{k: v for k, v in dict(model_config).items() if k != "moe"},
+               **{f"moe.{k}": v for k, v in dict(model_config.get("moe", {})).items()}}
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - JSON has lists
+    return [f"model.{k}: checkpoint's run {saved[k]!r} vs config {current[k]!r}"
+            for k in ARCHITECTURE_FIELDS if k in saved and k in current and norm(saved[k]) != norm(current[k])]
+
+
+# ---------------------------------------------------------------- scanned <-> unscanned layer layouts
+# stmoe.models.scan_params: '<stack>/layers_{u * interval + j}/...' <-> '<stack>/scan_{interval}/layers_{j}/...'
+# with unit u on a new leading axis. Only the encoder and decoder stacks change.
+
+_SCANNED = re.compile(r"^(encoder|decoder)/scan_(\d+)/layers_(\d+)/(.*)$")
+_UNSCANNED = re.compile(r"^(encoder|decoder)/layers_(\d+)/(.*)$")
+
+
+def _scan_interval(names: Iterable[str]) -> int | None:
+    for name in names:
+        match = _SCANNED.match(name)
+        if match:
+            return int(match.group(2))
+    return None
+
+
+def _layout_change(expected: Iterable[str], saved: Iterable[str]) -> tuple[str, int] | None:
+    """None if the config and the checkpoint use the same layer layout, else ('scan' | 'unscan', interval):
+    what turns the checkpoint's params into the config's."""
+    expected_interval, saved_interval = _scan_interval(expected), _scan_interval(saved)
+    if (expected_interval is None) == (saved_interval is None):
+        return None
+    return ("unscan", saved_interval) if saved_interval is not None else ("scan", expected_interval)
+
+
+def _convert(params: Any, how: str, interval: int) -> Any:
+    from stmoe.config import ModelConfig
+    from stmoe.models import scan_params, unscan_params
+    cfg = ModelConfig(sparse_interval=interval)  # the conversions read only the interval
+    return (scan_params if how == "scan" else unscan_params)(params, cfg)
+
+
+def _in_saved_layout(abstract_params: Any, change: tuple[str, int]) -> Any:
+    """`abstract_params` (config layout, ShapeDtypeStructs with shardings) in the checkpoint's layout:
+    shapes from the inverse conversion, shardings from the matching config parameter (scanned leaves
+    add a replicated leading layers axis, as partitioning.LOGICAL_RULES maps 'layers' to None)."""
+    how, interval = change
+    inverse = "unscan" if how == "scan" else "scan"
+    converted = jax.eval_shape(lambda p: _convert(p, inverse, interval), abstract_params)
+    by_name = _flat(abstract_params)
+
+    def sharding_for(name: str):
+        if inverse == "scan":  # checkpoint scanned, config unscanned: unit 0 = layer j
+            match = _SCANNED.match(name)
+            source = by_name[f"{match.group(1)}/layers_{match.group(3)}/{match.group(4)}"] if match else by_name[name]
+            sharding = getattr(source, "sharding", None)
+            if match and isinstance(sharding, NamedSharding):
+                sharding = NamedSharding(sharding.mesh, P(None, *sharding.spec))
+        else:  # checkpoint unscanned, config scanned
+            match = _UNSCANNED.match(name)
+            if match:
+                layer = int(match.group(2))
+                source = by_name[f"{match.group(1)}/scan_{interval}/layers_{layer % interval}/{match.group(3)}"]
+            else:
+                source = by_name[name]
+            sharding = getattr(source, "sharding", None)
+            if match and isinstance(sharding, NamedSharding):
+                sharding = NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
+        return sharding
+
+    names = list(_flat(converted))
+    leaves, treedef = jax.tree_util.tree_flatten(converted)
+    return jax.tree_util.tree_unflatten(treedef, [
+        jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_for(name))
+        for name, leaf in zip(names, leaves)])
+
+
+def _plan(path: str, abstract_params: Any, model_config: Mapping[str, Any] | None,
+          convert_layout: bool) -> tuple[str, tuple[str, int] | None]:
+    """(state dir, layout change or None) for restoring `path` into `abstract_params`; raises
+    FileNotFoundError / IncompatibleCheckpointError (one line listing what differs)."""
     directory = state_dir(path)
+    saved = saved_param_shapes(directory)
     expected = _flat_shapes(abstract_params)
-    differences = shape_differences(expected, saved_param_shapes(directory))
+    change = _layout_change(expected, saved)
+    note = ""
+    if change is not None:
+        scanned = "scanned" if change[0] == "unscan" else "unscanned"
+        if not convert_layout:
+            raise IncompatibleCheckpointError(
+                f"checkpoint {directory} has {scanned} layers and the config the other layout "
+                f"(model.scan_layers): its params can be converted, its optimizer state cannot")
+        compared = _flat_shapes(_in_saved_layout(abstract_params, change))
+        note = f" (the checkpoint's layers are {scanned}; compared in its layout)"
+    else:
+        compared = expected
+    differences = shape_differences(compared, saved)
     if differences:
-        shown = "; ".join(differences[:8]) + (f"; ... {len(differences) - 8} more" if len(differences) > 8 else "")
+        fields = _field_differences(directory, model_config)
+        shown = "; ".join(differences[:6]) + (f"; ... {len(differences) - 6} more" if len(differences) > 6 else "")
+        head = f"{'; '.join(fields)}; " if fields else ""
         raise IncompatibleCheckpointError(
-            f"checkpoint {directory} does not match the model config: {len(differences)} of "
-            f"{len(expected)} parameters differ: {shown}")
-    return directory
+            f"checkpoint {directory} does not match the model config: {head}{len(differences)} of "
+            f"{len(compared)} parameters differ{note}: {shown}")
+    return directory, change
 
 
-def restore_params(path: str, abstract_params: Any) -> Any:
+def check_compatible(path: str, abstract_params: Any, *, model_config: Mapping[str, Any] | None = None,
+                     convert_layout: bool = True) -> str:
+    """The state directory of the checkpoint at `path` (see `state_dir`) after checking that its params
+    have `abstract_params`' names and shapes (metadata only, no array read), up to the scanned /
+    unscanned layer layout when `convert_layout` (restore_params converts it).
+
+    Raises FileNotFoundError if there is no checkpoint, and IncompatibleCheckpointError listing, on one
+    line, the architecture fields of `model_config` (a ModelConfig dict) that differ from the
+    checkpoint's run config.json, if it has one, and the parameters whose shape differs or that only one
+    side has.
+    """
+    return _plan(path, abstract_params, model_config, convert_layout)[0]
+
+
+def restore_params(path: str, abstract_params: Any, *, model_config: Mapping[str, Any] | None = None) -> Any:
     """Only the params of the checkpoint at `path`, placed in `abstract_params`' shardings (a pytree of
     jax.ShapeDtypeStruct with .sharding); nothing else of the saved state is read. Checked first
-    (`check_compatible`)."""
-    directory = check_compatible(path, abstract_params)
+    (`check_compatible`). A checkpoint in the other layer layout (scanned vs unscanned) is read in its
+    own layout, sharded alike, and converted on the devices (stmoe.models.scan_params / unscan_params)."""
+    directory, change = _plan(path, abstract_params, model_config, convert_layout=True)
+    target = _in_saved_layout(abstract_params, change) if change is not None else abstract_params
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
-                                                               dtype=s.dtype), abstract_params)
+                                                               dtype=s.dtype), target)
     with ocp.PyTreeCheckpointer() as checkpointer:
         restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
-            item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
-    return restored["params"]
+            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+    params = restored["params"]
+    if change is None:
+        return params
+    shardings = jax.tree.map(lambda s: s.sharding, abstract_params)
+    return jax.jit(lambda p: _convert(p, *change), out_shardings=shardings)(params)

@@ -6,7 +6,9 @@
 
 `load` reads the run's `config.json` (written by the trainer next to `checkpoints/`) for the
 model and vocabulary, and only the parameters of the newest checkpoint (or of a given step dir),
-placed on a mesh over the local devices. `eval_capacity_factor` replaces the checkpoint's value:
+placed on a mesh over the local devices. The model is always built unscanned (the KV-cache decoder
+needs one module per layer): a run trained with `scan_layers` has its params converted on load
+(stmoe.checkpoints.restore_params). `eval_capacity_factor` replaces the checkpoint's value:
 the capacity is a property of the computation, not of the weights (ST-MoE sec. 4.2 / App. D,
 train 1.25 and eval 2.0), so a model can be evaluated at any factor.
 
@@ -119,6 +121,7 @@ def load(path: str, *, eval_capacity_factor: float | None = None, num_devices: i
     model_values = run_config.model.to_dict()
     if eval_capacity_factor is not None:
         model_values["moe"] = with_eval_capacity_factor(model_values["moe"], eval_capacity_factor)
+    model_values["scan_layers"] = False  # decoding runs unscanned; scanned params are converted below
     model_cfg = ModelConfig.from_dict(model_values).validate()
 
     devices = jax.devices()[:num_devices] if num_devices else jax.devices()
@@ -135,7 +138,8 @@ def load(path: str, *, eval_capacity_factor: float | None = None, num_devices: i
     shapes = {"encoder_input_tokens": (2, lengths[0]), "decoder_input_tokens": (2, lengths[1]),
               "decoder_target_tokens": (2, lengths[1])}
     abstract, shardings = partitioning.abstract_params_and_shardings(model, mesh, shapes, jax.random.key(0))
-    params = checkpoints.restore_params(state_dir, partitioning.with_shardings(abstract, shardings))
+    params = checkpoints.restore_params(state_dir, partitioning.with_shardings(abstract, shardings),
+                                        model_config=model_values)
     vocab_path = data.get("vocab_path") or tasks.families().get(data.task)
     return LoadedModel(model=model, params=params, mesh=mesh, vocabulary=vocab.get_vocabulary(vocab_path),
                        run_config=run_config, checkpoint=state_dir, inputs_length=lengths[0],

@@ -2,7 +2,8 @@
 
 One function in fixed sections (big_vision / flax examples style):
 
-  1. config     validate every field once (`validate_config`), exit status 2 on a bad one
+  1. config     validate every field once (`validate_config`), exit status 2 on a bad one;
+                probe the workdir (a file written and removed): an unwritable one fails before any step
   2. logging    clu writers: TensorBoard + metrics.jsonl (process 0); progress: a tqdm bar on a
                 terminal, else one line per logging window (stmoe.reporting.Progress)
   3. mesh       (data, expert, model) over all devices or the first `num_devices`
@@ -419,6 +420,51 @@ def _set_aside_steps(directory: str, steps: Sequence[int]) -> None:
         multihost_utils.sync_global_devices("stmoe_set_aside_damaged_steps")
 
 
+def _check_own_checkpoints(ckpt: checkpoints.Checkpointer, abstract_params: Any,
+                           model_fields: Mapping[str, Any]) -> None:
+    """Before a full-state restore: the newest step whose metadata reads must have the config's
+    parameter names and shapes, else one line (IncompatibleCheckpointError) instead of every step
+    failing to restore. Unreadable steps are left to Checkpointer.restore (it skips them)."""
+    for step in reversed(ckpt.all_steps()):
+        step_dir = os.path.join(ckpt.directory, str(step))
+        try:
+            checkpoints.check_compatible(step_dir, abstract_params, model_config=model_fields,
+                                         convert_layout=False)
+        except checkpoints.IncompatibleCheckpointError as e:
+            raise checkpoints.IncompatibleCheckpointError(
+                f"{e}; resume with the config that wrote it, or use another --workdir "
+                f"(to fine-tune from it: init_checkpoint)") from None
+        except Exception:  # noqa: BLE001 - damaged metadata: try the next older step
+            continue
+        return
+
+
+def _restore_data_position(train_iter: Any, data_state: Mapping[str, Any]) -> str:
+    """Moves the train iterator to a checkpoint's data position; -> a note ("" if nothing to say).
+    Another input stream (task, lengths, seed, packing) is a ConfigError; another batch size or host
+    count is continued (stmoe.data.pipeline) and the note says how."""
+    from stmoe.data import pipeline
+    if not data_state or not ("sequences" in data_state or "step" in data_state):
+        return "the checkpoint holds no data position: the input stream starts from its beginning"
+    try:
+        return train_iter.set_state(data_state)
+    except pipeline.StreamMismatchError as e:
+        raise ConfigError(f"data: {e}; restore those data settings to resume, or use another --workdir") from None
+
+
+# Errors the scripts report in one line with exit status 2 (stmoe.cli): a bad config, a checkpoint of
+# another model, a workdir that cannot be written, a checkpoint that could not be saved.
+USER_ERRORS = (ConfigError, checkpoints.IncompatibleCheckpointError, checkpoints.WorkdirError,
+               checkpoints.CheckpointSaveError)
+
+
+def error_kind(error: BaseException) -> str:
+    """'config' / 'checkpoint' / 'workdir': the word stmoe.cli.fail puts before 'error:'."""
+    if isinstance(error, checkpoints.WorkdirError):
+        return "workdir"
+    return "config" if isinstance(error, ConfigError) else "checkpoint"
+
+
 def _say(message: str) -> None:
     if jax.process_index() == 0:
         print(message, flush=True)
@@ -442,7 +488,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     partitioning.maybe_initialize_distributed()
     run = validate_config(config)
     workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
-    os.makedirs(workdir, exist_ok=True)
+    for directory in (workdir, os.path.join(workdir, "checkpoints")):  # before any step: WorkdirError
+        checkpoints.check_writable(directory)
     process = jax.process_index()
 
     # 2. Logging.
@@ -452,9 +499,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if process == 0:
         writers.append(reporting.JsonlWriter(jsonl_path))
     writer = metric_writers.AsyncMultiWriter(writers)
-    if process == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
 
     # 3. Mesh.
     devices = jax.devices()[:run.device_count]
@@ -533,38 +577,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     p_eval_step = jax.jit(functools.partial(eval_step, model=model),
                           in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
 
-    # 8. Restore: own workdir > resume_from > init_checkpoint (params only) > scratch.
-    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
-    state, origin = None, "scratch"
+    # 8. Restore: own workdir > resume_from > init_checkpoint (params only) > scratch. A checkpoint of
+    # another architecture, or a data position of another input stream, stops the run here with one
+    # line (ConfigError / IncompatibleCheckpointError); damaged or unfinished steps are skipped, named.
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    ckpt = checkpoints.Checkpointer(checkpoint_dir, max_to_keep=config.keep_checkpoints)
+    model_fields = config.model.to_dict()
+    state, origin, notes = None, "scratch", []
+    unfinished = ckpt.unfinished_steps()
     if ckpt.latest_step() is not None:
+        _check_own_checkpoints(ckpt, abstract_state.params, model_fields)
         state, data_state, step = ckpt.restore(abstract_state)  # warns and falls back past damaged steps
-        train_iter.set_state(data_state)
+        notes.append(_restore_data_position(train_iter, data_state))
         origin = f"its own checkpoint at step {step}"
-        if step != ckpt.latest_step():  # newer steps were damaged: set them aside, keep their files
-            damaged = [s for s in ckpt.all_steps() if s > step]
+        skipped = list(ckpt.skipped)
+        if skipped:  # newer steps were damaged: set them aside, keep their files
             ckpt.close()
-            _set_aside_steps(os.path.join(workdir, "checkpoints"), damaged)
-            ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                            max_to_keep=config.keep_checkpoints)
+            _set_aside_steps(checkpoint_dir, [s for s, _ in skipped])
+            ckpt = checkpoints.Checkpointer(checkpoint_dir, max_to_keep=config.keep_checkpoints)
+            notes += [f"skipped checkpoint step {s}: damaged ({reason}); moved to {checkpoint_dir}/{s}.damaged"
+                      for s, reason in skipped]
+        unfinished = [s for s in unfinished if s > step]
     elif config.resume_from:
         with checkpoints.Checkpointer(config.resume_from, async_save=False) as other:
+            _check_own_checkpoints(other, abstract_state.params, model_fields)
             state, data_state, step = other.restore(abstract_state)
-        train_iter.set_state(data_state)
+        notes.append(_restore_data_position(train_iter, data_state))
         origin = f"{config.resume_from} at step {step}"
+    notes += [f"skipped checkpoint step {s}: its save never completed (cut off by a kill or a crash); "
+              f"its partial files are deleted" for s in unfinished]
     if state is None:
         with partitioning.activate(mesh):
             state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
         if config.init_checkpoint:
-            if config.reset_optimizer_state:
-                params = checkpoints.restore_params(config.init_checkpoint, abstract_state.params)
+            if config.reset_optimizer_state:  # params only; a scanned / unscanned layout is converted
+                params = checkpoints.restore_params(config.init_checkpoint, abstract_state.params,
+                                                    model_config=model_fields)
                 state = state.replace(params=params)
             else:
-                directory = checkpoints.check_compatible(config.init_checkpoint, abstract_state.params)
+                try:
+                    directory = checkpoints.check_compatible(config.init_checkpoint, abstract_state.params,
+                                                             model_config=model_fields, convert_layout=False)
+                except checkpoints.IncompatibleCheckpointError as e:
+                    raise checkpoints.IncompatibleCheckpointError(
+                        f"init_checkpoint: {e}" + ("; set reset_optimizer_state=True to read its params only"
+                                                   if "optimizer state" in str(e) else "")) from None
                 step_dir = os.path.dirname(directory)  # .../checkpoints/<step>/state
                 with checkpoints.Checkpointer(os.path.dirname(step_dir), async_save=False) as other:
                     restored, _, _ = other.restore(abstract_state, step=int(os.path.basename(step_dir)))
                 state = restored.replace(step=jnp.zeros((), jnp.int32))
             origin = f"params of {config.init_checkpoint}"
+    if process == 0:  # only now: a refused restore leaves the previous run's config.json in place
+        from etils import epath
+        epath.Path(workdir, "config.json").write_text(config.to_json_best_effort(indent=2))
+    for note in filter(None, notes):
+        _say(f"stmoe: {note}")
     start_step = int(jax.device_get(state.step))
     _say(f"stmoe: {num_params / 1e6:.2f}M params, mesh {dict(mesh.shape)} on {len(devices)} "
          f"{devices[0].platform} device(s); starting at step {start_step} from {origin}; workdir {workdir}")
@@ -652,8 +719,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             handler.uninstall()
         writer.flush()
         writer.close()
-        ckpt.close()
         train_iter.close()
+        ckpt.close()  # raises CheckpointSaveError if the last save failed
 
     # 10. Report.
     if diverged:

@@ -1,6 +1,9 @@
-"""Tests for stmoe.checkpoints: round trips, resharding, damaged steps, preemption."""
+"""Tests for stmoe.checkpoints: round trips, resharding, damaged and unfinished steps, failed saves,
+preemption. (Restarts of whole runs: tests/test_faults.py.)"""
+import errno
 import glob
 import os
+import re
 import shutil
 import signal
 
@@ -135,16 +138,26 @@ def _damage(step_dir, how):
     elif how == "garbage_data_json":
         with open(os.path.join(step_dir, "data", "metadata"), "w") as f:
             f.write("{bad")
+    elif how == "truncated_half":  # a copy or a disk that stopped half way through every file
+        for path in glob.glob(os.path.join(state_dir, "**", "d", "*"), recursive=True):
+            os.truncate(path, os.path.getsize(path) // 2)
+    elif how == "missing_data":
+        shutil.rmtree(os.path.join(step_dir, "data"))
     else:
         raise ValueError(how)
+
+
+# What Checkpointer.skipped says about some kinds of damage.
+_REASONS = {"truncated_half": r"file .*/2/state/.* is truncated \(\d+ bytes, at least \d+ expected\)",
+            "missing_state": r"its state/ directory is missing", "missing_data": r"its data/ directory is missing"}
 
 
 # After a failed read of a damaged step, a late asyncio callback inside orbax / tensorstore
 # sometimes hits an already-closed event loop ("Event loop is closed"); Python reports it as an
 # unraisable exception. It happens after the restore has raised and been handled: not ours.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("how", ["garbage_metadata", "garbage_manifests", "truncated_chunks",
-                                 "missing_state", "garbage_data_json"])
+@pytest.mark.parametrize("how", ["garbage_metadata", "garbage_manifests", "truncated_chunks", "truncated_half",
+                                 "missing_state", "missing_data", "garbage_data_json"])
 def test_damaged_newest_step_falls_back(tmp_path, how, caplog, capsys):
     state = _train_state()
     newer = _train_state(offset=1.0)
@@ -156,10 +169,70 @@ def test_damaged_newest_step_falls_back(tmp_path, how, caplog, capsys):
     with checkpoints.Checkpointer(str(tmp_path)) as ckpt:
         assert ckpt.latest_step() == 2
         restored, data, step = ckpt.restore(_on_device0(state))
+        skipped = ckpt.skipped
     assert step == 1 and data == {"position": 1}
     _assert_trees_equal(restored, state)
     assert "could not restore step 2" in caplog.text
     assert "could not restore step 2" in capsys.readouterr().err
+    assert [s for s, _ in skipped] == [2]
+    if how in _REASONS:
+        assert re.fullmatch(_REASONS[how], skipped[0][1]), skipped
+
+
+def test_half_written_step_is_not_a_step(tmp_path):
+    """A save cut off before orbax's final rename leaves '<step>.orbax-checkpoint-tmp': never restored,
+    reported by unfinished_steps, deleted by orbax."""
+    state = _train_state()
+    with checkpoints.Checkpointer(str(tmp_path)) as ckpt:
+        ckpt.save(1, state, {"position": 1})
+        ckpt.save(2, _train_state(offset=1.0), {"position": 2}, wait=True)
+    os.rename(tmp_path / "2", tmp_path / "2.orbax-checkpoint-tmp")
+    for path in glob.glob(str(tmp_path / "2.orbax-checkpoint-tmp" / "commit_success*")):
+        os.remove(path)
+    with checkpoints.Checkpointer(str(tmp_path)) as ckpt:
+        assert ckpt.unfinished_steps() == [2] and ckpt.all_steps() == [1]
+        restored, data, step = ckpt.restore(_on_device0(state))
+        assert step == 1 and data == {"position": 1} and ckpt.skipped == []
+    _assert_trees_equal(restored, state)
+    assert sorted(os.listdir(tmp_path)) == ["1"]
+
+
+def test_failed_async_save_raises_once_and_keeps_the_previous_step(tmp_path, monkeypatch):
+    """No space left while step 2 is written in the background: the next save (and only it) raises
+    CheckpointSaveError naming step 2 and the intact step 1, which still restores."""
+    from orbax.checkpoint._src.path import atomicity
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def full_disk(self):
+        if self.get_final().name == "2":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return await finalize(self)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full_disk)
+    state = {"w": jnp.arange(4.0)}
+    ckpt = checkpoints.Checkpointer(str(tmp_path))
+    ckpt.save(1, state, {"position": 1}, wait=True)
+    assert ckpt.save(2, jax.tree.map(lambda x: x + 1, state), {"position": 2})  # returns: async
+    with pytest.raises(checkpoints.CheckpointSaveError) as failure:
+        ckpt.save(3, state, {"position": 3})
+    message = str(failure.value)
+    assert "\n" not in message and message.startswith(f"could not save checkpoint step 2 to {tmp_path}: OSError:")
+    assert "No space left on device" in message and "the newest complete checkpoint, step 1, is intact" in message
+    ckpt.close()  # the failure was reported: not raised again
+    monkeypatch.undo()
+    with checkpoints.Checkpointer(str(tmp_path)) as again:
+        restored, data, step = again.restore(_on_device0(state))
+    assert step == 1 and data == {"position": 1}
+    np.testing.assert_array_equal(restored["w"], np.arange(4.0))
+
+
+def test_check_writable(tmp_path):
+    checkpoints.check_writable(str(tmp_path / "new" / "dir"))  # created, probe removed
+    assert os.listdir(tmp_path / "new" / "dir") == []
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(checkpoints.WorkdirError, match=f"^cannot write to {bad}: "):
+            checkpoints.check_writable(str(bad))
 
 
 def test_no_restorable_step_raises(tmp_path):

@@ -5,7 +5,7 @@
     batch = next(it)   # dict of [32, 512] / [32, 114] int32 numpy arrays
     state = it.get_state()          # JSON, store it with the checkpoint
     ...
-    it = get_batch_iterator(..., start_step=state["step"])   # or it.set_state(state)
+    it = get_batch_iterator(...); it.set_state(state)   # any batch size / shard count
 
 Keys are `seqio.EncDecFeatureConverter`'s: encoder_input_tokens,
 decoder_target_tokens, decoder_input_tokens, decoder_loss_weights and, when
@@ -15,10 +15,25 @@ decoder_positions (segment ids count the packed examples 1, 2, ... in a row,
 
 Determinism and resuming. Everything random (shuffle buffers, span-corruption
 masks, mixture sampling) is seeded from `seed`, and tf.data keeps element
-order, so one (task, split, lengths, batch size, shard, seed) always gives the
-same stream. Resuming at step N rebuilds that stream and skips its first N
-batches: exact, at the cost of re-running the input pipeline for N batches
+order, so one (task, split, lengths, shard, seed) always gives the same stream
+of sequences (rows), whatever the batch size: batching only groups that stream.
+The saved position (`get_state`) is the number of sequences consumed over all
+shards. `set_state` rebuilds the stream and skips this shard's share of them:
+exact, at the cost of re-running the input pipeline for the skipped rows
 (seconds to minutes for long runs; no shuffle buffer has to be stored).
+
+A resume may change the batch size and the number of shards (hosts):
+- same shard count, any batch size: each shard skips sequences / num_shards
+  rows of its own stream and batches the rest at the new size, so the stream
+  goes on exactly where it stopped;
+- another shard count: each shard skips ceil(sequences / num_shards) rows of
+  its new share. The shards now split the examples differently, so this is
+  exact only for sources sharded by index without shuffling (the offline
+  corpus, `stmoe.data.corpus`, shards by index); otherwise about as many
+  examples as were seen are skipped, and a few may repeat or be passed over.
+  `set_state` returns a note saying which case applied.
+Changing anything else (task, split, lengths, seed, packing) makes a new
+stream, and `set_state` refuses it (StreamMismatchError names the fields).
 
 Multi-host: pass shard_index = jax.process_index(), num_shards =
 jax.process_count() and the per-host batch size; each host then reads a
@@ -28,6 +43,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import math
 import weakref
 from typing import Any, Iterator, Mapping
 
@@ -39,6 +55,12 @@ from stmoe.data import tasks
 
 PACKED_KEYS = ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids", "decoder_positions")
 KEYS = ("encoder_input_tokens", "decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights")
+# StreamSpec fields a resume may change (the position is a count of sequences, see the module docstring).
+LAYOUT_FIELDS = ("batch_size", "shard_index", "num_shards")
+
+
+class StreamMismatchError(ValueError):
+  """A saved data position belongs to another stream (the message names the fields that differ)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +80,8 @@ class StreamSpec:
   repeat: bool = True
 
 
-def _dataset(spec: StreamSpec, start_step: int) -> tf.data.Dataset:
-  """The batched stream of `spec` from batch `start_step` on."""
+def _dataset(spec: StreamSpec, start_row: int) -> tf.data.Dataset:
+  """The batched stream of `spec` from this shard's row `start_row` on."""
   ds = seqio.get_dataset(
       spec.task,
       task_feature_lengths={"inputs": spec.inputs_length, "targets": spec.targets_length},
@@ -72,13 +94,15 @@ def _dataset(spec: StreamSpec, start_step: int) -> tf.data.Dataset:
       seed=spec.seed,
       verbose=False,
   )
+  # Skipped before batching: the position is in rows, so any batch size can continue it.
+  ds = ds.skip(start_row)
   # An endless stream drops nothing; a finite one keeps its last, partial batch
   # (padded to full size in `BatchIterator`) so evaluation sees every example.
   ds = ds.batch(spec.batch_size, drop_remainder=spec.repeat)
   options = tf.data.Options()
   options.deterministic = True
   ds = ds.with_options(options)
-  return ds.skip(start_step).prefetch(tf.data.AUTOTUNE)
+  return ds.prefetch(tf.data.AUTOTUNE)
 
 
 # Live iterators. A tf.data iterator whose background threads run Python
@@ -98,17 +122,18 @@ class BatchIterator:
 
   def __init__(self, spec: StreamSpec, start_step: int = 0):
     self.spec = spec
-    self._start(start_step)
+    self._start(int(start_step) * spec.batch_size, int(start_step))
     _LIVE.add(self)
 
   def close(self) -> None:
-    """Releases the tf.data pipeline; a later `next` rebuilds it at the current step."""
+    """Releases the tf.data pipeline; a later `next` rebuilds it at the current position."""
     self._it = None
 
-  def _start(self, step: int) -> None:
+  def _start(self, rows: int, step: int) -> None:
     # The tf.data pipeline is built on the first `next`, so construction
     # followed by `set_state` (the resume path) builds it only once.
-    self._step = int(step)
+    self._rows = rows  # rows of this shard's stream consumed (padding rows not counted)
+    self._step = step
     self._it: Iterator[Mapping[str, np.ndarray]] | None = None
 
   @property
@@ -120,29 +145,52 @@ class BatchIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     if self._it is None:
-      self._it = _dataset(self.spec, self._step).as_numpy_iterator()
+      self._it = _dataset(self.spec, self._rows).as_numpy_iterator()
     batch = next(self._it)
     out = {}
     for key, value in batch.items():
       value = np.asarray(value, dtype=np.int32)
-      if value.shape[0] < self.spec.batch_size:  # last batch of a finite stream: pad with empty rows
-        pad = [(0, self.spec.batch_size - value.shape[0])] + [(0, 0)] * (value.ndim - 1)
+      real = value.shape[0]
+      if real < self.spec.batch_size:  # last batch of a finite stream: pad with empty rows
+        pad = [(0, self.spec.batch_size - real)] + [(0, 0)] * (value.ndim - 1)
         value = np.pad(value, pad)
       out[key] = value
+    self._rows += real
     self._step += 1
     return out
 
   def get_state(self) -> dict[str, Any]:
-    """JSON-serializable position: {'step': int, 'spec': {...}}."""
-    return {"step": self._step, "spec": dataclasses.asdict(self.spec)}
+    """JSON-serializable position: {'sequences': rows consumed over all shards, 'step': batches of
+    this iterator, 'spec': {...}}. Every shard of an endless stream consumes the same number of
+    rows, so any shard's state describes the whole job."""
+    return {"sequences": self._rows * self.spec.num_shards, "step": self._step,
+            "spec": dataclasses.asdict(self.spec)}
 
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    """Moves to `state['step']`; refuses a state saved for a different stream."""
-    saved = state.get("spec")
-    if saved is not None and saved != dataclasses.asdict(self.spec):
-      diff = {k: (v, getattr(self.spec, k, None)) for k, v in saved.items() if v != getattr(self.spec, k, None)}
-      raise ValueError(f"data iterator state is for another stream (saved, current): {diff}")
-    self._start(state["step"])
+  def set_state(self, state: Mapping[str, Any]) -> str:
+    """Moves to the saved position; returns "" when the layout is unchanged, else a note saying how a
+    new batch size / shard count continues it (module docstring). Raises StreamMismatchError naming
+    the fields when `state` is for another stream (task, split, lengths, seed, packing, shuffling)."""
+    saved = dict(state.get("spec") or dataclasses.asdict(self.spec))
+    current = dataclasses.asdict(self.spec)
+    diff = [f"{k} {v!r} (saved) vs {current.get(k)!r} (now)" for k, v in saved.items()
+            if k not in LAYOUT_FIELDS and v != current.get(k)]
+    if diff:
+      raise StreamMismatchError("the data position was saved for another input stream: " + ", ".join(diff))
+    old_batch, old_shards = int(saved["batch_size"]), int(saved["num_shards"])
+    # States written before the position was counted in sequences hold batches only.
+    sequences = int(state["sequences"]) if "sequences" in state else int(state["step"]) * old_batch * old_shards
+    new_batch, new_shards = self.spec.batch_size, self.spec.num_shards
+    rows = math.ceil(sequences / new_shards)
+    self._start(rows, rows // new_batch)
+    if (old_batch, old_shards) == (new_batch, new_shards):
+      return ""
+    was, now = f"batch {old_batch} x {old_shards} shard(s)", f"batch {new_batch} x {new_shards} shard(s)"
+    if old_shards == new_shards:
+      return (f"data position: {sequences} sequences consumed at {was}; continuing exactly at {now} "
+              f"(each shard skips its {rows} rows)")
+    return (f"data position: {sequences} sequences consumed at {was}; now {now}: each shard skips "
+            f"{rows} rows of its new share of the data (the shards split the examples differently, so "
+            f"the continuation is approximate unless the source is sharded by index and unshuffled)")
 
 
 def get_batch_iterator(
