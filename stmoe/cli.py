@@ -166,7 +166,7 @@ def _help_text(program: str, doc: str, spec: str, config: ml_collections.ConfigD
         + "".join(f" [--{name} VALUE]" for name in extra), "", doc.strip(), "", "flags:", *flags_help, "",
         f"fields: see {config_file} (model.*: configs/models.py; a comment on each); "
         "override any with --config.FIELD=VALUE.",
-        f"Fields and values of this config:", *fields])
+        "Fields and values of this config:", *fields])
 
 
 def _value_of(config: ml_collections.ConfigDict, path: str):

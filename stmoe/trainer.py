@@ -33,7 +33,6 @@ import functools
 import logging
 import math
 import os
-import re
 import time
 from typing import Any, Callable, Mapping, Sequence
 
