@@ -164,7 +164,17 @@ def test_matches_single_device(layout, reference, one_per_device):
     loss, grads, params, _ = actual
     np.testing.assert_allclose(float(loss), float(expected[0]), rtol=1e-5, atol=1e-5)
     _assert_trees_close(grads, expected[1], "grad")  # no rescaling of any gradient
-    _assert_trees_close(params, expected[2], "params after one adam step")
+    # One Adam step from zero moments moves each weight by -lr * g / (|g| + eps): about lr * sign(g)
+    # whatever |g|, so a gradient within float32 summation noise of zero (|g| ~ 1e-9, equal to 1e-5
+    # above) may step by any amount in [-lr, lr]. Such weights are held to the step bound; all the
+    # others to 1e-5.
+    for (path, a), e, g in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(expected[2]),
+                               jax.tree_util.tree_leaves(expected[1])):
+        a, e, g = np.asarray(a), np.asarray(e), np.asarray(g)
+        noisy = np.abs(g) < 1e-6
+        np.testing.assert_allclose(a[~noisy], e[~noisy], rtol=1e-5, atol=1e-5,
+                                   err_msg=f"params after one adam step {jax.tree_util.keystr(path)}")
+        assert np.all(np.abs(a[noisy] - e[noisy]) <= 2 * ss.LEARNING_RATE + 1e-6), jax.tree_util.keystr(path)
     # The expert weights really are split as the layout says.
     _, expert_axis, model_axis = mesh_cfg.resolve(8)
     kernel = params["encoder"]["layers_1"]["ffn"]["moe"]["expert_wi_0"]

@@ -26,7 +26,6 @@ import numpy as np
 import pytest
 import seqio
 
-from configs import pretrain
 from stmoe import cli, reporting, routing, trainer
 from stmoe.config import ConfigError, ModelConfig, MoeConfig
 from stmoe.data import tasks, vocab
@@ -77,45 +76,42 @@ def files(tmp_path_factory):
 
 # --------------------------------------------------------------------------------- bad inputs
 
-# Each case runs the real script: as a subprocess (exit status, the process's whole stderr), or, where the
-# subprocess would only repeat a code path another case covers (the parse of --config and its fields),
-# in-process through the script's main() to save the ~7 s of TensorFlow import per case.
+# Every case runs the real script as a subprocess (exit status, the process's whole stderr). The ~7 s
+# of TensorFlow import each costs are paid in parallel: the module fixture runs the cases four at a time.
 BAD_INPUTS = [
-    # (id, script, args ({spm}, {not_spm}, {work} filled in), substrings of the one stderr line, subprocess?)
+    # (id, script, args ({spm}, {not_spm}, {work} filled in), substrings of the one stderr line)
     ("vocab_larger_than_embedding", "train.py", ["--config.data.vocab_path={spm}"],
      ["train.py: config error: model.vocab_size: 384", "600 token ids", "data.vocab_path",
-      "--config.model.vocab_size=640"], True),
+      "--config.model.vocab_size=640"]),
     ("misspelled_field", "train.py", ["--config.optim.learnin_rate=0.1"],
-     ["train.py: config error: unknown config field 'optim.learnin_rate'; did you mean 'optim.learning_rate'?"],
-     True),
-    ("missing_config_file", "train.py", ["--config", "configs/nope.py"], ["no such config file 'configs/nope.py'"],
-     False),
-    ("unknown_preset", "train.py", ["--config", "configs/pretrain.py:nope"], ["pretrain preset 'nope' unknown"],
-     False),
-    ("mesh_not_device_count", "train.py", ["--config.mesh.data=3"], ["config error: mesh:", "device count 8"], False),
-    ("non_integer_batch", "train.py", ["--config.batch_size=3.5"], ["'batch_size' takes an int, got '3.5'"], False),
+     ["train.py: config error: unknown config field 'optim.learnin_rate'; did you mean 'optim.learning_rate'?"]),
+    ("missing_config_file", "train.py", ["--config", "configs/nope.py"], ["no such config file 'configs/nope.py'"]),
+    ("unknown_preset", "train.py", ["--config", "configs/pretrain.py:nope"], ["pretrain preset 'nope' unknown"]),
+    ("mesh_not_device_count", "train.py", ["--config.mesh.data=3"], ["config error: mesh:", "device count 1"]),
+    ("non_integer_batch", "train.py", ["--config.batch_size=3.5"], ["'batch_size' takes an int, got '3.5'"]),
     ("unknown_flag", "finetune.py", ["--init_checkpont=x"],
-     ["unknown flag --init_checkpont; did you mean --init_checkpoint?"], False),
+     ["unknown flag --init_checkpont; did you mean --init_checkpoint?"]),
     ("not_a_sentencepiece_model", "train.py", ["--config.data.vocab_path={not_spm}"],
-     ["data.vocab_path:", "is not a SentencePiece model"], False),
+     ["data.vocab_path:", "is not a SentencePiece model"]),
     ("missing_text_files", "train.py", ["--config.data.text_files={work}/nothing/*.txt"],
-     ["data.text_files: no file matches"], False),
+     ["data.text_files: no file matches"]),
     ("none_field_override_reaches_validation", "finetune.py", ["--config.model.sparse_layers=(1, 9)"],
-     ["finetune.py: config error: model.sparse_layers: indices must be in [0, 4), got (1, 9)"], True),
+     ["finetune.py: config error: model.sparse_layers: indices must be in [0, 4), got (1, 9)"]),
     ("unknown_eval_split", "train.py", ["--config.data.eval_split=nope"],
-     ["config error: data.eval_split: 'nope' is not a split of stmoe_synthetic_span_corruption"], False),
+     ["config error: data.eval_split: 'nope' is not a split of stmoe_synthetic_span_corruption"]),
     ("missing_output_folder", "infer.py", ["--checkpoint", "{work}", "--output", "{work}/no/out.txt"],
-     ["infer.py: input error: --output: folder", "does not exist"], True),
+     ["infer.py: input error: --output: folder", "does not exist"]),
     ("missing_checkpoint", "infer.py", ["--checkpoint", "{work}/no_run"],
-     ["infer.py: input error: --checkpoint:", "does not exist"], True),
+     ["infer.py: input error: --checkpoint:", "does not exist"]),
     ("non_positive_batch", "evaluate.py", ["--checkpoint", "{work}", "--batch_size", "0"],
-     ["evaluate.py: usage error: argument --batch_size: must be >= 1, got 0"], True),
+     ["evaluate.py: usage error: argument --batch_size: must be >= 1, got 0"]),
     ("missing_vocab_input", "train_vocab.py", ["--input", "{work}/none/*.txt", "--model_prefix", "{work}/v"],
-     ["train_vocab.py: input error: --input: no file matches"], True),
+     ["train_vocab.py: input error: --input: no file matches"]),
     ("vocab_too_large_for_text", "train_vocab.py", ["--input", "{work}/tiny.txt", "--model_prefix", "{work}/v",
                                                     "--vocab_size", "5000"],
-     ["train_vocab.py: input error: sentencepiece: Vocabulary size too high (5000)"], False),
+     ["train_vocab.py: input error: sentencepiece: Vocabulary size too high (5000)"]),
 ]
+
 _SCRIPTS = {}
 
 
@@ -128,33 +124,38 @@ def script_main(script: str):
     return _SCRIPTS[script]
 
 
-@pytest.mark.parametrize("script,args,expected,as_subprocess", [c[1:] for c in BAD_INPUTS],
-                         ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_exits_2_with_one_line(files, tmp_path, capsys, monkeypatch, script, args, expected,
-                                         as_subprocess):
-    work = tmp_path / "work"
-    (work / "checkpoints" / "100").mkdir(parents=True)
-    (work / "checkpoints" / "100" / "state").write_text("a checkpoint that must survive")
-    (work / "tiny.txt").write_text("a b c\nd e f\n")
-    before = tree(tmp_path)
-    values = {"spm": files["spm"], "not_spm": files["not_spm"], "work": str(work)}
-    workdir = [] if script not in ("train.py", "finetune.py") else ["--workdir", str(work)]
-    argv = [a.format(**values) for a in args] + workdir
-    if as_subprocess:
-        proc = run_script(script, argv, cwd=ROOT)
-        status, stderr = proc.returncode, proc.stderr
-    else:
-        monkeypatch.chdir(ROOT)
-        capsys.readouterr()
-        status = script_main(script)(([script] if script in ("train.py", "finetune.py") else []) + argv)
-        stderr = capsys.readouterr().err
+@pytest.fixture(scope="module")
+def bad_input_runs(files, tmp_path_factory):
+    """{case id: (status, stderr, folder, its files before the run, its files after)}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(case):
+        name, script, args, _ = case
+        folder = tmp_path_factory.mktemp(name)
+        work = folder / "work"
+        (work / "checkpoints" / "100").mkdir(parents=True)
+        (work / "checkpoints" / "100" / "state").write_text("a checkpoint that must survive")
+        (work / "tiny.txt").write_text("a b c\nd e f\n")
+        before = tree(folder)
+        values = {"spm": files["spm"], "not_spm": files["not_spm"], "work": str(work)}
+        workdir = [] if script not in ("train.py", "finetune.py") else ["--workdir", str(work)]
+        proc = run_script(script, [a.format(**values) for a in args] + workdir, cwd=ROOT)
+        return name, (proc.returncode, proc.stderr, before, tree(folder))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(pool.map(run, BAD_INPUTS))
+
+
+@pytest.mark.parametrize("name,expected", [(c[0], c[3]) for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line(bad_input_runs, name, expected):
+    status, stderr, before, after = bad_input_runs[name]
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert status == 2, stderr
     assert len(lines) == 1, stderr
     assert "Traceback" not in stderr
     for part in expected:
         assert part in lines[0], lines[0]
-    assert tree(tmp_path) == before  # nothing deleted, nothing written
+    assert after == before  # nothing deleted, nothing written
 
 
 # ------------------------------------------------------------------------------------- --help
