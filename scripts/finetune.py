@@ -86,13 +86,7 @@ def main(argv: list[str]) -> int:
             check_init_checkpoint(config)
         except (FileNotFoundError, checkpoints.IncompatibleCheckpointError) as e:
             return cli.fail("finetune.py", "checkpoint", f"--init_checkpoint: {cli.one_line(e)}")
-    try:
-        trainer.train_and_evaluate(config, flags["workdir"])
-    except trainer.TrainingDiverged as e:
-        return cli.fail("finetune.py", "training", e, status=cli.TRAINING_DIVERGED)
-    except trainer.USER_ERRORS as e:  # e.g. an unwritable workdir, a checkpoint of another model
-        return cli.fail("finetune.py", trainer.error_kind(e), e)
-    return 0
+    return cli.run_training("finetune.py", config, flags["workdir"])
 
 
 if __name__ == "__main__":

@@ -48,13 +48,7 @@ def main(argv: list[str]) -> int:
         trainer.validate_config(config)
     except ConfigError as e:
         return cli.fail("train.py", "config", e)
-    try:
-        trainer.train_and_evaluate(config, flags["workdir"])
-    except trainer.TrainingDiverged as e:
-        return cli.fail("train.py", "training", e, status=cli.TRAINING_DIVERGED)
-    except trainer.USER_ERRORS as e:  # e.g. an unwritable workdir, a checkpoint of another model
-        return cli.fail("train.py", trainer.error_kind(e), e)
-    return 0
+    return cli.run_training("train.py", config, flags["workdir"])
 
 
 if __name__ == "__main__":

@@ -176,6 +176,20 @@ def _value_of(config: ml_collections.ConfigDict, path: str):
     return node
 
 
+def run_training(program: str, config: ml_collections.ConfigDict, workdir: str) -> int:
+    """stmoe.trainer.train_and_evaluate for a script: 0, or one line and status 3 (a diverged run)
+    or 2 (an unwritable workdir, a checkpoint of another model, a failed save)."""
+    from stmoe import trainer
+
+    try:
+        trainer.train_and_evaluate(config, workdir)
+    except trainer.TrainingDiverged as e:
+        return fail(program, "training", e, status=TRAINING_DIVERGED)
+    except trainer.USER_ERRORS as e:
+        return fail(program, trainer.error_kind(e), e)
+    return 0
+
+
 def parse_config_flags(argv: Sequence[str], default_config: str,
                        define_extra: Callable[..., dict] = lambda flag_values: {}, *,
                        program: str = "", doc: str = "") -> tuple[ml_collections.ConfigDict, dict]:
