@@ -124,8 +124,9 @@ def _check_field(config: ml_collections.ConfigDict, path: str) -> None:
     raise UsageError(f"unknown config field {path!r}{hint}")
 
 
-def _split_config_arg(argv: Sequence[str], default_config: str) -> tuple[str, list[str]]:
-    """Takes `--config FILE[:ARG]` / `--config=FILE[:ARG]` out of argv[1:]; -> (spec, the other args)."""
+def _split_config_arg(argv: Sequence[str], default_config: str | None) -> tuple[str | None, list[str]]:
+    """Takes `--config FILE[:ARG]` / `--config=FILE[:ARG]` out of argv[1:]; -> (spec or default_config,
+    the other args)."""
     spec, rest, args = default_config, [], list(argv[1:])
     i = 0
     while i < len(args):
@@ -156,7 +157,11 @@ def _help_text(program: str, doc: str, spec: str, config: ml_collections.ConfigD
     config_file = os.path.relpath(spec.partition(":")[0], os.getcwd())
     flags_help = [f"  --config FILE[:PRESET]   config file and preset (this run: {config_file}"
                   f"{':' + spec.partition(':')[2] if spec.partition(':')[2] else ''})",
-                  "  --config.FIELD=VALUE     override any field below (tuples: --config.FIELD='(1, 3)')"]
+                  "  --config.FIELD=VALUE     override any field below (tuples: --config.FIELD='(1, 3)')",
+                  "  --gin_file FILE          t5x style: gin bindings over the package defaults (configs/gin/*.gin;",
+                  "                           repeatable; with --config, over that config instead)",
+                  "  --gin.SECTION.FIELD=V    one gin binding, e.g. --gin.MoeConfig.num_experts=64 "
+                  "(README: gin names)"]
     for name in extra:
         flag = flag_values[name]
         flags_help.append(f"  --{name:<22} {flag.help} (default: {flag.default})")
@@ -204,9 +209,20 @@ def parse_config_flags(argv: Sequence[str], default_config: str,
     from absl import flags
     from ml_collections import config_flags
 
+    from stmoe import gin_config
+
     wants_help = any(arg in HELP_FLAGS for arg in argv[1:])
-    spec, rest = _split_config_arg([a for a in argv if a not in HELP_FLAGS], default_config)
-    config = load_config_file(spec)
+    spec, rest = _split_config_arg([a for a in argv if a not in HELP_FLAGS], None)
+    try:
+        gin_files, gin_bindings, gin_search, rest = gin_config.split_gin_args(rest)
+        if gin_files or gin_bindings:  # t5x style: gin over the package defaults (or over --config)
+            spec = spec or gin_config.DEFAULTS_SPEC
+            config = gin_config.apply(load_config_file(spec), gin_files, gin_bindings, gin_search)
+        else:
+            spec = spec or default_config
+            config = load_config_file(spec)
+    except gin_config.GinError as e:
+        raise UsageError(str(e)) from None
     for arg in rest:
         name = _override_name(arg)
         if name is not None:
