@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "sentencepiece>=0.2.0",
     "tensorflow-datasets>=4.9.0",
+    "gin-config>=0.5.0",  # --gin_file / --gin.X=... (stmoe/gin_config.py)
 ]
 
 EXTRAS = {
