@@ -142,14 +142,14 @@ def plot_expert_load(path: str, png_path: str, prefix: str = "train") -> str | N
     steps, history = expert_load_history(path, prefix)
     if not history:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: switching pyplot's backend to Agg here would stop a notebook's inline plots.
+    from matplotlib.figure import Figure
 
     n = len(history)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False, sharex=True)
+    fig = Figure(figsize=(4 * cols, 3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
     for ax, (layer, shares) in zip(axes.flat, history.items()):
         num_experts = shares.shape[1]
         for e in range(num_experts):
@@ -165,7 +165,6 @@ def plot_expert_load(path: str, png_path: str, prefix: str = "train") -> str | N
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
     return png_path
 
 
