@@ -93,6 +93,10 @@ Not mirrored: flaxformer multiplies every sublayer input by the padding mask (t5
 319-320, 342-343; decoder mask: dense_attention.py:2319), so routed padding tokens reach the
 router as zero vectors (uniform probabilities: experts 0..k-1); here padding is routed with its
 hidden state. Real tokens only see a difference when padding crowds them out of those experts.
+Checked against flaxformer itself (tests/test_flaxformer_parity.py, on checkpoints that t5x's
+Checkpointer wrote from flaxformer's st_moe_base / switch_base gins): with ample capacity the
+logits of real target positions agree within 1e-5; with tight capacity they differ (up to 0.05 there)
+and agree within 1e-5 once the MoE inputs of padding are zeroed as flaxformer does.
 """
 from __future__ import annotations
 
