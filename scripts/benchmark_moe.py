@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stmoe.config import ModelConfig, MoeConfig
-from stmoe.dispatch import FORCE_DROPLESS_ENV
+from stmoe.dispatch import resolve_grouped_kernel
 from stmoe.layers import Mlp
 from stmoe.metrics import collect_layers
 from stmoe.moe import MoeLayer
@@ -156,17 +156,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--impls", nargs="+", default=None,
-                        help="default: einsum gather (+ dropless off CPU, or with --force-dropless)")
+    parser.add_argument("--impls", nargs="+", default=["einsum", "gather", "dropless"],
+                        help="dispatch implementations (dropless: tiled grouped MLP on CPU, ragged_dot elsewhere)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--force-dropless", action="store_true", help="time dropless on CPU too (very slow)")
     parser.add_argument("--out", default=None, help="write JSON here")
     args = parser.parse_args()
     backend = jax.default_backend()
-    if args.force_dropless:
-        os.environ[FORCE_DROPLESS_ENV] = "1"
-    impls = args.impls or (["einsum", "gather"] + (["dropless"] if backend != "cpu" or args.force_dropless else []))
+    impls = args.impls
     rows, dense_cache, source = [], {}, None
+    load_before = os.getloadavg()
     for tokens in args.tokens:
         for num_experts in args.experts:
             shape_rows, source = run_shape(tokens, num_experts, impls, args.rounds, dense_cache)
@@ -174,8 +172,11 @@ def main():
             print(format_table(shape_rows), flush=True)
     print()
     print(format_table(rows))
+    print(f"load average (1, 5, 15 min): before {load_before}, after {os.getloadavg()}")
     result = {"rows": rows, "jax": jax.__version__, "backend": backend, "device": str(jax.devices()[0].device_kind),
               "peak_memory_source": source, "rounds": args.rounds,
+              "grouped_kernel": resolve_grouped_kernel(backend),
+              "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
               "setup": dict(group=GROUP, d_model=D_MODEL, d_ff=D_FF, top_k=TOP_K, capacity_factor=CF,
                             capacity="ceil(cf * k * group / E)", mlp="GEGLU", dtype="float32",
                             loss="value_and_grad(mean(out**2) [+ 1e-2 * (aux + z)]) wrt params and inputs",

@@ -4,6 +4,7 @@ Layout: a numpy loop. Outputs and gradients: a per-expert loop over all tokens w
 autodiff (every expert on every token, weighted by the kept choices' weights), and the
 ragged_dot path of dispatch.dropless_moe. Dropout: finite differences (jax.test_util.check_grads).
 """
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,8 @@ from jax.test_util import check_grads
 
 from stmoe import dispatch
 from stmoe import grouped_matmul as gm
+from stmoe.config import ModelConfig, MoeConfig
+from stmoe.moe import MoeLayer
 
 GROUPS, TOKENS, D, D_FF, EXPERTS, K = 2, 7, 8, 12, 4, 2
 
@@ -99,3 +102,20 @@ def test_tiled_moe_gradients_with_dropout_match_finite_differences():
     assert not np.allclose(out, reference_moe(x, expert_index, weight, kept, wi, wo), atol=1e-3)  # some units dropped
     np.testing.assert_array_equal(out, fn(x, wi, wo))  # the same key drops the same units
     check_grads(fn, (x, wi, wo), order=1, modes=["rev"], atol=2e-2, rtol=2e-2, eps=1e-2)
+
+
+def test_groups_of_one_token_equal_the_capacity_dispatch():
+    """A cached decoding step routes groups of one token; they take the grouped path (k rows per
+    token). The same tokens as one group with capacity for all of them (gather dispatch, nothing
+    dropped) give the same outputs."""
+    cfg = lambda **f: ModelConfig(d_model=D, d_ff=D_FF, num_decoder_layers=0, moe=MoeConfig(
+        num_experts=EXPERTS, top_k=2, second_expert_policy="all", dispatch="gather", **f)).validate()
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(6, 1, D)), jnp.float32)  # 6 sequences, 1 token each
+    mask = jnp.ones((6, 1), jnp.float32).at[4, 0].set(0.0)  # padding computes nothing
+    params = nn.meta.unbox(MoeLayer(cfg()).init({"params": jax.random.key(0)}, x, mask)["params"])
+    params["router"]["kernel"] = params["router"]["kernel"] * 50.0  # uneven loads
+    one_token_groups = jax.jit(lambda p, x: MoeLayer(cfg()).apply({"params": p}, x, mask))(params, x)
+    one_group = jax.jit(lambda p, x: MoeLayer(cfg(expert_capacity=6)).apply(
+        {"params": p}, x.reshape(1, 6, D), mask.reshape(1, 6)))(params, x)
+    np.testing.assert_allclose(one_token_groups, one_group.reshape(6, 1, D), rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(one_token_groups)[4] == 0.0) and np.all(np.abs(np.asarray(one_token_groups)[:4]) > 0)
