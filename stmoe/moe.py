@@ -19,7 +19,9 @@ Algorithm (ST-MoE sec. 2; Switch sec. 2):
 6. The aux losses and router metrics of the layer are sown into the 'moe' collection; with
    mutable=['intermediates'] also each token's choices (expert_index / wanted / kept, [batch, length, k]).
 
-The dispatch implementations (dispatch.py) give the same numbers (tests).
+The dispatch implementations (dispatch.py) give the same numbers (tests). "dropless" replaces
+steps 3-5 by grouped matmuls over expert-sorted rows (`grouped_experts`), and so does a group of
+one token (a cached decoding step): it drops nothing, and costs k rows instead of E slots.
 """
 from __future__ import annotations
 
