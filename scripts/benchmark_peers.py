@@ -147,7 +147,8 @@ class HfSide:
     def logits(self):
         self.model.eval()
         with torch.no_grad():
-            return self.model(input_ids=self.data["inputs"], decoder_input_ids=self.data["decoder_inputs"]).logits.numpy()
+            out = self.model(input_ids=self.data["inputs"], decoder_input_ids=self.data["decoder_inputs"])
+        return out.logits.numpy()
 
     def train_step(self):
         self.model.train()
