@@ -38,6 +38,8 @@ EXTRAS = {
     ],
     # Opening and running the notebooks locally (Colab has all of it).
     "notebooks": ["jupyter>=1.1.1", "nbconvert>=7.17.2", "nbclient>=0.11.0", "nbformat>=5.11.1", "ipykernel>=7.4.0"],
+    # NVIDIA GPUs: jax's CUDA 12 wheels (CUDA and cuDNN come as pip packages; needs a recent driver).
+    "gpu": ["jax[cuda12]>=0.10.0"],
 }
 
 setuptools.setup(

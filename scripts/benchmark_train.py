@@ -6,7 +6,9 @@ losses) followed by an optax AdamW update, jitted with the state donated.
 
 - Throughput: tokens/s (encoder + decoder tokens) over --steps timed steps after warm-up,
   median step time, for `tiny` and `base_like` (st_moe_base widths: 768 / 2048 / 12x64,
-  16 experts, top-2, every 4th FFN sparse; 4+4 layers, batch 16, inputs 128 / targets 32).
+  16 experts, top-2, every 4th FFN sparse; 4+4 layers, batch 16, inputs 128 / targets 32), and
+  `base_like_dense`, its FLOP-matched dense model (no sparse layer, every FFN as wide as the
+  MoE model's average active FFN width: 2560), in the same run: the MoE step over the dense one.
 - MFU: model FLOPs per step / step time / a float32 matmul peak measured in the same
   process (best of 7 4096^3 matmuls, before and after the throughput runs). Model FLOPs =
   3 x forward matmul FLOPs of the useful work: projections, attention scores and values,
@@ -35,8 +37,21 @@ from stmoe.config import ModelConfig
 from stmoe.models import EncoderDecoder
 
 
+def flop_matched_dense(cfg: ModelConfig) -> ModelConfig:
+    """The dense model with the MoE model's active FFN FLOPs per token: no sparse layer, and every
+    FFN as wide as the MoE model's FFNs are on average (a sparse layer counts top_k x d_ff, plus
+    d_ff with sparse_dense); the router's d_model x experts is left out (under 1% here)."""
+    layers = cfg.num_encoder_layers + cfg.num_decoder_layers
+    widths = [(cfg.moe.top_k + cfg.sparse_dense) * cfg.d_ff if cfg.is_sparse(i) else cfg.d_ff
+              for n in (cfg.num_encoder_layers, cfg.num_decoder_layers) for i in range(n)]
+    return cfg.replace(d_ff=round(sum(widths) / layers), sparse_layers=()).validate()
+
+
 def preset(name: str) -> tuple[ModelConfig, int, int, int]:
-    """(config, batch, encoder length, decoder length)."""
+    """(config, batch, encoder length, decoder length); NAME_dense: its FLOP-matched dense model."""
+    if name.endswith("_dense"):
+        cfg, batch, enc_len, dec_len = preset(name[:-len("_dense")])
+        return flop_matched_dense(cfg), batch, enc_len, dec_len
     if name == "tiny":
         return presets.model_config("tiny"), 8, 128, 32
     if name == "base_like":
@@ -145,7 +160,8 @@ def compile_time(layers: int, scan: bool):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["tiny", "base_like"])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "base_like", "base_like_dense"],
+                        help="NAME_dense: the FLOP-matched dense model of NAME (same active FLOPs per token)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--layers", type=int, nargs="*", default=[4, 12, 24], help="none: skip compile times")
     parser.add_argument("--out", default=None)
@@ -161,6 +177,13 @@ def main():
         print(f"{name:10s} params {r['params'] / 1e6:7.1f}M  step {r['step_s'] * 1e3:8.1f} ms  "
               f"{r['tokens_per_s']:9.0f} tok/s  {r['model_tflops_per_s'] * 1e3:6.1f} GFLOP/s  MFU {r['mfu']:.1%}  "
               f"compile {r['compile_s']:.1f} s", flush=True)
+    by_name = {r["preset"]: r for r in rows}
+    for r in rows:
+        dense = by_name.get(r["preset"] + "_dense")
+        if dense:
+            r["step_ratio_vs_flop_matched_dense"] = r["step_s"] / dense["step_s"]
+            print(f"{r['preset']}: step {r['step_ratio_vs_flop_matched_dense']:.2f}x its FLOP-matched dense model's "
+                  f"(d_ff {preset(dense['preset'])[0].d_ff}, no sparse layer)", flush=True)
     compiles = []
     for scan in (False, True):
         for layers in args.layers:

@@ -87,7 +87,7 @@ class MoeConfig(_Replaceable):
     jitter_noise: float = 0.0  # multiplicative uniform noise on router inputs (training only)
     router_init_std: float = 2e-2
     expert_dropout_rate: float = 0.0  # dropout inside the experts (fine-tuning: ST-MoE sec. 4.3)
-    dispatch: str = "gather"  # "einsum" | "gather" | "dropless" (GPU/TPU) | "auto" (per backend; stmoe/dispatch.py)
+    dispatch: str = "gather"  # "einsum" | "gather" | "dropless" (no capacity) | "auto" (per backend; stmoe/dispatch.py)
 
     def router_for(self, causal: bool) -> str:
         return (self.decoder_router_type or self.router_type) if causal else self.router_type

@@ -14,10 +14,11 @@ and give the same numbers (tests/test_dispatch.py, tests/test_moe.py):
   [tokens, experts, capacity] tensor is ever built. Its cost is O(slots * d) data
   movement, independent of the group size.
 - "dropless": no capacity. Every (token, choice) row is sorted by expert and the experts
-  run as grouped matmuls (`jax.lax.ragged_dot`) over the sorted rows (MegaBlocks,
-  Gale et al. 2022). Equal to the other two whenever their capacity drops nothing.
-  On CPU `ragged_dot` is emulated densely over all experts (about 47x a dense FFN at
-  T=8192, E=32), so it is refused there unless forced (`STMOE_FORCE_DROPLESS=1`).
+  run as grouped matmuls over the sorted rows (MegaBlocks, Gale et al. 2022). Equal to the
+  other two whenever their capacity drops nothing. The grouped matmul is per backend
+  (`resolve_grouped_kernel`): `jax.lax.ragged_dot` on GPU/TPU; on CPU, where XLA emulates
+  ragged_dot densely over all experts (about 47x a dense FFN at T=8192, E=32), the tiled
+  loop of grouped_matmul.py (rows padded per expert to a tile, one loop over tiles).
   Expert parallelism: the capacity-based buffers [experts, groups, capacity, d] move by
   all-to-all from the sharding constraints in moe.py; dropless rows have data-dependent
   sizes and would need `ragged_all_to_all` (not implemented on XLA:CPU), so under a mesh
@@ -27,8 +28,7 @@ and give the same numbers (tests/test_dispatch.py, tests/test_moe.py):
 - cpu: "gather". Measured (scripts/benchmark_moe.py, README Performance; 2 cores): at
   T=8192, E=32 the gather layer's forward is 1.15x the FLOP-matched dense FFN, its
   forward+backward 0.89x and its activation memory 0.64x (experts run one after another on
-  CPU, moe.expert_mlps); einsum 2.12x / 1.53x; dropless (ragged_dot, forced on CPU with
-  STMOE_FORCE_DROPLESS=1) ~47x forward in an earlier run of that benchmark, not re-measured.
+  CPU, moe.expert_mlps); einsum 2.12x / 1.53x; dropless (tiled): README Performance.
 - gpu: "gather". Capacity-based, so shapes are static and expert parallelism uses plain
   all-to-all; gathers/scatters of d-wide rows are bandwidth-bound and cheap on GPU,
   while the one-hot einsum adds cf * group_size / d_ff of the useful FLOPs. Not
@@ -42,7 +42,6 @@ and give the same numbers (tests/test_dispatch.py, tests/test_moe.py):
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import jax
@@ -52,29 +51,27 @@ Array = jax.Array
 
 DISPATCH_CHOICES = ("einsum", "gather", "dropless", "auto")
 AUTO_DISPATCH = {"cpu": "gather", "gpu": "gather", "cuda": "gather", "rocm": "gather", "tpu": "einsum"}
-FORCE_DROPLESS_ENV = "STMOE_FORCE_DROPLESS"
+# How "dropless" runs its grouped matmuls per backend: "ragged_dot" (jax.lax.ragged_dot, a real
+# grouped GEMM on GPU/TPU) or "tiled" (grouped_matmul.py: XLA:CPU emulates ragged_dot densely).
+GROUPED_KERNEL = {"cpu": "tiled"}
 
 
-def resolve_dispatch(name: str, backend: str | None = None, force_dropless: bool | None = None) -> str:
+def resolve_dispatch(name: str, backend: str | None = None) -> str:
     """The implementation `moe.dispatch` means on `backend` (default: jax.default_backend()).
 
-    "auto" picks per backend (module docstring). "dropless" on CPU raises unless forced with
-    `force_dropless=True` or the environment variable STMOE_FORCE_DROPLESS=1.
+    "auto" picks per backend (module docstring); the others mean themselves.
     """
     if name not in DISPATCH_CHOICES:
         raise ValueError(f"moe.dispatch: must be one of {DISPATCH_CHOICES}, got {name!r}")
     backend = backend or jax.default_backend()
     if name == "auto":
         return AUTO_DISPATCH.get(backend, "gather")
-    if name == "dropless" and backend == "cpu":
-        if force_dropless is None:
-            force_dropless = os.environ.get(FORCE_DROPLESS_ENV, "") not in ("", "0")
-        if not force_dropless:
-            raise ValueError(
-                "moe.dispatch='dropless' uses jax.lax.ragged_dot, which XLA:CPU emulates densely over all "
-                "experts (tens of times slower than 'gather'); use moe.dispatch='gather' or 'auto' on CPU, "
-                f"or set {FORCE_DROPLESS_ENV}=1 to run it anyway (tests do).")
     return name
+
+
+def resolve_grouped_kernel(backend: str | None = None) -> str:
+    """The grouped-matmul kernel of dropless dispatch on `backend`: "tiled" on CPU, else "ragged_dot"."""
+    return GROUPED_KERNEL.get(backend or jax.default_backend(), "ragged_dot")
 
 
 def dispatch_einsum(x: Array, slot_token: Array) -> Array:

@@ -19,7 +19,9 @@ Algorithm (ST-MoE sec. 2; Switch sec. 2):
 6. The aux losses and router metrics of the layer are sown into the 'moe' collection; with
    mutable=['intermediates'] also each token's choices (expert_index / wanted / kept, [batch, length, k]).
 
-The dispatch implementations (dispatch.py) give the same numbers (tests).
+The dispatch implementations (dispatch.py) give the same numbers (tests). "dropless" replaces
+steps 3-5 by grouped matmuls over expert-sorted rows (`grouped_experts`), and so does a group of
+one token (a cached decoding step): it drops nothing, and costs k rows instead of E slots.
 """
 from __future__ import annotations
 
@@ -32,7 +34,9 @@ import jax.numpy as jnp
 from stmoe import metrics as moe_metrics
 from stmoe import routing
 from stmoe.config import ModelConfig
-from stmoe.dispatch import DISPATCH, combine_gather_tokens, dropless_moe, ragged_mlp, resolve_dispatch
+from stmoe.dispatch import (DISPATCH, combine_gather_tokens, dropless_moe, ragged_mlp, resolve_dispatch,
+                            resolve_grouped_kernel)
+from stmoe.grouped_matmul import dropless_moe_tiled, grouped_mlp, t5_hidden
 from stmoe.layers import ACTIVATIONS, constrain, fan_in_init, mlp_apply
 
 Array = jax.Array
@@ -98,6 +102,26 @@ def _expert_axis_split() -> int:
     return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
+def grouped_experts(x: Array, route: routing.Routing, wi: list[Array], wo: Array, cfg: ModelConfig, kernel: str,
+                    dropout_rng: Array | None = None) -> Array:
+    """Steps 3-5 without capacity: every kept (token, choice) row through its expert, weighted sum back.
+
+    x: [groups, tokens, d] -> [groups, tokens, d]. kernel: "tiled" (grouped_matmul.py, CPU) or
+    "ragged_dot" (dispatch.ragged_mlp, GPU/TPU), chosen per backend by
+    dispatch.resolve_grouped_kernel. Expert dropout on the hidden layer when `dropout_rng` is given.
+    """
+    moe, dtype = cfg.moe, jnp.dtype(cfg.dtype)
+    activation = ACTIVATIONS[cfg.mlp_activation]
+    rate = moe.expert_dropout_rate if dropout_rng is not None else 0.0
+    if kernel == "tiled":
+        hidden = t5_hidden(activation, rate)
+        experts = lambda rows, layout, tile: grouped_mlp(rows, wi, wo, layout, tile, hidden, dtype, dropout_rng)
+        return dropless_moe_tiled(x, route.expert_index, route.choice_weight, route.kept, moe.num_experts, experts)
+    dropout = lambda h: expert_dropout(h, dropout_rng, rate)
+    experts = lambda rows, sizes: ragged_mlp(rows, sizes, wi, wo, activation, dropout, dtype)
+    return dropless_moe(x, route.expert_index, route.choice_weight, route.kept, moe.num_experts, experts)
+
+
 class MoeLayer(nn.Module):
     """A sparse FFN: router + `num_experts` T5 MLPs with stacked weights.
 
@@ -140,7 +164,7 @@ class MoeLayer(nn.Module):
             token_mask.reshape(groups, group_size).astype(jnp.float32)
 
         # 2. Router (float32) and routing decisions.
-        impl = resolve_dispatch(moe.dispatch)  # "auto" -> per backend; "dropless" refused on CPU
+        impl = resolve_dispatch(moe.dispatch)  # "auto" -> per backend
         if impl == "dropless" and router_type == "experts_choose":
             raise ValueError("moe.dispatch='dropless' needs moe.router_type='tokens_choose': expert choice "
                              "has a capacity by construction.")
@@ -174,13 +198,13 @@ class MoeLayer(nn.Module):
         wi = [self.param(n, wi_init, (moe.num_experts, d_model, cfg.d_ff), jnp.float32) for n in names]
         wo = self.param("expert_wo", nn.with_logical_partitioning(expert_init, ("expert", "expert_mlp", "embed")),
                         (moe.num_experts, cfg.d_ff, d_model), jnp.float32)
-        if impl == "dropless":
-            dropout = lambda h: nn.Dropout(moe.expert_dropout_rate)(h, deterministic)
-            # 3-5 without capacity: rows sorted by expert, grouped matmuls, weighted unsort (dispatch.py).
-            experts = lambda rows, sizes: ragged_mlp(rows, sizes, wi, wo, ACTIVATIONS[cfg.mlp_activation],
-                                                     dropout, dtype)
-            outputs = dropless_moe(x.astype(dtype), route.expert_index, route.choice_weight, route.kept,
-                                   moe.num_experts, experts)  # [g, t, d]
+        # A group of one token (a cached decoding step) drops nothing at any capacity >= 1: its k
+        # choices run as k rows of the grouped path, not as all experts' capacity slots.
+        if impl == "dropless" or (group_size == 1 and capacity >= 1 and router_type == "tokens_choose"):
+            use_dropout = moe.expert_dropout_rate > 0 and not deterministic
+            outputs = grouped_experts(
+                x.astype(dtype), route, wi, wo, cfg, resolve_grouped_kernel(),
+                dropout_rng=self.make_rng("dropout") if use_dropout else None)  # [g, t, d]
         else:
             dispatch, combine = DISPATCH[impl]
             expert_inputs = dispatch(x.astype(dtype), route.slot_token)

@@ -54,11 +54,6 @@ def assert_close(a, b):
         np.testing.assert_allclose(u, v, atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture
-def force_dropless(monkeypatch):
-    monkeypatch.setenv(dispatch.FORCE_DROPLESS_ENV, "1")
-
-
 def test_einsum_and_gather_agree_with_drops():  # top-1 and more cases: tests/test_moe.py
     x, mask = inputs()
     fields = dict(eval_capacity_factor=0.5, min_capacity=1, group_size=8)
@@ -122,7 +117,7 @@ def test_expert_mlps_sequential_and_batched_match_numpy_and_each_other():
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_dropless_equals_capacity_dispatch_when_nothing_drops(top_k, force_dropless):
+def test_dropless_equals_capacity_dispatch_when_nothing_drops(top_k):
     x, mask = inputs(1)
     fields = dict(top_k=top_k, expert_capacity=LENGTH)  # ample: nothing can drop
     out_g, stats_g, grads_g = run("gather", x, mask, **fields)
@@ -136,22 +131,19 @@ def test_dropless_equals_capacity_dispatch_when_nothing_drops(top_k, force_dropl
     np.testing.assert_allclose(stats_d["aux_loss"], stats_g["aux_loss"], rtol=1e-6)
 
 
-def test_dropless_never_drops(force_dropless):
+def test_dropless_never_drops():
     x, mask = inputs(2)
     _, stats, _ = run("dropless", x, mask, eval_capacity_factor=0.25, min_capacity=1)
     assert float(stats["dropped_tokens"]) == 0.0
     assert float(stats["dropped_fraction_rank2"]) == 0.0
 
 
-def test_dropless_refused_on_cpu_without_force(monkeypatch):
-    monkeypatch.delenv(dispatch.FORCE_DROPLESS_ENV, raising=False)
-    with pytest.raises(ValueError, match="ragged_dot.*STMOE_FORCE_DROPLESS"):
-        dispatch.resolve_dispatch("dropless", backend="cpu")
-    x, mask = inputs()
-    with pytest.raises(ValueError, match="dropless"):
-        MoeLayer(layer_config(dispatch="dropless")).init({"params": jax.random.key(0)}, x, mask)
-    assert dispatch.resolve_dispatch("dropless", backend="cpu", force_dropless=True) == "dropless"
+def test_dropless_runs_on_every_backend_with_its_grouped_kernel():
+    assert dispatch.resolve_dispatch("dropless", backend="cpu") == "dropless"
     assert dispatch.resolve_dispatch("dropless", backend="gpu") == "dropless"
+    assert dispatch.resolve_grouped_kernel("cpu") == "tiled"
+    assert dispatch.resolve_grouped_kernel("gpu") == "ragged_dot"
+    assert dispatch.resolve_grouped_kernel("tpu") == "ragged_dot"
 
 
 def test_auto_resolves_per_backend():
@@ -175,7 +167,7 @@ def test_dispatch_field_is_validated():
         dispatch.resolve_dispatch("sorted")
 
 
-def test_dropless_refuses_expert_choice(force_dropless):
+def test_dropless_refuses_expert_choice():
     x, mask = inputs()
     cfg = layer_config(dispatch="dropless", router_type="experts_choose")
     with pytest.raises(ValueError, match="tokens_choose"):
