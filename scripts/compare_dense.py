@@ -2,8 +2,7 @@ r"""MoE vs FLOP-matched dense baselines: held-out loss at equal steps and at equ
 
     python scripts/compare_dense.py                       # offline corpus (the default task), 1 seed
     python scripts/compare_dense.py --text_file licenses  # English text: /usr/share/common-licenses
-    python scripts/compare_dense.py --steps 600 --seeds 0,1 --out_dir runs/compare_dense \
-        --json docs/compare_dense.json --plot docs/compare_dense.png
+    python scripts/compare_dense.py --steps 240 --set batch_size=16 --seeds 0,1 --out_dir runs/short
 
 Three models, trained on the same tokens (same data seed and order) with the same init seeds, each
 through `stmoe.trainer.train_and_evaluate` with `configs/pretrain.py:tiny` plus the overrides in
@@ -17,17 +16,22 @@ SETTING (below):
 
 One workdir per (dataset, model, seed) under --out_dir: a finished run is read back, an unfinished
 one resumes from its checkpoint. Wall-clock is the time of the training steps only (the first
-step, which compiles, and every step that is followed by a held-out evaluation are replaced by the
-median step time); on a shared machine it is noisy, so the load average is recorded beside it.
+step of a process, which compiles, and every step right after a held-out evaluation and checkpoint
+count as the median step); on a shared machine it is noisy, so the load average is recorded beside it.
+`--set FIELD=VALUE` changes the shared setting (a probe); `--models` trains a subset (e.g. one model
+per process: a later run over all models reads the finished ones back).
 
 `--text_file licenses` writes the GNU/BSD/Apache/... license texts that every Debian system ships
 (/usr/share/common-licenses/*, sorted by name, symlinks skipped) one paragraph per line into
---out_dir and trains on that file; any other value is a text file with one document per line.
+--out_dir and trains on that file (held out: the data.held_out_percent = 5% of paragraphs with the
+lowest hash bucket, stmoe.data.tasks.held_out_bucket); any other value is a text file with one
+document per line.
 Bad flags: one line on stderr, exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import glob
 import json
 import math
@@ -47,7 +51,6 @@ F_SPARSE_LAYERS = "model.sparse_layers"
 F_SPARSE_DENSE_D_FF = "model.sparse_positions_dense_d_ff"
 F_D_MODEL = "model.d_model"
 F_D_FF = "model.d_ff"
-F_GATED = "model.mlp_gated"
 F_NUM_ENC = "model.num_encoder_layers"
 F_NUM_DEC = "model.num_decoder_layers"
 F_NUM_EXPERTS = "model.moe.num_experts"
@@ -68,7 +71,7 @@ F_EVAL_EVERY = "eval_every_steps"
 F_LOG_EVERY = "log_every_steps"
 F_CKPT_EVERY = "checkpoint_every_steps"
 F_KEEP_CKPT = "keep_checkpoints"
-CONFIG_FIELDS = (F_SPARSE_LAYERS, F_SPARSE_DENSE_D_FF, F_D_MODEL, F_D_FF, F_GATED, F_NUM_ENC, F_NUM_DEC,
+CONFIG_FIELDS = (F_SPARSE_LAYERS, F_SPARSE_DENSE_D_FF, F_D_MODEL, F_D_FF, F_NUM_ENC, F_NUM_DEC,
                  F_NUM_EXPERTS, F_TOP_K, F_SECOND_POLICY, F_ROUTER_INIT, F_AUX_COEF, F_Z_COEF, F_ROUTER_LR_MULT,
                  F_LR, F_TOTAL_STEPS, F_BATCH, F_SEED, F_TEXT_FILES, F_INPUTS_LEN, F_TARGETS_LEN, F_EVAL_EVERY, F_LOG_EVERY, F_CKPT_EVERY,
                  F_KEEP_CKPT)
@@ -87,11 +90,15 @@ SETTING = {
     F_AUX_COEF: 1e-2,
     F_Z_COEF: 1e-3,
     F_LR: 1e-2,
-    F_BATCH: 16,
+    F_BATCH: 32,
     F_INPUTS_LEN: 64,
 }
+# What --set may change (the rest is set per model or from the other flags).
+SETTABLE = (F_D_MODEL, F_D_FF, F_NUM_ENC, F_NUM_DEC, F_NUM_EXPERTS, F_TOP_K, F_SECOND_POLICY, F_ROUTER_INIT,
+            F_ROUTER_LR_MULT, F_AUX_COEF, F_Z_COEF, F_LR, F_BATCH, F_INPUTS_LEN)
 MODELS = ("moe", "dense_same_d_ff", "dense_flop_matched")
 LICENSES_DIR = "/usr/share/common-licenses"
+ENTROPY_KEY = "eval/moe/router_entropy"  # metrics.jsonl: mean over MoE layers, nats (uniform: ln E)
 EVAL_POINTS = 8  # held-out evaluations per run (the curves' resolution)
 
 
@@ -211,7 +218,7 @@ def write_licenses_text(path: str, directory: str = LICENSES_DIR) -> str:
 # ---------------------------------------------------------------------------------------- training
 
 def _read_eval_curve(workdir: str) -> list[tuple[int, float, float | None]]:
-    """[(step, held-out cross-entropy, mean router entropy or None)] from a run's metrics.jsonl."""
+    """[(step, held-out cross-entropy, router entropy or None)] from a run's metrics.jsonl."""
     from stmoe import reporting
 
     curve = {}
@@ -219,10 +226,12 @@ def _read_eval_curve(workdir: str) -> list[tuple[int, float, float | None]]:
     if not os.path.exists(path):
         return []
     for record in reporting.read_records(path, "eval"):
-        entropies = [v for k, v in record.items() if k.endswith("router_entropy")]
-        curve[int(record["step"])] = (record["eval/cross_entropy"],
-                                      statistics.fmean(entropies) if entropies else None)
+        curve[int(record["step"])] = (record["eval/cross_entropy"], record.get(ENTROPY_KEY))
     return [(s, ce, ent) for s, (ce, ent) in sorted(curve.items())]
+
+
+class Stopped(Exception):
+    """A run stopped by SIGTERM / SIGINT (its checkpoint saved): the comparison stops too."""
 
 
 class StepTimer:
@@ -262,11 +271,17 @@ def run_one(config, workdir: str) -> dict:
     from stmoe import trainer
 
     steps = get_field(config, F_TOTAL_STEPS)
+    written = os.path.join(workdir, "config.json")
+    if os.path.exists(written):
+        with open(written) as f:
+            if json.load(f) != json.loads(config.to_json_best_effort()):
+                raise cli.UsageError(f"{workdir} holds a run of another setting; use another --out_dir")
     curve = _read_eval_curve(workdir)
     if not curve or curve[-1][0] < steps:
         timer = StepTimer(os.path.join(workdir, "step_seconds.jsonl"))
         os.makedirs(workdir, exist_ok=True)
-        trainer.train_and_evaluate(config, workdir, hooks=[timer])
+        if trainer.train_and_evaluate(config, workdir, hooks=[timer]).preempted:
+            raise Stopped(f"stopped by a signal in {workdir} (checkpoint saved); rerun the same command to resume")
         curve = _read_eval_curve(workdir)
     seconds = train_seconds(os.path.join(workdir, "step_seconds.jsonl"), steps, get_field(config, F_EVAL_EVERY))
     return {"curve": [(s, seconds[s - 1], ce, ent) for s, ce, ent in curve]}
@@ -280,9 +295,22 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float:
     return points[-1][1] if points and math.isclose(x, points[-1][0]) else float("nan")
 
 
+def param_count(model_cfg) -> int:
+    """Parameters of a stmoe.config.ModelConfig's EncoderDecoder (shapes only, nothing allocated)."""
+    import jax
+    import jax.numpy as jnp
+
+    from stmoe import models
+
+    tokens = jnp.ones((1, 8), jnp.int32)
+    shapes = jax.eval_shape(lambda: models.EncoderDecoder(model_cfg).init(
+        jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False))
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes["params"]))
+
+
 def summarize(runs: dict[str, dict[int, dict]], model_cfgs: dict[str, object], dataset: str) -> list[dict]:
-    """One row per model: losses at the last step and at the wall-clock the slowest model's ... fastest
-    run reached (the shortest total time over all runs), mean and std over seeds."""
+    """One row per model: held-out loss at the last step, and at the wall-clock budget (the shortest
+    training time of all runs, losses interpolated between evaluations); mean and std over seeds."""
     from stmoe.config import ModelConfig
 
     budget = min(r["curve"][-1][1] for seeds in runs.values() for r in seeds.values())
@@ -293,15 +321,8 @@ def summarize(runs: dict[str, dict[int, dict]], model_cfgs: dict[str, object], d
         final = [r["curve"][-1][2] for r in seeds.values()]
         at_time = [interpolate([(t, ce) for _, t, ce, _ in r["curve"]], budget) for r in seeds.values()]
         entropies = [r["curve"][-1][3] for r in seeds.values() if r["curve"][-1][3] is not None]
-        import jax
-        from stmoe import models
-        import jax.numpy as jnp
-        shapes = jax.eval_shape(lambda: models.EncoderDecoder(cfg).init(
-            jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32),
-            jnp.ones((1, 8), jnp.int32), enable_dropout=False))
-        params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes["params"]))
         rows.append({
-            "dataset": dataset, "model": name, "params": params,
+            "dataset": dataset, "model": name, "params": param_count(cfg),
             "ffn_flops_per_token": flops["ffn"], "router_flops_per_token": flops["router"],
             "seeds": sorted(seeds), "steps": runs[name][min(seeds)]["curve"][-1][0],
             "loss_at_steps_mean": statistics.fmean(final), "loss_at_steps_std": _std(final),
@@ -321,14 +342,14 @@ def _std(values: list[float]) -> float:
 # ------------------------------------------------------------------------------------------ output
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| dataset | model | params | FFN GFLOPs/token (fwd) | held-out loss @ step {s} | "
+    lines = ["| dataset | model | params | FFN kFLOPs/token (fwd) | held-out loss @ step {s} | "
              "held-out loss @ {t:.0f} s | train s | router entropy |".format(
                  s=rows[0]["steps"], t=rows[0]["wallclock_budget_s"]),
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         entropy = "-" if r["router_entropy_final"] is None else f"{r['router_entropy_final']:.3f}"
         lines.append(f"| {r['dataset']} | {r['model']} | {r['params'] / 1e6:.3f}M | "
-                     f"{r['ffn_flops_per_token'] / 1e9:.6f} | {r['loss_at_steps_mean']:.4f} ± {r['loss_at_steps_std']:.4f} | "
+                     f"{r['ffn_flops_per_token'] / 1e3:.1f} | {r['loss_at_steps_mean']:.4f} ± {r['loss_at_steps_std']:.4f} | "
                      f"{r['loss_at_wallclock_mean']:.4f} ± {r['loss_at_wallclock_std']:.4f} | "
                      f"{r['train_seconds_mean']:.0f} | {entropy} |")
     return "\n".join(lines)
@@ -375,13 +396,16 @@ def _seeds(text: str) -> list[int]:
 def parse_args(argv):
     parser = cli.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--steps", type=cli.positive_int, default=600, help="training steps per run")
+    parser.add_argument("--steps", type=cli.positive_int, default=1000, help="training steps per run")
     parser.add_argument("--seeds", type=_seeds, default=[0], help="init seeds, comma-separated (data order fixed)")
     parser.add_argument("--text_file", "--data", dest="text_file", default="",
                         help="'' = the offline corpus; 'licenses' = /usr/share/common-licenses one paragraph "
                              "per line; else a text file, one document per line")
     parser.add_argument("--out_dir", default="runs/compare_dense", help="one workdir per (dataset, model, seed)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a field of SETTING for every model (repeatable), e.g. "
+                             f"--set {F_TOP_K}=1 (a Python literal)")
     parser.add_argument("--json", default="", help="write the rows here (default: OUT_DIR/compare_dense.json)")
     parser.add_argument("--plot", default="", help="write the PNG here (default: OUT_DIR/compare_dense.png)")
     args = parser.parse_args(argv[1:])
@@ -390,6 +414,16 @@ def parse_args(argv):
     if bad or not models:
         parser.error(f"--models: unknown {bad or 'empty'}; choose from {list(MODELS)}")
     args.models = models
+    args.setting = dict(SETTING)
+    for item in args.set:
+        path, sep, text = item.partition("=")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare string, e.g. --set model.moe.second_expert_policy=random
+        if not sep or path not in SETTABLE:
+            parser.error(f"--set {item!r}: FIELD=VALUE with FIELD one of {list(SETTABLE)}")
+        args.setting[path] = value
     if args.text_file and args.text_file != "licenses" and not os.path.isfile(args.text_file):
         parser.error(f"--text_file: {args.text_file} is not a file")
     return args
@@ -407,15 +441,24 @@ def main(argv) -> int:
             text_file, dataset = None, "offline_corpus"
     except (cli.UsageError, OSError) as e:
         return cli.fail(PROGRAM, "usage", e)
+    # Every seed of a model compiles the same programs: JAX's persistent cache compiles them once.
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(args.out_dir, "jax_cache")))
     load_before = os.getloadavg()
     runs: dict[str, dict[int, dict]] = {m: {} for m in args.models}
     cfgs = None
     total = len(args.models) * len(args.seeds)
     for i, (seed, name) in enumerate([(s, m) for s in args.seeds for m in args.models], 1):
-        cfgs = model_configs(SETTING, args.steps, seed, text_file)
+        cfgs = model_configs(args.setting, args.steps, seed, text_file)
         workdir = os.path.join(args.out_dir, dataset, f"{name}_seed{seed}")
         print(f"{PROGRAM}: [{i}/{total}] {dataset} {name} seed {seed} -> {workdir}", flush=True)
-        runs[name][seed] = run_one(cfgs[name], workdir)
+        try:
+            runs[name][seed] = run_one(cfgs[name], workdir)
+        except cli.UsageError as e:
+            return cli.fail(PROGRAM, "usage", e)
+        except Stopped as e:
+            print(f"{PROGRAM}: {e}", file=sys.stderr)
+            return 1
         print(f"{PROGRAM}: [{i}/{total}] held-out loss {runs[name][seed]['curve'][-1][2]:.4f} at step "
               f"{runs[name][seed]['curve'][-1][0]}", flush=True)
     rows = summarize(runs, cfgs, dataset)
@@ -425,7 +468,9 @@ def main(argv) -> int:
     print(f"load average (1/5/15 min) before {load_before}, after {load_after}: wall-clock on a shared machine is noisy")
     json_path = args.json or os.path.join(args.out_dir, "compare_dense.json")
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    document = {"setting": {k: v for k, v in SETTING.items()}, "dataset": dataset, "text_file": text_file,
+    document = {"setting": args.setting, "dataset": dataset, "text_file": text_file,
+                "uniform_router_entropy": math.log(args.setting[F_NUM_EXPERTS]),
+                "curve_columns": ["step", "train_seconds", "held_out_loss", "router_entropy"],
                 "steps": args.steps, "seeds": args.seeds, "load_average_before": load_before,
                 "load_average_after": load_after, "rows": rows}
     with open(json_path, "w") as f:
