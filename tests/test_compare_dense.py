@@ -1,7 +1,8 @@
 """scripts/compare_dense.py: FLOP accounting by hand, the dense-at-sparse-positions model option, the
-JSON / table of a 2-step run, resume, bad flags."""
+JSON / table of a 4-step run, resume, bad flags."""
 import importlib.util
 import json
+import math
 import os
 
 import flax.linen as nn
@@ -90,26 +91,44 @@ def test_dense_at_sparse_positions_option():
         _cfg(sparse_positions_dense_d_ff=64, sparse_dense=True)
 
 
-def test_two_step_run_json_table_and_resume(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(compare_dense, "EVAL_POINTS", 1)
+def test_interpolate_and_train_seconds(tmp_path):
+    assert compare_dense.interpolate([(1.0, 4.0), (3.0, 2.0)], 2.5) == 2.5  # 4 + (2 - 4) * 1.5 / 2
+    assert compare_dense.interpolate([(1.0, 4.0), (3.0, 2.0)], 3.0) == 2.0
+    assert math.isnan(compare_dense.interpolate([(1.0, 4.0), (3.0, 2.0)], 0.5))
+    # Eval every 2 steps: step 1 (compile) and step 3 (after an evaluation) count as the median (0.2 s).
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "seconds": t}) + "\n" for s, t in
+                            [(2, 0.1), (3, 9.0), (4, 0.2), (5, 9.0), (6, 0.3)]))
+    assert compare_dense.train_seconds(str(path), 6, 2) == pytest.approx([0.2, 0.3, 0.5, 0.7, 0.9, 1.2])
+
+
+def test_four_step_run_json_table_and_resume(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare_dense, "EVAL_POINTS", 2)  # evaluations at steps 2 and 4
     out, json_path, png = tmp_path / "out", tmp_path / "r.json", tmp_path / "r.png"
-    argv = ["compare_dense.py", "--steps", "2", "--out_dir", str(out), "--json", str(json_path), "--plot", str(png)]
+    argv = ["compare_dense.py", "--steps", "4", "--out_dir", str(out), "--json", str(json_path), "--plot", str(png)]
     assert compare_dense.main(argv) == 0
     document = json.loads(json_path.read_text())
     rows = document["rows"]
     assert [r["model"] for r in rows] == list(compare_dense.MODELS)
     assert {r["dataset"] for r in rows} == {"offline_corpus"} and png.stat().st_size > 0
     for r in rows:
-        assert r["steps"] == 2 and r["seeds"] == [0]
+        assert r["steps"] == 4 and r["seeds"] == [0] and [p[0] for p in r["curves"]["0"]] == [2, 4]
         assert 0 < r["loss_at_steps_mean"] < 10 and r["loss_at_steps_std"] == 0.0
-        assert r["loss_at_wallclock_mean"] == r["loss_at_wallclock_mean"]  # not nan
-        assert r["wallclock_budget_s"] > 0
+        # The budget is the fastest run's time: interpolated between that run's evaluations, inside the others'.
+        assert r["wallclock_budget_s"] > 0 and r["wallclock_budget_s"] <= r["train_seconds_mean"]
+        # Inside this run's evaluations: interpolated; before its first one (a run more than 2x slower on a
+        # loaded machine): nan, not a made-up value.
+        (_, t2, loss2, _), (_, t4, loss4, _) = r["curves"]["0"]
+        if r["wallclock_budget_s"] >= t2:
+            assert min(loss2, loss4) <= r["loss_at_wallclock_mean"] <= max(loss2, loss4)
+        else:
+            assert math.isnan(r["loss_at_wallclock_mean"])
     by_model = {r["model"]: r for r in rows}
     assert by_model["dense_same_d_ff"]["router_entropy_final"] is None
     assert by_model["moe"]["ffn_flops_per_token"] == pytest.approx(by_model["dense_flop_matched"]["ffn_flops_per_token"],
                                                                     abs=2 * 384)
     table = capsys.readouterr().out
-    assert table.count("| offline_corpus |") == 3 and "@ step 2" in table
+    assert table.count("| offline_corpus |") == 3 and "@ step 4" in table
     # Resume: finished runs are read back, not retrained (their metrics files stay as they were).
     metrics = out / "offline_corpus" / "moe_seed0" / "metrics.jsonl"
     before = metrics.read_text()
