@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import glob
 import json
 import math
 import os
@@ -73,8 +72,8 @@ F_CKPT_EVERY = "checkpoint_every_steps"
 F_KEEP_CKPT = "keep_checkpoints"
 CONFIG_FIELDS = (F_SPARSE_LAYERS, F_SPARSE_DENSE_D_FF, F_D_MODEL, F_D_FF, F_NUM_ENC, F_NUM_DEC,
                  F_NUM_EXPERTS, F_TOP_K, F_SECOND_POLICY, F_ROUTER_INIT, F_AUX_COEF, F_Z_COEF, F_ROUTER_LR_MULT,
-                 F_LR, F_TOTAL_STEPS, F_BATCH, F_SEED, F_TEXT_FILES, F_INPUTS_LEN, F_TARGETS_LEN, F_EVAL_EVERY, F_LOG_EVERY, F_CKPT_EVERY,
-                 F_KEEP_CKPT)
+                 F_LR, F_TOTAL_STEPS, F_BATCH, F_SEED, F_TEXT_FILES, F_INPUTS_LEN, F_TARGETS_LEN, F_EVAL_EVERY,
+                 F_LOG_EVERY, F_CKPT_EVERY, F_KEEP_CKPT)
 
 # The setting every model shares (on top of configs/pretrain.py:tiny); see the README's "MoE vs dense".
 SETTING = {
@@ -349,7 +348,8 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         entropy = "-" if r["router_entropy_final"] is None else f"{r['router_entropy_final']:.3f}"
         lines.append(f"| {r['dataset']} | {r['model']} | {r['params'] / 1e6:.3f}M | "
-                     f"{r['ffn_flops_per_token'] / 1e3:.1f} | {r['loss_at_steps_mean']:.4f} ± {r['loss_at_steps_std']:.4f} | "
+                     f"{r['ffn_flops_per_token'] / 1e3:.1f} | "
+                     f"{r['loss_at_steps_mean']:.4f} ± {r['loss_at_steps_std']:.4f} | "
                      f"{r['loss_at_wallclock_mean']:.4f} ± {r['loss_at_wallclock_std']:.4f} | "
                      f"{r['train_seconds_mean']:.0f} | {entropy} |")
     return "\n".join(lines)
@@ -465,7 +465,8 @@ def main(argv) -> int:
     load_after = os.getloadavg()
     table = markdown_table(rows)
     print(table)
-    print(f"load average (1/5/15 min) before {load_before}, after {load_after}: wall-clock on a shared machine is noisy")
+    print(f"load average (1/5/15 min) before {load_before}, after {load_after}: "
+          "wall-clock on a shared machine is noisy")
     json_path = args.json or os.path.join(args.out_dir, "compare_dense.json")
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     document = {"setting": args.setting, "dataset": dataset, "text_file": text_file,
