@@ -76,6 +76,8 @@ def _model(moe: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDic
         # explicit tuple overrides the interval; () = a dense model (--config.model.sparse_layers='()')
         sparse_layers=config_dict.placeholder(tuple),
         sparse_dense=False,          # extra dense FFN after each sparse one (ST-MoE-32B)
+        # an int: a dense FFN this wide at each sparse position instead of experts (FLOP-matched dense baseline)
+        sparse_positions_dense_d_ff=config_dict.placeholder(int),
         scan_layers=False,           # nn.scan over (interval-1 dense + 1 sparse) units: compile time flat in depth
         remat="none",                # "full" / "save_dots": recompute blocks in the backward pass to save memory
     ))

@@ -164,6 +164,9 @@ class ModelConfig(_Replaceable):
     sparse_offset: int | None = None
     sparse_layers: tuple[int, ...] | None = None
     sparse_dense: bool = False  # an extra dense FFN after each sparse FFN (ST-MoE-32B)
+    # A dense baseline with the MoE's layout: an int puts a dense FFN of this width (instead of an MoE
+    # layer) at every sparse position, e.g. top_k * d_ff for the FFN FLOPs of a top-k MoE. None = MoE layers.
+    sparse_positions_dense_d_ff: int | None = None
     scan_layers: bool = False  # nn.scan over repeated (interval-1 dense + 1 sparse) blocks: compile time flat in depth
     remat: str = "none"  # recompute blocks in the backward pass: "none" | "full" | "save_dots" (keep matmul outputs)
     moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
@@ -172,11 +175,22 @@ class ModelConfig(_Replaceable):
     def from_dict(cls, values: Mapping[str, Any], prefix: str = "model.") -> "ModelConfig":
         return cls._from_mapping(values, prefix, {"moe": MoeConfig})
 
-    def is_sparse(self, layer: int) -> bool:
+    def is_sparse_position(self, layer: int) -> bool:
+        """Block `layer` sits at a sparse position of the layout (whether or not it holds experts)."""
         if self.sparse_layers is not None:
             return layer in self.sparse_layers
         offset = self.sparse_interval - 1 if self.sparse_offset is None else self.sparse_offset
         return layer % self.sparse_interval == offset
+
+    def is_sparse(self, layer: int) -> bool:
+        """Block `layer`'s FFN is an MoE layer."""
+        return self.sparse_positions_dense_d_ff is None and self.is_sparse_position(layer)
+
+    def ffn_width(self, layer: int) -> int:
+        """d_ff of block `layer`'s dense FFN (of each expert when the block is sparse)."""
+        if self.sparse_positions_dense_d_ff is not None and self.is_sparse_position(layer):
+            return self.sparse_positions_dense_d_ff
+        return self.d_ff
 
     def validate(self, prefix: str = "model.") -> "ModelConfig":
         p = prefix
@@ -196,6 +210,10 @@ class ModelConfig(_Replaceable):
         num_layers = max(self.num_encoder_layers, self.num_decoder_layers)
         _check(self.sparse_layers is None or all(0 <= i < num_layers for i in self.sparse_layers),
                f"{p}sparse_layers", f"indices must be in [0, {num_layers}), got {self.sparse_layers}")
+        _check(self.sparse_positions_dense_d_ff is None or self.sparse_positions_dense_d_ff >= 1,
+               f"{p}sparse_positions_dense_d_ff", f"must be None or >= 1, got {self.sparse_positions_dense_d_ff}")
+        _check(self.sparse_positions_dense_d_ff is None or not self.sparse_dense, f"{p}sparse_positions_dense_d_ff",
+               "a dense model has no sparse FFN for sparse_dense to follow; set one of the two")
         _check(self.remat in REMAT_POLICIES, f"{p}remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.scan_layers:
             for name in ("num_encoder_layers", "num_decoder_layers"):

@@ -3,7 +3,8 @@
 Block i of a stack is sparse when `config.is_sparse(i)`: i % sparse_interval ==
 sparse_interval - 1 by default (every 4th, ST-MoE; interval 2 is Switch's
 every-other layout), or an explicit list. With `sparse_dense` a dense FFN follows
-each sparse FFN (ST-MoE-32B, sec. 3.3).
+each sparse FFN (ST-MoE-32B, sec. 3.3). With `sparse_positions_dense_d_ff` the sparse
+positions hold a dense FFN of that width instead (a FLOP-matched dense baseline).
 
 The call signature follows t5x's EncoderDecoder:
     logits = model.apply({'params': p}, encoder_input_tokens, decoder_input_tokens,
@@ -47,7 +48,7 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: Array, token_mask: Array, deterministic: bool) -> Array:
         cfg = self.config
-        dense = lambda name: Mlp(cfg.d_ff, cfg.mlp_activation, cfg.mlp_gated, cfg.dropout_rate,
+        dense = lambda name: Mlp(cfg.ffn_width(self.layer), cfg.mlp_activation, cfg.mlp_gated, cfg.dropout_rate,
                                  _dtype(cfg), name=name)
         residual_dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), name="pre_mlp_norm")(x)

@@ -149,6 +149,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     moe = cfg.moe
     required = {  # field: (value, HF's semantics)
         "mlp_gated": (cfg.mlp_gated, False), "sparse_dense": (cfg.sparse_dense, False),
+        "sparse_positions_dense_d_ff": (cfg.sparse_positions_dense_d_ff, None),  # one d_ff in HF
         "moe.router_type": (moe.router_type, "tokens_choose"),
         "moe.decoder_router_type": (moe.decoder_router_type or moe.router_type, "tokens_choose"),
         "moe.top_k": (moe.top_k, 1),
