@@ -55,6 +55,7 @@ def _moe(**overrides) -> ml_collections.ConfigDict:
         expert_dropout_rate=0.0,     # fine-tuning sets its own (sec. 4.3)
         dispatch="gather",           # "einsum" = GShard one-hot reference; "dropless" = ragged_dot, GPU/TPU
                                      # (refused on CPU); "auto" = per backend (stmoe/dispatch.py)
+        router_dtype="float32",      # "selective precision" (ST-MoE sec. 3.2); "bfloat16": the unstable variant
     ))
     moe.update(overrides)
     return moe
@@ -70,6 +71,7 @@ def _model(moe: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDic
         relative_attention_num_buckets=32, relative_attention_max_distance=128,
         tie_embeddings=False,
         layer_norm_epsilon=1e-6,
+        layer_norm_scale=True,       # RMSNorm's learned scale; False: none (ST-MoE Table 3 ablation)
         dtype="float32",             # activations / experts; "bfloat16" on accelerators
         sparse_interval=4,           # block i is sparse when i % interval == offset
         sparse_offset=config_dict.placeholder(int),  # None = interval - 1 (ST-MoE); HF Switch uses 1

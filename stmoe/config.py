@@ -88,6 +88,9 @@ class MoeConfig(_Replaceable):
     router_init_std: float = 2e-2
     expert_dropout_rate: float = 0.0  # dropout inside the experts (fine-tuning: ST-MoE sec. 4.3)
     dispatch: str = "gather"  # "einsum" | "gather" | "dropless" (no capacity) | "auto" (per backend; stmoe/dispatch.py)
+    # Router logits and softmax in float32 whatever model.dtype is ("selective precision", ST-MoE sec. 3.2);
+    # "bfloat16" rounds the router's inputs, weights, logits and probabilities (the paper's unstable Table 4 row).
+    router_dtype: str = "float32"
 
     def router_for(self, causal: bool) -> str:
         return (self.decoder_router_type or self.router_type) if causal else self.router_type
@@ -139,6 +142,7 @@ class MoeConfig(_Replaceable):
                f"must be in [0, 1), got {self.expert_dropout_rate}")
         _check(self.dispatch in DISPATCH_IMPLS, f"{p}dispatch",
                f"must be one of {DISPATCH_IMPLS}, got {self.dispatch!r}")
+        _check(self.router_dtype in DTYPES, f"{p}router_dtype", f"must be one of {DTYPES}, got {self.router_dtype!r}")
         return self
 
 
@@ -158,7 +162,8 @@ class ModelConfig(_Replaceable):
     relative_attention_max_distance: int = 128
     tie_embeddings: bool = False  # T5.1.1 unties; Switch checkpoints tie (logits * d_model**-0.5)
     layer_norm_epsilon: float = 1e-6
-    dtype: str = "float32"  # activations and experts; the router always runs in float32
+    layer_norm_scale: bool = True  # RMSNorm's learned per-channel scale (T5); False: x / rms(x) only
+    dtype: str = "float32"  # activations and experts; the router's precision is moe.router_dtype
     # Sparse blocks: i % sparse_interval == sparse_offset (default interval - 1), or an explicit list.
     sparse_interval: int = 4
     sparse_offset: int | None = None

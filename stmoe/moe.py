@@ -4,7 +4,7 @@ Algorithm (ST-MoE sec. 2; Switch sec. 2):
 1. Flatten [batch, length, d] tokens into groups [groups, group_size, d]; capacity is
    counted per group (one group per sequence by default; `max_group_size` gives
    flaxformer's batch-wide groups, routing.flaxformer_num_groups).
-2. The float32 router scores every token; routing.py decides which (expert, slot)
+2. The router (float32: moe.router_dtype) scores every token; routing.py decides which (expert, slot)
    each token occupies and with which weight (tokens-choose top-k or expert-choice).
 3. Dispatch fills per-expert buffers [experts, groups, capacity, d]. Under a mesh the
    expert axis of that buffer is sharded over `expert` while the group axis of the
@@ -163,7 +163,7 @@ class MoeLayer(nn.Module):
         mask = jnp.ones((groups, group_size), jnp.float32) if moe.route_padding else \
             token_mask.reshape(groups, group_size).astype(jnp.float32)
 
-        # 2. Router (float32) and routing decisions.
+        # 2. Router (float32 unless moe.router_dtype says otherwise) and routing decisions.
         impl = resolve_dispatch(moe.dispatch)  # "auto" -> per backend
         if impl == "dropless" and router_type == "experts_choose":
             raise ValueError("moe.dispatch='dropless' needs moe.router_type='tokens_choose': expert choice "
@@ -176,9 +176,10 @@ class MoeLayer(nn.Module):
             factor = moe.eval_capacity_factor if deterministic else moe.train_capacity_factor
             capacity = routing.expert_capacity(group_size, moe.num_experts, factor, moe.min_capacity,
                                                moe.capacity_rounding)
-        logits = routing.Router(moe.num_experts, moe.router_init_std, moe.jitter_noise, name="router")(
-            x, deterministic)  # [g, t, e] float32
-        probs = jax.nn.softmax(logits, axis=-1)
+        logits = routing.Router(moe.num_experts, moe.router_init_std, moe.jitter_noise, jnp.dtype(moe.router_dtype),
+                                name="router")(x, deterministic)  # [g, t, e] router_dtype
+        # The softmax in the router's dtype too; the routing decisions and losses read float32 values.
+        probs = jax.nn.softmax(logits, axis=-1).astype(jnp.float32)
         if router_type == "experts_choose":
             route = routing.experts_choose_routing(probs, mask, capacity=capacity)
         else:

@@ -109,8 +109,9 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         raise ConfigError("router_bias: the router here has no bias")
     if hf["pad_token_id"] not in (0, None):
         raise ConfigError(f"pad_token_id: must be 0 (token id 0 is padding here), got {hf['pad_token_id']}")
-    if hf["router_dtype"] != "float32":
-        warnings.warn(f"router_dtype={hf['router_dtype']!r}: the router here always runs in float32")
+    router_dtype = hf["router_dtype"] if hf["router_dtype"] in ("float32", "bfloat16") else "float32"
+    if hf["router_dtype"] != router_dtype:
+        warnings.warn(f"router_dtype={hf['router_dtype']!r}: no equivalent here; the router runs in float32")
     n_enc, n_dec = int(hf["num_layers"]), int(hf["num_decoder_layers"])
     placement = _placement(hf_sparse_layers(n_enc, int(hf["num_sparse_encoder_layers"])),
                            hf_sparse_layers(n_dec, int(hf["num_sparse_decoder_layers"])), n_enc, n_dec)
@@ -119,7 +120,8 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         expert_capacity=int(hf["expert_capacity"]), group_size=None, batch_prioritized=False,
         route_padding=True, dropped_token_passthrough=False, aux_loss_type="switch_top1",
         aux_loss_coef=float(hf["router_aux_loss_coef"]), z_loss_coef=float(hf["router_z_loss_coef"]),
-        jitter_noise=float(hf["router_jitter_noise"]), expert_dropout_rate=float(hf["dropout_rate"]))
+        jitter_noise=float(hf["router_jitter_noise"]), expert_dropout_rate=float(hf["dropout_rate"]),
+        router_dtype=router_dtype)
     return ModelConfig(
         vocab_size=int(hf["vocab_size"]), d_model=int(hf["d_model"]), d_ff=int(hf["d_ff"]),
         num_heads=int(hf["num_heads"]), d_kv=int(hf["d_kv"]), num_encoder_layers=n_enc,
@@ -150,6 +152,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     required = {  # field: (value, HF's semantics)
         "mlp_gated": (cfg.mlp_gated, False), "sparse_dense": (cfg.sparse_dense, False),
         "sparse_positions_dense_d_ff": (cfg.sparse_positions_dense_d_ff, None),  # one d_ff in HF
+        "layer_norm_scale": (cfg.layer_norm_scale, True),
         "moe.router_type": (moe.router_type, "tokens_choose"),
         "moe.decoder_router_type": (moe.decoder_router_type or moe.router_type, "tokens_choose"),
         "moe.top_k": (moe.top_k, 1),
@@ -179,7 +182,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "num_sparse_encoder_layers": _num_sparse_for(enc, cfg.num_encoder_layers, "encoder"),
         "num_sparse_decoder_layers": _num_sparse_for(dec, cfg.num_decoder_layers, "decoder"),
         "num_experts": moe.num_experts, "expert_capacity": moe.expert_capacity, "router_bias": False,
-        "router_jitter_noise": moe.jitter_noise, "router_dtype": "float32",
+        "router_jitter_noise": moe.jitter_noise, "router_dtype": moe.router_dtype,
         "router_ignore_padding_tokens": False,  # not read by HF; padding is routed either way
         "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
         "relative_attention_max_distance": cfg.relative_attention_max_distance,
