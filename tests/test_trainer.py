@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from configs import pretrain
-from stmoe import optim, trainer
+from stmoe import optim, steps, trainer
 from stmoe.config import ModelConfig, MoeConfig
 from stmoe.data import preprocessors
 from stmoe.models import EncoderDecoder
@@ -206,9 +206,9 @@ def test_nonfinite_gradient_is_skipped_and_counted():
                                  batch["decoder_input_tokens"], targets, enable_dropout=False)["params"])
     optim_cfg = optim.OptimConfig(optimizer="adamw", learning_rate=1e-3, schedule="constant")
     optimizer = optim.make_optimizer(optim_cfg, params)
-    state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
     bound = functools.partial(
-        trainer.train_step, model=model, optimizer=optimizer,
+        steps.train_step, model=model, optimizer=optimizer,
         learning_rate_fn=optim.learning_rate_schedule(optim_cfg),
         aux_loss_coef_fn=optim.aux_loss_coef_schedule(1e-2), z_loss_coef=1e-3, output_z_loss=1e-4,
         microbatches=1, seed=0)
