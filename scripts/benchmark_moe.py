@@ -57,7 +57,7 @@ def make_moe(tokens: int, num_experts: int, impl: str, key):
     def forward(params, x):
         out, state = layer.apply({"params": params}, x, mask, mutable=["moe"])
         stats = collect_layers(state["moe"])[""]
-        return out, stats["aux_loss"] + stats["z_loss"]
+        return out, stats.aux_loss + stats.router_z_loss
 
     def loss(params, x):
         out, aux = forward(params, x)

@@ -31,10 +31,9 @@ import optax
 
 from configs import models as presets
 from stmoe import partitioning, steps
-from stmoe.config import ModelConfig
+from stmoe.config import LossConfig, ModelConfig
 from stmoe.models import EncoderDecoder
 
-OUTPUT_Z_LOSS = 1e-4  # configs/pretrain.py's default
 
 
 def preset(name: str) -> tuple[ModelConfig, int, int, int]:
@@ -80,8 +79,7 @@ def setup(cfg: ModelConfig, batch: int, enc_len: int, dec_len: int):
     layout = steps.state_layout(model, lambda _: optimizer, mesh, shapes, jax.random.key(0))
     step = steps.make_train_step(
         model, optimizer, mesh=mesh, state_shardings=layout.shardings, learning_rate_fn=lambda _: 1e-3,
-        aux_loss_coef_fn=lambda _: cfg.moe.aux_loss_coef, z_loss_coef=cfg.moe.z_loss_coef,
-        output_z_loss=OUTPUT_Z_LOSS)
+        loss_cfg=LossConfig())  # the default objective: c_B, c_z and the output z-loss
     return step, layout.init(jax.random.key(0)), partitioning.shard_batch(data, mesh), mesh
 
 

@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 
 import ml_collections
 
+from stmoe.config import MOVED_FIELDS
+
 USAGE_ERROR = 2
 TRAINING_DIVERGED = 3  # non-finite steps stopped the run (stmoe.trainer.TrainingDiverged); checkpoints kept
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,7 +121,8 @@ def _check_field(config: ml_collections.ConfigDict, path: str) -> None:
         return
     known = field_paths(config)
     known += sorted({p.rsplit(".", i)[0] for p in known for i in range(1, p.count(".") + 1)})  # parents
-    close = difflib.get_close_matches(path, known, n=1, cutoff=0.6)
+    close = [MOVED_FIELDS[path]] if MOVED_FIELDS.get(path) in known else \
+        difflib.get_close_matches(path, known, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else " (python scripts/train.py --help lists the fields)"
     raise UsageError(f"unknown config field {path!r}{hint}")
 

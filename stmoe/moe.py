@@ -16,7 +16,8 @@ Algorithm (ST-MoE sec. 2; Switch sec. 2):
 5. Combine brings each slot's output back to its token, times its weight (with tokens-choose
    and "gather", every token gathers its k slots). A token that got no slot receives zero
    and is carried by the residual connection.
-6. The aux losses and router metrics of the layer are sown into the 'moe' collection; with
+6. The layer's raw loss terms and router health are sown into the 'moe' collection as one
+   metrics.RouterStats (losses.py weighs and schedules the terms); with
    mutable=['intermediates'] also each token's choices (expert_index / wanted / kept, [batch, length, k]).
 
 The dispatch implementations (dispatch.py) give the same numbers (tests).
@@ -212,12 +213,11 @@ class MoeLayer(nn.Module):
             reached_none = ~jnp.any(route.kept, axis=-1, keepdims=True)
             outputs = outputs + jnp.where(reached_none, x * jnp.max(probs, axis=-1, keepdims=True), 0.0)
 
-        # 6. Losses and metrics of this layer.
-        stats = moe_metrics.routing_metrics(route, probs, mask)
-        stats["aux_loss"] = (jnp.zeros((), jnp.float32) if router_type == "experts_choose"
-                             else routing.auxiliary_loss(moe.aux_loss_type, probs, route, mask))
-        stats["z_loss"] = routing.router_z_loss(logits, mask)
-        self.sow("moe", "stats", stats)
+        # 6. This layer's raw loss terms and router health (losses.py weighs them).
+        aux_loss = (jnp.zeros((), jnp.float32) if router_type == "experts_choose"
+                    else routing.auxiliary_loss(moe.aux_loss_type, probs, route, mask))
+        self.sow("moe", "stats", moe_metrics.router_stats(route, probs, mask, aux_loss=aux_loss,
+                                                          router_z_loss=routing.router_z_loss(logits, mask)))
         # Opt-in per-token routing for stmoe.tracing: stored only under mutable=['intermediates'].
         unpad = lambda a: a.reshape(batch, length, -1)[:batch - pad_rows, :length - pad_positions]
         self.sow("intermediates", "routing", {name: unpad(getattr(route, name))

@@ -27,6 +27,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from stmoe import losses, metrics as moe_metrics, optim, partitioning
+from stmoe.config import LossConfig
 
 Array = jax.Array
 
@@ -47,13 +48,14 @@ def _model_kwargs(batch: Mapping[str, Array]) -> dict[str, Array]:
     return {k: batch[k] for k in keys if k in batch}
 
 
-def forward(params, batch, rng, *, model, output_z_loss, enable_dropout):
-    """-> (cross-entropy sums, MoE loss terms {aux_loss, router_z_loss}, flat per-layer metrics)."""
+def forward(params, batch, rng, *, model, output_z_coef, enable_dropout):
+    """-> (cross-entropy sums (output z-loss weighted by `output_z_coef`), the unweighted MoE loss terms
+    {aux_loss, router_z_loss} averaged over layers, flat per-layer metrics)."""
     rngs = {"dropout": rng} if rng is not None else {}
     logits, variables = model.apply({"params": params}, **_model_kwargs(batch), enable_dropout=enable_dropout,
                                     rngs=rngs, mutable=["moe"])
     ce = losses.cross_entropy_sums(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-                                   z_loss_coef=output_z_loss)
+                                   z_loss_coef=output_z_coef)
     moe_collection = variables.get("moe", {})
     return ce, losses.moe_losses(moe_collection), moe_metrics.summarize(moe_metrics.collect_layers(moe_collection))
 
@@ -69,24 +71,25 @@ def _split_microbatches(batch: Mapping[str, Array], num: int) -> dict[str, Array
 
 def train_step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Module,
                optimizer: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
-               aux_loss_coef_fn: optax.Schedule, z_loss_coef: float, output_z_loss: float,
-               microbatches: int, seed: int, return_grads: bool = False):
+               loss_cfg: LossConfig, balance_coef_fn: optax.Schedule, microbatches: int, seed: int,
+               return_grads: bool = False):
     """One optimizer step on `batch` [batch, length] (gradients accumulated over microbatches).
 
-    The objective is the full batch's mean cross-entropy (+ output z-loss) per target token plus
-    c_B * L_B + c_z * L_z averaged over microbatches: each microbatch's cross-entropy SUM is divided
-    by the whole batch's token count, so accumulating equals one big batch exactly.
+    The objective (losses.py, `loss_cfg`) is the full batch's mean cross-entropy (+ output z-loss) per
+    target token plus c_B(step) * L_B + c_z * L_z averaged over microbatches: each microbatch's
+    cross-entropy SUM is divided by the whole batch's token count, so accumulating equals one big
+    batch exactly. `balance_coef_fn` = losses.balance_coef_schedule(loss_cfg).
     Returns (new state, metrics), and the gradients third with `return_grads`.
     """
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    aux_coef = aux_loss_coef_fn(state.step)
+    balance_coef = balance_coef_fn(state.step)
     total_weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
 
     def loss_fn(params, micro, micro_rng):
-        ce, moe, layer_metrics = forward(params, micro, micro_rng, model=model, output_z_loss=output_z_loss,
-                                         enable_dropout=True)
-        loss = losses.total_loss({**ce, "weight": total_weight}, moe, aux_coef / microbatches,
-                                 z_loss_coef / microbatches)
+        ce, moe, layer_metrics = forward(params, micro, micro_rng, model=model,
+                                         output_z_coef=loss_cfg.output_z_coef, enable_dropout=True)
+        loss = losses.total_loss({**ce, "weight": total_weight}, moe, balance_coef / microbatches,
+                                 loss_cfg.router_z_coef / microbatches)
         return loss, (ce, moe, layer_metrics)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -116,7 +119,7 @@ def train_step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Modul
         **ce, **moe, **layer_metrics,
         "loss": loss,
         "learning_rate": learning_rate_fn(state.step),
-        "aux_loss_coef": aux_coef,
+        "aux_loss_coef": balance_coef,
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(params),
         "update_norm": optax.tree.norm(updates),
@@ -129,7 +132,7 @@ def train_step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Modul
 
 def eval_step(params: Any, batch: Mapping[str, Array], *, model: nn.Module) -> dict[str, Array]:
     """Held-out sums on one batch; no dropout, the eval capacity factor (deterministic routing)."""
-    ce, moe, layer_metrics = forward(params, batch, None, model=model, output_z_loss=0.0, enable_dropout=False)
+    ce, moe, layer_metrics = forward(params, batch, None, model=model, output_z_coef=0.0, enable_dropout=False)
     return {**ce, **moe, **layer_metrics}
 
 
@@ -179,8 +182,7 @@ def state_layout(model: nn.Module, optimizer_for: Callable[[Any], optax.Gradient
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *, mesh: Mesh,
-                    state_shardings: TrainState, learning_rate_fn: optax.Schedule,
-                    aux_loss_coef_fn: optax.Schedule, z_loss_coef: float, output_z_loss: float,
+                    state_shardings: TrainState, learning_rate_fn: optax.Schedule, loss_cfg: LossConfig,
                     microbatches: int = 1, seed: int = 0, donate: bool = True, return_grads: bool = False,
                     on_trace: Callable[[], None] | None = None):
     """`train_step` bound to its settings and jitted: (state, batch) -> (state, metrics[, grads]).
@@ -190,9 +192,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
     (the trainer counts retraces). Call it under `partitioning.activate(mesh)`.
     """
     bound = functools.partial(
-        train_step, model=model, optimizer=optimizer, learning_rate_fn=learning_rate_fn,
-        aux_loss_coef_fn=aux_loss_coef_fn, z_loss_coef=z_loss_coef, output_z_loss=output_z_loss,
-        microbatches=microbatches, seed=seed, return_grads=return_grads)
+        train_step, model=model, optimizer=optimizer, learning_rate_fn=learning_rate_fn, loss_cfg=loss_cfg,
+        balance_coef_fn=losses.balance_coef_schedule(loss_cfg), microbatches=microbatches, seed=seed,
+        return_grads=return_grads)
 
     def step(state, batch):
         if on_trace is not None:

@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 
 from stmoe import checkpoints, evaluation, inference, optim, partitioning, reporting, steps
-from stmoe.config import ConfigError, ModelConfig
+from stmoe.config import ConfigError, LossConfig, ModelConfig
 from stmoe.models import EncoderDecoder
 from stmoe.steps import TrainState
 
@@ -78,6 +78,7 @@ class RunConfig:
     """The typed, validated view of the ml_collections config (built once by validate_config)."""
 
     model: ModelConfig
+    loss: LossConfig
     mesh: partitioning.MeshConfig
     optim: optim.OptimConfig
     task: str  # registered seqio name (vocabulary resolved)
@@ -130,12 +131,13 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     from stmoe.data import preprocessors
 
     schema = pretrain.base_config()
-    _check_known(config, schema, "", nested=("data", "aux_loss_schedule", "mesh", "infer_eval"))
+    _check_known(config, schema, "", nested=("data", "loss", "mesh", "infer_eval"))
     optim_fields = {f.name for f in dataclasses.fields(optim.OptimConfig)}
     for key in config.optim.keys():
         _check(key in optim_fields, f"optim.{key}", f"unknown field; allowed: {sorted(optim_fields)}")
 
     model_cfg = ModelConfig.from_dict(config.model.to_dict()).validate()
+    loss_cfg = LossConfig.from_dict(config.loss.to_dict()).validate()
     mesh_cfg = partitioning.MeshConfig.from_dict(config.mesh.to_dict())
 
     available = jax.device_count()
@@ -163,7 +165,6 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         _check(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
     _check(isinstance(config.eval_steps, int) and config.eval_steps >= 0, "eval_steps",
            f"must be an integer >= 0 (0 = no evaluation), got {config.eval_steps!r}")
-    _check(config.output_z_loss >= 0, "output_z_loss", f"must be >= 0, got {config.output_z_loss}")
     _check(config.freeze in FREEZE_PRESETS, "freeze",
            f"must be one of {sorted(FREEZE_PRESETS)}, got {config.freeze!r}")
     _check(not (config.reset_optimizer_state is False and not config.init_checkpoint),
@@ -182,12 +183,6 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
                f"span corruption of inputs_length={d.inputs_length} needs targets_length >= {needed} "
                f"(stmoe.data.pre_corruption_length), got {d.targets_length}")
 
-    sched = config.aux_loss_schedule
-    try:
-        optim.aux_loss_coef_schedule(model_cfg.moe.aux_loss_coef, sched.schedule,
-                                     sched.warmup_multiplier, sched.decay_steps)
-    except ValueError as e:
-        raise ConfigError(f"aux_loss_schedule: {e}") from None
     optim_values = config.optim.to_dict()
     optim_values["freeze_patterns"] = tuple(optim_values["freeze_patterns"]) + FREEZE_PRESETS[config.freeze]
     try:
@@ -252,7 +247,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
                "infer_eval.num_examples", f"must be -1 (all) or >= 1, got {infer.num_examples!r}")
         _check(jax.process_count() == 1, "infer_eval.task",
                "decoding evaluation inside training runs in single-process jobs only; use scripts/evaluate.py")
-    return RunConfig(model=model_cfg, mesh=mesh_cfg, optim=optim_cfg, task=task, eval_task=eval_task,
+    return RunConfig(model=model_cfg, loss=loss_cfg, mesh=mesh_cfg, optim=optim_cfg, task=task, eval_task=eval_task,
                      device_count=device_count, infer_eval_task=infer_task)
 
 
@@ -417,15 +412,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     abstract_state, num_params = layout.abstract, layout.num_params
 
     # 6. Step functions (stmoe.steps): pure, bound to their settings, jitted with shardings; the state is donated.
-    sched = config.aux_loss_schedule
-    aux_loss_coef_fn = optim.aux_loss_coef_schedule(run.model.moe.aux_loss_coef, sched.schedule,
-                                                    sched.warmup_multiplier, sched.decay_steps)
     traces = {"train": 0}
     p_train_step = steps.make_train_step(
         model, layout.optimizer, mesh=mesh, state_shardings=layout.shardings,
-        learning_rate_fn=optim.learning_rate_schedule(run.optim), aux_loss_coef_fn=aux_loss_coef_fn,
-        z_loss_coef=run.model.moe.z_loss_coef, output_z_loss=config.output_z_loss,
-        microbatches=config.microbatches, seed=config.seed,
+        learning_rate_fn=optim.learning_rate_schedule(run.optim), loss_cfg=run.loss, microbatches=config.microbatches, seed=config.seed,
         on_trace=lambda: traces.__setitem__("train", traces["train"] + 1))
     p_eval_step = steps.make_eval_step(model, mesh=mesh, param_shardings=layout.shardings.params)
 

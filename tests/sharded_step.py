@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from stmoe import partitioning, steps  # noqa: E402
-from stmoe.config import ModelConfig, MoeConfig  # noqa: E402
+from stmoe.config import LossConfig, ModelConfig, MoeConfig  # noqa: E402
 from stmoe.models import EncoderDecoder  # noqa: E402
 
 BATCH, LENGTH = 16, 16
@@ -83,12 +83,12 @@ class Setup:
         else:
             self.params = jax.device_put(init_from.params, self.param_shardings)
             self.opt_state = jax.device_put(init_from.opt_state, self.opt_shardings)
-        # The trainer's step: c_B and c_z of the model config, no output z-loss, dropout / routing rng
+        # The trainer's step: the default c_B and c_z, no output z-loss, dropout / routing rng
         # fold_in(key(seed), step); the state is not donated (every layout starts from self.params).
         self.step = steps.make_train_step(
             self.model, self.optimizer, mesh=self.mesh, state_shardings=layout.shardings,
-            learning_rate_fn=lambda _: LEARNING_RATE, aux_loss_coef_fn=lambda _: self.cfg.moe.aux_loss_coef,
-            z_loss_coef=self.cfg.moe.z_loss_coef, output_z_loss=0.0, seed=SEED, donate=False, return_grads=True)
+            learning_rate_fn=lambda _: LEARNING_RATE, loss_cfg=LossConfig(output_z_coef=0.0), seed=SEED,
+            donate=False, return_grads=True)
         self._compiled = None
 
     @property

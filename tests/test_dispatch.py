@@ -36,8 +36,8 @@ def inputs(seed=0):
 def loss_and_grads(cfg, params, x, mask):
     def loss(params, x):
         out, state = MoeLayer(cfg).apply({"params": params}, x, mask, mutable=["moe"])
-        stats = metrics.collect_layers(state["moe"])[""]
-        return jnp.mean(jnp.square(out)) + stats["aux_loss"] + stats["z_loss"], (out, stats)
+        stats = metrics.collect_layers(state["moe"])[""].as_dict()
+        return jnp.mean(jnp.square(out)) + stats["aux_loss"] + stats["router_z_loss"], (out, stats)
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
 
 

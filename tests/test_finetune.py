@@ -91,7 +91,7 @@ def small_model_gradients():
 
     def loss(params, step):
         ce, moe, _ = steps.forward(params, batch, jax.random.fold_in(jax.random.key(1), step), model=model,
-                                      output_z_loss=0.0, enable_dropout=True)
+                                      output_z_coef=0.0, enable_dropout=True)
         return ce["cross_entropy"] / jnp.sum(batch["decoder_loss_weights"]) + moe["aux_loss"] + moe["router_z_loss"]
 
     return params, jax.jit(jax.grad(loss))

@@ -122,7 +122,7 @@ def test_forward_sows_per_layer_moe_stats(small_model):
     from stmoe.metrics import collect_layers
     layers = collect_layers(state["moe"])
     assert sorted(layers) == ["decoder/layers_1/ffn", "encoder/layers_1/ffn"]
-    assert layers["encoder/layers_1/ffn"]["expert_counts"].shape == (4,)
+    assert layers["encoder/layers_1/ffn"].expert_counts.shape == (4,)
     # The sparse layer has experts, the dense one a plain MLP.
     assert "moe" in params["encoder"]["layers_1"]["ffn"] and "mlp" in params["encoder"]["layers_0"]["ffn"]
     assert "logits_dense" in params["decoder"]
