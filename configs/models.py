@@ -53,6 +53,7 @@ def _moe(**overrides) -> ml_collections.ConfigDict:
         expert_dropout_rate=0.0,     # fine-tuning sets its own (sec. 4.3)
         dispatch="gather",           # "einsum" = GShard one-hot reference; "dropless" = ragged_dot, GPU/TPU
                                      # (refused on CPU); "auto" = per backend (stmoe/dispatch.py)
+        expert_execution="auto",     # "sequential" | "batched" | "auto" = per backend and mesh (dispatch.py)
     ))
     moe.update(overrides)
     return moe

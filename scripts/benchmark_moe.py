@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stmoe.config import ModelConfig, MoeConfig
-from stmoe.dispatch import FORCE_DROPLESS_ENV
+from stmoe.dispatch import FORCE_DROPLESS_ENV, resolve_model
 from stmoe.layers import Mlp
 from stmoe.metrics import collect_layers
 from stmoe.moe import MoeLayer
@@ -45,7 +45,8 @@ def moe_config(num_experts: int, impl: str) -> ModelConfig:
     capacity = math.ceil(CF * TOP_K * GROUP / num_experts)
     moe = MoeConfig(num_experts=num_experts, top_k=TOP_K, second_expert_policy="all", expert_capacity=capacity,
                     dispatch=impl)
-    return ModelConfig(d_model=D_MODEL, d_ff=D_FF, num_decoder_layers=0, moe=moe).validate()
+    # Resolved as a run's model is (per backend, one device); dropless is timed on CPU only when asked.
+    return resolve_model(ModelConfig(d_model=D_MODEL, d_ff=D_FF, num_decoder_layers=0, moe=moe).validate())
 
 
 def make_moe(tokens: int, num_experts: int, impl: str, key):

@@ -73,7 +73,7 @@ def setup(cfg: ModelConfig, batch: int, enc_len: int, dec_len: int):
             "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))), "decoder_target_tokens": targets,
             "decoder_loss_weights": np.ones((batch, dec_len), np.float32)}
     mesh = partitioning.make_mesh(partitioning.MeshConfig())  # data-parallel over every device
-    model = EncoderDecoder(cfg)
+    model = EncoderDecoder(partitioning.resolve_model(cfg, mesh))  # as the trainer builds it
     shapes = {k: v.shape for k, v in data.items() if k != "decoder_loss_weights"}
     optimizer = optax.adamw(1e-3, weight_decay=0.01)
     layout = steps.state_layout(model, lambda _: optimizer, mesh, shapes, jax.random.key(0))

@@ -17,6 +17,7 @@ ROUTER_TYPES = ("tokens_choose", "experts_choose")
 SECOND_EXPERT_POLICIES = ("random", "all")
 AUX_LOSS_TYPES = ("switch_top1", "switch_all_k", "cv2")
 DISPATCH_IMPLS = ("einsum", "gather", "dropless", "auto")
+EXPERT_EXECUTIONS = ("auto", "sequential", "batched")
 REMAT_POLICIES = ("none", "full", "save_dots")
 MLP_ACTIVATIONS = ("gelu", "relu", "silu")
 DTYPES = ("float32", "bfloat16")
@@ -116,6 +117,11 @@ class MoeConfig(_Replaceable):
     router_init_std: float = 2e-2
     expert_dropout_rate: float = 0.0  # dropout inside the experts (fine-tuning: ST-MoE sec. 4.3)
     dispatch: str = "gather"  # "einsum" | "gather" | "dropless" (GPU/TPU) | "auto" (per backend; stmoe/dispatch.py)
+    # How the experts run: "sequential" (one after another, lax.map: XLA:CPU's cache-friendly choice),
+    # "batched" (one batched matmul: GPU/TPU, and what the partitioner splits when the mesh shards the
+    # experts), or "auto": chosen from the backend and the mesh by dispatch.resolve_model when the model
+    # is built (a layer built from an unresolved config runs them one after another).
+    expert_execution: str = "auto"
 
     def router_for(self, causal: bool) -> str:
         return (self.decoder_router_type or self.router_type) if causal else self.router_type
@@ -166,6 +172,10 @@ class MoeConfig(_Replaceable):
                f"must be in [0, 1), got {self.expert_dropout_rate}")
         _check(self.dispatch in DISPATCH_IMPLS, f"{p}dispatch",
                f"must be one of {DISPATCH_IMPLS}, got {self.dispatch!r}")
+        _check(self.dispatch != "dropless" or self.router_type == "tokens_choose", f"{p}dispatch",
+               "'dropless' needs router_type='tokens_choose': expert choice has a capacity by construction")
+        _check(self.expert_execution in EXPERT_EXECUTIONS, f"{p}expert_execution",
+               f"must be one of {EXPERT_EXECUTIONS}, got {self.expert_execution!r}")
         return self
 
 

@@ -133,7 +133,7 @@ def load(path: str, *, eval_capacity_factor: float | None = None, num_devices: i
         mesh_cfg = partitioning.MeshConfig(data=-1, expert=1, model=1)
     mesh = partitioning.make_mesh(mesh_cfg, devices)
 
-    model = EncoderDecoder(model_cfg)
+    model = EncoderDecoder(partitioning.resolve_model(model_cfg, mesh))  # `config` stays the run's, unresolved
     data = run_config.data
     lengths = (int(data.inputs_length), int(data.targets_length))
     shapes = {"encoder_input_tokens": (2, lengths[0]), "decoder_input_tokens": (2, lengths[1]),

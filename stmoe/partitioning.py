@@ -204,6 +204,19 @@ def validate_layout(mesh_cfg: MeshConfig, model_cfg: ModelConfig, batch_size: in
                f"mesh.data * mesh.expert = {replicas}")
 
 
+def expert_split(mesh: Mesh) -> int:
+    """How many ways `mesh` splits the experts: the size of the mesh axes the logical 'expert' axis maps to."""
+    axes = dict(LOGICAL_RULES)["expert"]
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
+def resolve_model(cfg: ModelConfig, mesh: Mesh) -> ModelConfig:
+    """`cfg` with its MoE dispatch and expert execution chosen for this backend and mesh
+    (dispatch.resolve_model); what the model is built from."""
+    from stmoe import dispatch
+    return dispatch.resolve_model(cfg, expert_split=expert_split(mesh))
+
+
 @contextlib.contextmanager
 def activate(mesh: Mesh) -> Iterator[Mesh]:
     """Makes `mesh` current and installs LOGICAL_RULES.

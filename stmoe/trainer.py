@@ -403,7 +403,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         infer_vocabulary = seqio.get_mixture_or_task(run.infer_eval_task).output_features["targets"].vocabulary
 
     # 5. Model, optimizer and shardings: abstract params -> optimizer built on their paths -> state shardings.
-    model = EncoderDecoder(run.model)
+    # The MoE dispatch and expert execution are chosen here, once, for this backend and mesh.
+    model_cfg = partitioning.resolve_model(run.model, mesh)
+    model = EncoderDecoder(model_cfg)
     init_rng = jax.random.key(config.seed)
     shapes = {"encoder_input_tokens": (2, lengths["inputs"]), "decoder_input_tokens": (2, lengths["targets"]),
               "decoder_target_tokens": (2, lengths["targets"])}
@@ -475,7 +477,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         _say(f"stmoe: {note}")
     start_step = int(jax.device_get(state.step))
     _say(f"stmoe: {num_params / 1e6:.2f}M params, mesh {dict(mesh.shape)} on {len(devices)} "
-         f"{devices[0].platform} device(s); starting at step {start_step} from {origin}; workdir {workdir}")
+         f"{devices[0].platform} device(s), MoE dispatch {model_cfg.moe.dispatch!r} with experts "
+         f"{model_cfg.moe.expert_execution!r}; starting at step {start_step} from {origin}; workdir {workdir}")
 
     # 8. Evals and the loop.
     def evaluate_by_decoding(step: int) -> dict[str, dict[str, float]]:

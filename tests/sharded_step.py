@@ -71,7 +71,7 @@ class Setup:
         devices = jax.devices() if devices is None else devices
         partitioning.validate_layout(mesh_cfg, self.cfg, BATCH, len(devices), (LENGTH,))
         self.mesh = partitioning.make_mesh(mesh_cfg, devices)
-        self.model = EncoderDecoder(self.cfg)
+        self.model = EncoderDecoder(partitioning.resolve_model(self.cfg, self.mesh))  # as the trainer builds it
         self.optimizer = optax.adam(LEARNING_RATE)
         shapes = input_shapes()
         layout = steps.state_layout(self.model, lambda _: self.optimizer, self.mesh, shapes, jax.random.key(0))

@@ -147,9 +147,8 @@ def test_dropless_refused_on_cpu_without_force(monkeypatch):
     monkeypatch.delenv(dispatch.FORCE_DROPLESS_ENV, raising=False)
     with pytest.raises(ValueError, match="ragged_dot.*STMOE_FORCE_DROPLESS"):
         dispatch.resolve_dispatch("dropless", backend="cpu")
-    x, mask = inputs()
-    with pytest.raises(ValueError, match="dropless"):
-        MoeLayer(layer_config(dispatch="dropless")).init({"params": jax.random.key(0)}, x, mask)
+    with pytest.raises(ValueError, match="dropless"):  # where a model is built (the layer reads no backend)
+        dispatch.resolve_model(layer_config(dispatch="dropless"), backend="cpu")
     assert dispatch.resolve_dispatch("dropless", backend="cpu", force_dropless=True) == "dropless"
     assert dispatch.resolve_dispatch("dropless", backend="gpu") == "dropless"
 
@@ -163,7 +162,7 @@ def test_auto_resolves_per_backend():
         assert dispatch.resolve_dispatch(impl, backend="tpu") == impl
     x, mask = inputs(3)
     params = MoeLayer(layer_config()).init({"params": jax.random.key(0)}, x, mask)
-    out_a = MoeLayer(layer_config(dispatch="auto")).apply(params, x, mask)
+    out_a = MoeLayer(dispatch.resolve_model(layer_config(dispatch="auto"))).apply(params, x, mask)
     out_g = MoeLayer(layer_config(dispatch=dispatch.AUTO_DISPATCH[jax.default_backend()])).apply(params, x, mask)
     np.testing.assert_array_equal(out_a, out_g)
 
@@ -176,7 +175,19 @@ def test_dispatch_field_is_validated():
 
 
 def test_dropless_refuses_expert_choice(force_dropless):
-    x, mask = inputs()
-    cfg = layer_config(dispatch="dropless", router_type="experts_choose")
-    with pytest.raises(ValueError, match="tokens_choose"):
-        MoeLayer(cfg).init({"params": jax.random.key(0)}, x, mask)
+    with pytest.raises(ValueError, match="tokens_choose"):  # validated with the config, once
+        layer_config(dispatch="dropless", router_type="experts_choose")
+
+
+def test_expert_execution_is_resolved_from_backend_and_mesh():
+    """Chosen once where the model is built: one expert after another on CPU when nothing splits the
+    experts, else the batched matmul (what the partitioner splits); an explicit choice is kept."""
+    cfg = layer_config()
+    assert cfg.moe.expert_execution == "auto"
+    resolve = lambda c, **kw: dispatch.resolve_model(c, **kw).moe.expert_execution
+    assert resolve(cfg, backend="cpu") == "sequential"
+    assert resolve(cfg, backend="cpu", expert_split=8) == "batched"
+    assert resolve(cfg, backend="gpu") == "batched" and resolve(cfg, backend="tpu") == "batched"
+    assert resolve(layer_config(expert_execution="batched"), backend="cpu") == "batched"
+    assert resolve(layer_config(expert_execution="sequential"), backend="tpu", expert_split=4) == "sequential"
+    assert dispatch.resolve_model(layer_config(dispatch="auto"), backend="tpu").moe.dispatch == "einsum"

@@ -39,6 +39,7 @@ def test_make_mesh_resolves_the_rest_and_uses_auto_axes():
     mesh = partitioning.make_mesh(MeshConfig(expert=2, model=2))
     assert dict(mesh.shape) == {"data": 2, "expert": 2, "model": 2}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    assert partitioning.expert_split(mesh) == 2  # the experts' weights split over the expert axis only
 
 
 @pytest.mark.parametrize("mesh_cfg, num_experts, batch, field", [

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stmoe.config import ConfigError, LossConfig, ModelConfig, MoeConfig
+from stmoe.dispatch import resolve_model
 from stmoe.models import EncoderDecoder
 
 # HF's SwitchTransformersConfig defaults (configuration_switch_transformers.py) for keys a
@@ -347,7 +348,7 @@ def load_pretrained(hf_dir: str) -> tuple[EncoderDecoder, dict[str, Any]]:
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf_config = json.load(f)
     cfg = config_from_hf(hf_config)
-    return EncoderDecoder(cfg), params_from_hf(cfg, _read_weight_files(hf_dir))
+    return EncoderDecoder(resolve_model(cfg)), params_from_hf(cfg, _read_weight_files(hf_dir))
 
 
 def export(model: EncoderDecoder, params: Mapping[str, Any], out_dir: str, loss: LossConfig | None = None) -> None:
