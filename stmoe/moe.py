@@ -59,17 +59,17 @@ def expert_mlps(x: Array, wi: list[Array], wo: Array, activation: str, dtype, *,
     modes (and mesh layouts) drop the same units.
 
     - batched (sequential=False): one batched matmul per weight, "e(rows)d,edf" (XLA:CPU runs
-      it ~1.5x faster than "egcd,edf"). What GPUs and TPUs run best, and what the SPMD
-      partitioner splits when the experts are sharded over devices.
+      it faster than "egcd,edf"). What GPUs and TPUs run best, and what the SPMD partitioner
+      splits when the experts are sharded over devices.
     - sequential: the experts one after another (lax.map). On XLA:CPU each expert's
-      [rows, d_ff] intermediates (5 MiB at T=8192, E=32) stay in cache, where the batched
-      matmuls write and read back [experts, rows, d_ff] (168 MiB each). Measured MoeLayer
-      forward at T=8192, E=32 (README Performance): ~1.05x the FLOP-matched dense FFN against
-      ~1.38x batched in the same process; 1.15x in the benchmark table. The backward keeps only
-      each expert's matmul outputs (jax.checkpoint, dots saveable) and recomputes the
-      activation: activation memory 0.64x the dense FFN's, where saving everything the loop
-      body computes made it 1.7x (batched: 1.1x). With few rows per expert the loop's fixed
-      costs show in the backward (T=2048, E=32, 160 rows: forward+backward 1.26x vs 1.19x).
+      [rows, d_ff] intermediates stay in cache, where the batched matmuls write and read back
+      [experts, rows, d_ff]. The backward keeps only each expert's matmul outputs
+      (jax.checkpoint, dots saveable) and recomputes the activation, so the loop saves less
+      activation memory than the batched form instead of more. With few rows per expert the
+      loop's fixed per-expert costs show in the backward. Figures: README Performance
+      (scripts/benchmark_moe.py).
+    Which one a model runs is moe.expert_execution, resolved when the model is built
+    (dispatch.resolve_model).
     """
     num_experts = x.shape[0]
     keys = None if dropout_rng is None or dropout_rate == 0.0 else jax.random.split(dropout_rng, num_experts)
