@@ -21,8 +21,6 @@ their gradients (outputs), i.e. activations and workspace only.
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import math
 import os
 import time
@@ -32,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stmoe import cli
 from stmoe.config import ModelConfig, MoeConfig
 from stmoe.dispatch import FORCE_DROPLESS_ENV, resolve_model
 from stmoe.layers import Mlp
@@ -181,10 +180,7 @@ def main():
                             capacity="ceil(cf * k * group / E)", mlp="GEGLU", dtype="float32",
                             loss="value_and_grad(mean(out**2) [+ 1e-2 * (aux + z)]) wrt params and inputs",
                             cpu_count=os.cpu_count())}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+    cli.write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ the model comes from a configs/models.py preset.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -30,7 +29,7 @@ import numpy as np
 import optax
 
 from configs import models as presets
-from stmoe import partitioning, steps
+from stmoe import cli, partitioning, steps
 from stmoe.config import LossConfig, ModelConfig
 from stmoe.models import EncoderDecoder
 
@@ -161,10 +160,7 @@ def main():
     result = {"throughput": rows, "compile": compiles, "matmul_peak_flops": peak, "jax": jax.__version__,
               "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
               "cpu_count": os.cpu_count(), "steps": args.steps}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+    cli.write_result(args.out, result)
 
 
 if __name__ == "__main__":
