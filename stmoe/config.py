@@ -74,6 +74,9 @@ class _Replaceable:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in dict(values).items():
+            moved = MOVED_FIELDS.get(f"{prefix}{key}")
+            _check(moved is None, f"{prefix}{key}", f"moved to {moved} (config.upgrade_run_config reads an older run's "
+                                                    "config.json)")
             _check(key in known, f"{prefix}{key}", f"unknown field; allowed: {sorted(known)}")
             if key in nested and not isinstance(value, nested[key]):
                 value = nested[key].from_dict(value, prefix=f"{prefix}{key}.")

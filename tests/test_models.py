@@ -69,6 +69,8 @@ def test_config_errors_name_the_field():
         ModelConfig(moe=MoeConfig(train_capacity_factor=0.0)).validate()
     with pytest.raises(ConfigError, match=r"model.moe.capacity"):
         ModelConfig.from_dict({"moe": {"capacity": 2}})
+    with pytest.raises(ConfigError, match=r"model.moe.aux_loss_coef: moved to loss.balance_coef"):
+        ModelConfig.from_dict({"moe": {"aux_loss_coef": 0.01}})
     with pytest.raises(ConfigError, match=r"model.moe.decoder_router_type"):
         ModelConfig(moe=MoeConfig(router_type="experts_choose")).validate()
 
