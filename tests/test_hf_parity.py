@@ -145,12 +145,12 @@ def test_dropped_tokens_match(case):
     for stack in ("encoder", "decoder"):
         (hf_logits,) = getattr(case.hf_out, f"{stack}_router_logits")  # one sparse layer
         expected = _hf_dropped_fraction(hf_logits.numpy(), case.capacity)
-        ours = float(_layer(case.stats, stack)["dropped_tokens"])
+        ours = float(_layer(case.stats, stack).dropped_tokens)
         assert ours == pytest.approx(expected, abs=1e-7), stack
         if case.capacity == AMPLE:
             assert ours == 0.0
     if case.capacity == SMALL:
-        assert float(_layer(case.stats, "encoder")["dropped_tokens"]) > 0  # the parity above covered drops
+        assert float(_layer(case.stats, "encoder").dropped_tokens) > 0  # the parity above covered drops
 
 
 def test_router_losses_match(case):
