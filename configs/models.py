@@ -47,15 +47,15 @@ def _moe(**overrides) -> ml_collections.ConfigDict:
         batch_prioritized=False,     # encoder: slots by router confidence (V-MoE); decoders keep token order
         route_padding=False,         # HF routes padding; ST-MoE does not
         dropped_token_passthrough=False,  # HF Switch's treatment of dropped tokens
-        aux_loss_type="switch_top1",  # "switch_all_k" (flaxformer) or "cv2"
-        aux_loss_coef=1e-2,          # c_B
-        z_loss_coef=1e-3,            # c_z (ST-MoE sec. 3.1)
+        aux_loss_type="switch_top1",  # "switch_all_k" (flaxformer) or "cv2"; its weight: config.loss
         jitter_noise=0.0,            # off: ST-MoE found it hurts quality (Table 3)
         router_init_std=2e-2,
         expert_dropout_rate=0.0,     # fine-tuning sets its own (sec. 4.3)
-        dispatch="gather",           # "einsum" = GShard one-hot reference; "dropless" = ragged_dot, GPU/TPU
-                                     # (refused on CPU); "auto" = per backend (stmoe/dispatch.py)
+        dispatch="gather",           # "einsum" = GShard one-hot reference; "dropless" = no capacity, grouped
+                                     # matmuls (moe.grouped_kernel); "auto" = per backend (stmoe/dispatch.py)
         router_dtype="float32",      # "selective precision" (ST-MoE sec. 3.2); "bfloat16": the unstable variant
+        expert_execution="auto",     # "sequential" | "batched" | "auto" = per backend and mesh (dispatch.py)
+        grouped_kernel="auto",       # dropless matmuls: "tiled" (CPU) | "ragged_dot" (GPU/TPU) | "auto" = per backend
     ))
     moe.update(overrides)
     return moe

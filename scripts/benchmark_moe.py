@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stmoe import cli
 from stmoe.config import ModelConfig, MoeConfig
-from stmoe.dispatch import resolve_grouped_kernel
+from stmoe.dispatch import resolve_model
 from stmoe.layers import Mlp
 from stmoe.metrics import collect_layers
 from stmoe.moe import MoeLayer
@@ -44,7 +45,8 @@ def moe_config(num_experts: int, impl: str, dtype: str = "float32") -> ModelConf
     capacity = math.ceil(CF * TOP_K * GROUP / num_experts)
     moe = MoeConfig(num_experts=num_experts, top_k=TOP_K, second_expert_policy="all", expert_capacity=capacity,
                     dispatch=impl)
-    return ModelConfig(d_model=D_MODEL, d_ff=D_FF, num_decoder_layers=0, dtype=dtype, moe=moe).validate()
+    # Resolved as a run's model is (per backend, one device).
+    return resolve_model(ModelConfig(d_model=D_MODEL, d_ff=D_FF, num_decoder_layers=0, dtype=dtype, moe=moe).validate())
 
 
 def make_moe(tokens: int, num_experts: int, impl: str, key, dtype: str = "float32"):
@@ -56,7 +58,7 @@ def make_moe(tokens: int, num_experts: int, impl: str, key, dtype: str = "float3
     def forward(params, x):
         out, state = layer.apply({"params": params}, x, mask, mutable=["moe"])
         stats = collect_layers(state["moe"])[""]
-        return out, stats["aux_loss"] + stats["z_loss"]
+        return out, stats.aux_loss + stats.router_z_loss
 
     def loss(params, x):
         out, aux = forward(params, x)
@@ -176,16 +178,13 @@ def main():
     print(f"load average (1, 5, 15 min): before {load_before}, after {os.getloadavg()}")
     result = {"rows": rows, "jax": jax.__version__, "backend": backend, "device": str(jax.devices()[0].device_kind),
               "peak_memory_source": source, "rounds": args.rounds,
-              "grouped_kernel": resolve_grouped_kernel(backend),
+              "grouped_kernel": resolve_model(ModelConfig()).moe.grouped_kernel,
               "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
               "setup": dict(group=GROUP, d_model=D_MODEL, d_ff=D_FF, top_k=TOP_K, capacity_factor=CF,
                             capacity="ceil(cf * k * group / E)", mlp="GEGLU", dtype=args.dtype,
                             loss="value_and_grad(mean(out**2) [+ 1e-2 * (aux + z)]) wrt params and inputs",
                             cpu_count=os.cpu_count())}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+    cli.write_result(args.out, result)
 
 
 if __name__ == "__main__":

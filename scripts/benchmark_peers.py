@@ -65,6 +65,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from stmoe import decoding, losses  # noqa: E402
+from stmoe.config import LossConfig  # noqa: E402
+from stmoe.dispatch import resolve_model  # noqa: E402
 from stmoe.interop import hf_switch  # noqa: E402
 from stmoe.models import EncoderDecoder  # noqa: E402
 
@@ -174,7 +176,7 @@ class HfSide:
 class StmoeSide:
     def __init__(self, model: EncoderDecoder, params, data):
         self.model, self.params, self.data = model, params, data
-        cfg = model.config
+        loss_cfg = LossConfig()  # c_B 1e-2, c_z 1e-3: the terms' cost, whatever their weights
         self.optimizer = optax.adamw(LR, weight_decay=0.01)
         self.opt_state = self.optimizer.init(params)
 
@@ -184,8 +186,8 @@ class StmoeSide:
                                             batch["targets"], enable_dropout=True, mutable=["moe"],
                                             rngs={"dropout": jax.random.key(0)})
                 ce = losses.cross_entropy_sums(logits, batch["targets"])
-                return losses.total_loss(ce, losses.moe_losses(state["moe"]), cfg.moe.aux_loss_coef,
-                                         cfg.moe.z_loss_coef)
+                return losses.total_loss(ce, losses.moe_losses(state["moe"]), loss_cfg.balance_coef,
+                                         loss_cfg.router_z_coef)
             loss, grads = jax.value_and_grad(loss_fn)(params)
             updates, opt_state = self.optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss
@@ -224,7 +226,7 @@ def main(args):
     data["decoder_inputs"] = np.pad(data["targets"][:, :-1], ((0, 0), (1, 0)))  # start token 0
     hf = HfSide(config, data)
     cfg = hf_switch.config_from_hf(config.to_dict())
-    model = EncoderDecoder(cfg)
+    model = EncoderDecoder(resolve_model(cfg))  # dispatch, expert execution, grouped kernel: per backend
     params = hf_switch.params_from_hf(cfg, hf.state_dict())
     ours = StmoeSide(model, params, {k: jnp.asarray(v, jnp.int32) for k, v in data.items()})
     n_params = sum(p.numel() for p in hf.model.parameters())

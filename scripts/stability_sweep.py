@@ -61,7 +61,7 @@ SETTING: dict[str, Any] = {
     "data.targets_length": 14,  # stmoe.data.preprocessors.pre_corruption_length(64)[1]
     "batch_size": 16,
     "model.dtype": "bfloat16",
-    "model.moe.z_loss_coef": 0.0,
+    "loss.router_z_coef": 0.0,
     "optim.optimizer": "adafactor",
     "optim.schedule": "constant",
     "optim.warmup_steps": 0,
@@ -73,7 +73,7 @@ SETTING: dict[str, Any] = {
 # ST-MoE Table 3 (and Table 4's router precision): variant -> overrides on top of SETTING.
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {},
-    "router_z_loss": {"model.moe.z_loss_coef": 1e-3},  # c_z = 1e-3 (sec. 3.1)
+    "router_z_loss": {"loss.router_z_coef": 1e-3},  # c_z = 1e-3 (sec. 3.1)
     "input_jitter": {"model.moe.jitter_noise": 1e-2},  # router inputs x U[1 - 1e-2, 1 + 1e-2]
     "dropout": {"model.dropout_rate": 0.1},
     "update_clipping": {"optim.adafactor_clipping_threshold": 0.1},  # Adafactor update clipping 1.0 -> 0.1

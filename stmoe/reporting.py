@@ -284,15 +284,15 @@ class HealthFlag:
 ADVICE = {
     "dropped": "raise the capacity factor (model.moe.train_capacity_factor / eval_capacity_factor; "
                "evaluation can use a higher one without retraining) or the balance coefficient "
-               "(model.moe.aux_loss_coef)",
-    "load_cv": "raise the balance coefficient (model.moe.aux_loss_coef, or a higher early value with "
-               "aux_loss_schedule) or the capacity factor",
+               "(loss.balance_coef)",
+    "load_cv": "raise the balance coefficient (loss.balance_coef, or a higher early value with "
+               "loss.balance_schedule) or the capacity factor",
     "router_not_learning": "train longer, or raise the router's learning rate (optim.router_lr_multiplier); "
-                           "if the balance loss dominates, lower model.moe.aux_loss_coef",
-    "router_saturated": "add or raise the router z-loss (model.moe.z_loss_coef, ST-MoE: 1e-3) or lower "
+                           "if the balance loss dominates, lower loss.balance_coef",
+    "router_saturated": "add or raise the router z-loss (loss.router_z_coef, ST-MoE: 1e-3) or lower "
                         "the learning rate",
-    "collapse": "raise the balance coefficient (model.moe.aux_loss_coef), add router jitter (model.moe.jitter_noise) "
-                "or z-loss (model.moe.z_loss_coef), "
+    "collapse": "raise the balance coefficient (loss.balance_coef), add router jitter (model.moe.jitter_noise) "
+                "or z-loss (loss.router_z_coef), "
                 "or lower the learning rate",
 }
 

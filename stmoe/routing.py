@@ -102,9 +102,8 @@ def small_top_k(values: Array, k: int) -> tuple[Array, Array]:
     """`jax.lax.top_k` over the last axis by k argmax passes, for the router's small k.
 
     values: [..., n] finite -> (values [..., k], indices [..., k] int32), largest first; equal
-    values in index order, as lax.top_k. XLA:CPU lowers lax.top_k to a full sort of the last axis
-    (~30 ms for [4, 2048, 32] probabilities, 3-4% of the MoE layer at T=8192, E=32); k passes over
-    the same array cost ~1 ms. The values are read back at the indices, so gradients flow to the
+    values in index order, as lax.top_k. XLA:CPU lowers lax.top_k to a full sort of the last axis,
+    which costs far more than k passes over the same array (README Performance). The values are read back at the indices, so gradients flow to the
     chosen entries only, as with lax.top_k.
     """
     if k > 4:  # k sweeps stop paying off against one sort

@@ -87,7 +87,7 @@ def _capture_pass(params, batch, *, model):
                                batch["decoder_target_tokens"], enable_dropout=False,
                                mutable=["moe", "intermediates"])
     stats = moe_metrics.expand_scanned(moe_metrics.collect_layers(variables.get("moe", {})))
-    return stats, collect_routing(variables.get("intermediates", {}))
+    return {layer: s.as_dict() for layer, s in stats.items()}, collect_routing(variables.get("intermediates", {}))
 
 
 # ------------------------------------------------------------------------------ data

@@ -36,8 +36,8 @@ def inputs(seed=0):
 def loss_and_grads(cfg, params, x, mask):
     def loss(params, x):
         out, state = MoeLayer(cfg).apply({"params": params}, x, mask, mutable=["moe"])
-        stats = metrics.collect_layers(state["moe"])[""]
-        return jnp.mean(jnp.square(out)) + stats["aux_loss"] + stats["z_loss"], (out, stats)
+        stats = metrics.collect_layers(state["moe"])[""].as_dict()
+        return jnp.mean(jnp.square(out)) + stats["aux_loss"] + stats["router_z_loss"], (out, stats)
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
 
 
@@ -141,9 +141,6 @@ def test_dropless_never_drops():
 def test_dropless_runs_on_every_backend_with_its_grouped_kernel():
     assert dispatch.resolve_dispatch("dropless", backend="cpu") == "dropless"
     assert dispatch.resolve_dispatch("dropless", backend="gpu") == "dropless"
-    assert dispatch.resolve_grouped_kernel("cpu") == "tiled"
-    assert dispatch.resolve_grouped_kernel("gpu") == "ragged_dot"
-    assert dispatch.resolve_grouped_kernel("tpu") == "ragged_dot"
 
 
 def test_auto_resolves_per_backend():
@@ -155,7 +152,7 @@ def test_auto_resolves_per_backend():
         assert dispatch.resolve_dispatch(impl, backend="tpu") == impl
     x, mask = inputs(3)
     params = MoeLayer(layer_config()).init({"params": jax.random.key(0)}, x, mask)
-    out_a = MoeLayer(layer_config(dispatch="auto")).apply(params, x, mask)
+    out_a = MoeLayer(dispatch.resolve_model(layer_config(dispatch="auto"))).apply(params, x, mask)
     out_g = MoeLayer(layer_config(dispatch=dispatch.AUTO_DISPATCH[jax.default_backend()])).apply(params, x, mask)
     np.testing.assert_array_equal(out_a, out_g)
 
@@ -168,7 +165,23 @@ def test_dispatch_field_is_validated():
 
 
 def test_dropless_refuses_expert_choice():
-    x, mask = inputs()
-    cfg = layer_config(dispatch="dropless", router_type="experts_choose")
-    with pytest.raises(ValueError, match="tokens_choose"):
-        MoeLayer(cfg).init({"params": jax.random.key(0)}, x, mask)
+    with pytest.raises(ValueError, match="tokens_choose"):  # validated with the config, once
+        layer_config(dispatch="dropless", router_type="experts_choose")
+
+
+def test_expert_execution_is_resolved_from_backend_and_mesh():
+    """Chosen once where the model is built: one expert after another on CPU when nothing splits the
+    experts, else the batched matmul (what the partitioner splits); an explicit choice is kept."""
+    cfg = layer_config()
+    assert cfg.moe.expert_execution == "auto"
+    resolve = lambda c, **kw: dispatch.resolve_model(c, **kw).moe.expert_execution
+    assert resolve(cfg, backend="cpu") == "sequential"
+    assert resolve(cfg, backend="cpu", expert_split=8) == "batched"
+    assert resolve(cfg, backend="gpu") == "batched" and resolve(cfg, backend="tpu") == "batched"
+    assert resolve(layer_config(expert_execution="batched"), backend="cpu") == "batched"
+    assert resolve(layer_config(expert_execution="sequential"), backend="tpu", expert_split=4) == "sequential"
+    assert dispatch.resolve_model(layer_config(dispatch="auto"), backend="tpu").moe.dispatch == "einsum"
+    kernel = lambda c, **kw: dispatch.resolve_model(c, **kw).moe.grouped_kernel
+    assert kernel(cfg, backend="cpu") == "tiled" and kernel(cfg, backend="gpu") == "ragged_dot"
+    assert kernel(cfg, backend="tpu") == "ragged_dot"
+    assert kernel(layer_config(grouped_kernel="tiled"), backend="gpu") == "tiled"

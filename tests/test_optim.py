@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from stmoe import optim
+from stmoe import losses, optim
+from stmoe.config import LossConfig
 
 
 def _params():
@@ -82,15 +83,17 @@ def test_constant_schedule():
     assert [float(sched(s)) for s in (0, 10**6)] == pytest.approx([1e-3, 1e-3])
 
 
-def test_aux_loss_coef_schedule():
-    sched = optim.aux_loss_coef_schedule(0.01, "linear_decay", warmup_multiplier=10.0, decay_steps=100)
+def test_balance_coef_schedule():
+    sched = losses.balance_coef_schedule(LossConfig(balance_coef=0.01, balance_schedule="linear_decay",
+                                                    balance_warmup_multiplier=10.0, balance_decay_steps=100))
     got = [float(sched(s)) for s in (0, 50, 100, 1000)]
     np.testing.assert_allclose(got, [0.1, 0.055, 0.01, 0.01], rtol=1e-6)
-    assert float(optim.aux_loss_coef_schedule(0.01)(123)) == pytest.approx(0.01)
+    assert float(losses.balance_coef_schedule(LossConfig(balance_coef=0.01))(123)) == pytest.approx(0.01)
     with pytest.raises(ValueError, match="schedule"):
-        optim.aux_loss_coef_schedule(0.01, "cosine")
+        LossConfig(balance_coef=0.01, balance_schedule="cosine").validate()
     with pytest.raises(ValueError, match="decay_steps"):
-        optim.aux_loss_coef_schedule(0.01, "linear_decay", 10.0, 0)
+        LossConfig(balance_coef=0.01, balance_schedule="linear_decay", balance_warmup_multiplier=10.0,
+                   balance_decay_steps=0).validate()
 
 
 @pytest.mark.parametrize("field,value", [
