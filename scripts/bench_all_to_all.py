@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import re
 import time
 
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from stmoe import partitioning, routing
+from stmoe import cli, partitioning, routing
 from stmoe.layers import constrain, mlp_apply
 from stmoe.dispatch import combine_gather, dispatch_gather
 
@@ -118,9 +117,7 @@ def main():
     print(f"max |constraints - shard_map| over loss and grads: {max_diff:.3g}")
     report = {"args": vars(args), "device": str(jax.devices()[0].platform), "devices": jax.device_count(),
               "results": results, "max_abs_diff": max_diff}
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=2)
+    cli.write_result(args.out, report)
 
 
 if __name__ == "__main__":

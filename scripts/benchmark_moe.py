@@ -21,7 +21,6 @@ their gradients (outputs), i.e. activations and workspace only.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -32,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stmoe import cli
 from stmoe.config import ModelConfig, MoeConfig
-from stmoe.dispatch import FORCE_DROPLESS_ENV
+from stmoe.dispatch import resolve_model
 from stmoe.layers import Mlp
 from stmoe.metrics import collect_layers
 from stmoe.moe import MoeLayer
@@ -41,15 +41,16 @@ from stmoe.moe import MoeLayer
 GROUP, D_MODEL, D_FF, TOP_K, CF = 2048, 512, 2048, 2, 1.25
 
 
-def moe_config(num_experts: int, impl: str) -> ModelConfig:
+def moe_config(num_experts: int, impl: str, dtype: str = "float32") -> ModelConfig:
     capacity = math.ceil(CF * TOP_K * GROUP / num_experts)
     moe = MoeConfig(num_experts=num_experts, top_k=TOP_K, second_expert_policy="all", expert_capacity=capacity,
                     dispatch=impl)
-    return ModelConfig(d_model=D_MODEL, d_ff=D_FF, num_decoder_layers=0, moe=moe).validate()
+    # Resolved as a run's model is (per backend, one device).
+    return resolve_model(ModelConfig(d_model=D_MODEL, d_ff=D_FF, num_decoder_layers=0, dtype=dtype, moe=moe).validate())
 
 
-def make_moe(tokens: int, num_experts: int, impl: str, key):
-    layer = MoeLayer(moe_config(num_experts, impl))
+def make_moe(tokens: int, num_experts: int, impl: str, key, dtype: str = "float32"):
+    layer = MoeLayer(moe_config(num_experts, impl, dtype))
     x = jax.random.normal(key, (tokens // GROUP, GROUP, D_MODEL), jnp.float32)
     mask = jnp.ones(x.shape[:2], jnp.float32)
     params = nn.meta.unbox(layer.init({"params": jax.random.key(0)}, x, mask)["params"])
@@ -57,7 +58,7 @@ def make_moe(tokens: int, num_experts: int, impl: str, key):
     def forward(params, x):
         out, state = layer.apply({"params": params}, x, mask, mutable=["moe"])
         stats = collect_layers(state["moe"])[""]
-        return out, stats["aux_loss"] + stats["z_loss"]
+        return out, stats.aux_loss + stats.router_z_loss
 
     def loss(params, x):
         out, aux = forward(params, x)
@@ -66,8 +67,8 @@ def make_moe(tokens: int, num_experts: int, impl: str, key):
     return forward, loss, params, x
 
 
-def make_dense(tokens: int, d_ff: int, key):
-    mlp = Mlp(d_ff)
+def make_dense(tokens: int, d_ff: int, key, dtype: str = "float32"):
+    mlp = Mlp(d_ff, dtype=jnp.dtype(dtype))
     x = jax.random.normal(key, (tokens // GROUP, GROUP, D_MODEL), jnp.float32)
     params = nn.meta.unbox(mlp.init({"params": jax.random.key(0)}, x)["params"])
     forward = lambda params, x: mlp.apply({"params": params}, x)
@@ -107,12 +108,12 @@ class Timed:
         return float(np.median(self.times[kind]))
 
 
-def run_shape(tokens, num_experts, impls, rounds, dense_cache):
+def run_shape(tokens, num_experts, impls, rounds, dense_cache, dtype="float32"):
     key = jax.random.key(tokens)
-    timed = [Timed(impl, *make_moe(tokens, num_experts, impl, key)) for impl in impls]
+    timed = [Timed(impl, *make_moe(tokens, num_experts, impl, key, dtype)) for impl in impls]
     if tokens not in dense_cache:  # the FLOP-matched dense FFN does not depend on E
-        dense_cache[tokens] = [Timed("dense_2T", *make_dense(2 * tokens, D_FF, key)),
-                               Timed("dense_2dff", *make_dense(tokens, 2 * D_FF, key))]
+        dense_cache[tokens] = [Timed("dense_2T", *make_dense(2 * tokens, D_FF, key, dtype)),
+                               Timed("dense_2dff", *make_dense(tokens, 2 * D_FF, key, dtype))]
     dense = dense_cache[tokens]
     for _ in range(rounds):
         for t in timed + dense:
@@ -156,34 +157,34 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--impls", nargs="+", default=None,
-                        help="default: einsum gather (+ dropless off CPU, or with --force-dropless)")
+    parser.add_argument("--impls", nargs="+", default=["einsum", "gather", "dropless"],
+                        help="dispatch implementations (dropless: tiled grouped MLP on CPU, ragged_dot elsewhere)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--force-dropless", action="store_true", help="time dropless on CPU too (very slow)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="activations and experts (bfloat16 on GPU/TPU); parameters and router stay float32")
     parser.add_argument("--out", default=None, help="write JSON here")
     args = parser.parse_args()
     backend = jax.default_backend()
-    if args.force_dropless:
-        os.environ[FORCE_DROPLESS_ENV] = "1"
-    impls = args.impls or (["einsum", "gather"] + (["dropless"] if backend != "cpu" or args.force_dropless else []))
+    impls = args.impls
     rows, dense_cache, source = [], {}, None
+    load_before = os.getloadavg()
     for tokens in args.tokens:
         for num_experts in args.experts:
-            shape_rows, source = run_shape(tokens, num_experts, impls, args.rounds, dense_cache)
+            shape_rows, source = run_shape(tokens, num_experts, impls, args.rounds, dense_cache, args.dtype)
             rows += shape_rows
             print(format_table(shape_rows), flush=True)
     print()
     print(format_table(rows))
+    print(f"load average (1, 5, 15 min): before {load_before}, after {os.getloadavg()}")
     result = {"rows": rows, "jax": jax.__version__, "backend": backend, "device": str(jax.devices()[0].device_kind),
               "peak_memory_source": source, "rounds": args.rounds,
+              "grouped_kernel": resolve_model(ModelConfig()).moe.grouped_kernel,
+              "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
               "setup": dict(group=GROUP, d_model=D_MODEL, d_ff=D_FF, top_k=TOP_K, capacity_factor=CF,
-                            capacity="ceil(cf * k * group / E)", mlp="GEGLU", dtype="float32",
+                            capacity="ceil(cf * k * group / E)", mlp="GEGLU", dtype=args.dtype,
                             loss="value_and_grad(mean(out**2) [+ 1e-2 * (aux + z)]) wrt params and inputs",
                             cpu_count=os.cpu_count())}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+    cli.write_result(args.out, result)
 
 
 if __name__ == "__main__":

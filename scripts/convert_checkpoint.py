@@ -23,6 +23,7 @@ config, an existing non-empty OUT or a bad flag: one line on stderr and exit sta
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -54,8 +55,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def get_config(arg=None):
     c = finetune.get_config(arg or {preset!r})
     with open(os.path.join(HERE, "config.json")) as f:
-        model = json.load(f)["model"]
+        run = json.load(f)
+    model = run["model"]
     c.unlock()
+    c.loss.balance_coef = run["loss"]["balance_coef"]  # the converted model's loss weights
+    c.loss.router_z_coef = run["loss"]["router_z_coef"]
     model["dropout_rate"] = c.model.dropout_rate  # training settings of the preset
     model["moe"]["expert_dropout_rate"] = c.model.moe.expert_dropout_rate
     c.model = ml_collections.ConfigDict(model)
@@ -159,8 +163,9 @@ def _report(counts: dict[str, int], source: str, target: str) -> None:
           + ", ".join(f"{kind} {counts.get(kind, 0)}" for kind in KINDS), flush=True)
 
 
-def write_stmoe_run(out: str, model_cfg, params, preset: str, source: str) -> None:
-    """OUT/checkpoints/0/state (params), OUT/config.json (run config), OUT/config.py (finetune config)."""
+def write_stmoe_run(out: str, model_cfg, loss_cfg, params, preset: str, source: str) -> None:
+    """OUT/checkpoints/0/state (params), OUT/config.json (run config: the preset's, with the converted
+    model and the source's loss coefficients), OUT/config.py (finetune config)."""
     import ml_collections
 
     from stmoe import checkpoints
@@ -168,6 +173,7 @@ def write_stmoe_run(out: str, model_cfg, params, preset: str, source: str) -> No
     run = _preset(preset)
     run.unlock()
     run.model = ml_collections.ConfigDict(model_cfg.to_dict())
+    run.loss.balance_coef, run.loss.router_z_coef = loss_cfg.balance_coef, loss_cfg.router_z_coef
     if run.mesh.expert > 1 and model_cfg.moe.num_experts % run.mesh.expert:
         run.mesh.expert = 1
     out = os.path.abspath(out)
@@ -199,13 +205,14 @@ def _from_t5x(args) -> None:
     cfg = cfg.replace(dropout_rate=preset_model.dropout_rate,
                       moe=cfg.moe.replace(expert_dropout_rate=preset_model.moe.expert_dropout_rate))
     params = t5x.to_params({p: jnp.asarray(v) for p, v in mapped.items()})
-    write_stmoe_run(args.target[1], cfg, params, args.preset, f"t5x {directory}")
+    loss = t5x.loss_config(options)
+    write_stmoe_run(args.target[1], cfg, loss, params, args.preset, f"t5x {directory}")
     _report(counts, f"t5x {directory}", args.target[1])
     print(f"{PROGRAM}: model d_model={cfg.d_model} d_ff={cfg.d_ff} heads={cfg.num_heads}x{cfg.d_kv} layers "
           f"{cfg.num_encoder_layers}+{cfg.num_decoder_layers}, {cfg.moe.num_experts} experts, sparse blocks "
           f"{[i for i in range(max(cfg.num_encoder_layers, cfg.num_decoder_layers)) if cfg.is_sparse(i)]}, "
           f"sparse_dense={cfg.sparse_dense}", flush=True)
-    for line in t5x.semantics(cfg):
+    for line in t5x.semantics(cfg, loss):
         print(f"{PROGRAM}:   {line}", flush=True)
 
 
@@ -221,7 +228,9 @@ def _from_hf(args) -> None:
     for path in flat:
         kind = kind_of("/".join(path))
         counts[kind] = counts.get(kind, 0) + 1
-    write_stmoe_run(args.target[1], model.config, params, args.preset, f"hf {os.path.abspath(args.source[1])}")
+    with open(os.path.join(args.source[1], "config.json")) as f:
+        loss = hf_switch.loss_from_hf(json.load(f))
+    write_stmoe_run(args.target[1], model.config, loss, params, args.preset, f"hf {os.path.abspath(args.source[1])}")
     _report(counts, f"hf {args.source[1]}", args.target[1])
 
 
@@ -231,13 +240,14 @@ def _to_hf(args) -> None:
     import jax
 
     from stmoe import checkpoints, inference
-    from stmoe.config import ModelConfig
+    from stmoe.config import LossConfig, ModelConfig
     from stmoe.interop import hf_switch
     from stmoe.models import EncoderDecoder
 
     run_config, _ = inference.find_run_config(args.source[1])
     cfg = ModelConfig.from_dict(run_config.model.to_dict()).validate()
-    hf_switch.config_to_hf(cfg)  # refuses (ConfigError) what HF cannot express, before any array is read
+    loss = LossConfig.from_dict(run_config.loss.to_dict()).validate() if "loss" in run_config else LossConfig()
+    hf_switch.config_to_hf(cfg, loss)  # refuses (ConfigError) what HF cannot express, before any array is read
     model = EncoderDecoder(cfg)
     tokens = jax.ShapeDtypeStruct((1, 2), "int32")
     abstract = jax.eval_shape(lambda t: flax.linen.unbox(model.init(jax.random.key(0), t, t, t,
@@ -245,7 +255,7 @@ def _to_hf(args) -> None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
     params = checkpoints.restore_params(args.source[1], abstract)
-    hf_switch.export(model, params, args.target[1])
+    hf_switch.export(model, params, args.target[1], loss)
     counts: dict[str, int] = {}
     for path in flax.traverse_util.flatten_dict(params):
         kind = kind_of("/".join(path))

@@ -13,7 +13,6 @@ task: one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,10 +24,7 @@ PROGRAM = "evaluate.py"
 
 
 def parse_args(argv):
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_checkpoint_args(parser)
-    parser.add_argument("--task", default=None, help="seqio task / mixture family (stmoe.data.tasks)")
-    parser.add_argument("--split", default="validation")
+    parser = cli.checkpoint_task_parser(__doc__, "seqio task / mixture family (stmoe.data.tasks)")
     parser.add_argument("--num_examples", type=int, default=None, help="per task; default: the whole split")
     parser.add_argument("--decoding", choices=("greedy", "beam"), default="greedy")
     parser.add_argument("--beam_size", type=int, default=4)

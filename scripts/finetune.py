@@ -55,15 +55,10 @@ def check_init_checkpoint(config) -> None:
 
 
 def main(argv: list[str]) -> int:
-    cli.import_tensorflow_quietly()
     try:
-        config, flags = cli.parse_config_flags(argv, DEFAULT_CONFIG, _define_flags, program="finetune.py",
-                                               doc=__doc__)
-    except cli.HelpRequested as text:
-        print(text)
-        return 0
-    except cli.UsageError as e:
-        return cli.fail("finetune.py", "config", e)
+        config, flags = cli.script_config(argv, DEFAULT_CONFIG, _define_flags, program="finetune.py", doc=__doc__)
+    except cli.ExitStatus as done:
+        return done.status
 
     from stmoe import checkpoints, trainer
     from stmoe.config import ConfigError

@@ -32,10 +32,8 @@ PROGRAM = "trace_tokens.py"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_checkpoint_args(parser)
-    parser.add_argument("--task", default=None, help="seqio task family (stmoe.data.tasks); default: the run's")
-    parser.add_argument("--split", default="validation")
+    parser = cli.checkpoint_task_parser(__doc__, "seqio task family (stmoe.data.tasks); default: the run's",
+                                        parser_class=argparse.ArgumentParser)
     parser.add_argument("--num_batches", type=int, default=8, help="batches of --batch_size rows to trace")
     parser.add_argument("--out", default=None, help="output directory; default: <run workdir>/trace")
     return parser.parse_args(argv)

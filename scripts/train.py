@@ -31,15 +31,10 @@ def _define_workdir(flag_values):
 
 
 def main(argv: list[str]) -> int:
-    cli.import_tensorflow_quietly()
     try:
-        config, flags = cli.parse_config_flags(argv, DEFAULT_CONFIG, _define_workdir, program="train.py",
-                                               doc=__doc__)
-    except cli.HelpRequested as text:
-        print(text)
-        return 0
-    except cli.UsageError as e:
-        return cli.fail("train.py", "config", e)
+        config, flags = cli.script_config(argv, DEFAULT_CONFIG, _define_workdir, program="train.py", doc=__doc__)
+    except cli.ExitStatus as done:
+        return done.status
 
     from stmoe import trainer
     from stmoe.config import ConfigError

@@ -442,8 +442,8 @@ def shape_differences(expected: dict[str, tuple[int, ...]], saved: dict[str, tup
 
 # The ModelConfig fields that decide parameter names and shapes (scan_layers is converted instead).
 ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "d_ff", "num_heads", "d_kv", "num_encoder_layers",
-                       "num_decoder_layers", "mlp_gated", "relative_attention_num_buckets", "tie_embeddings",
-                       "sparse_interval", "sparse_offset", "sparse_layers", "sparse_dense", "moe.num_experts")
+                       "num_decoder_layers", "mlp_gated", "layer_norm_scale", "relative_attention_num_buckets",
+                       "tie_embeddings", "sparse_interval", "sparse_offset", "sparse_layers", "sparse_dense", "moe.num_experts")
 
 
 def _run_model_fields(directory: str) -> dict[str, Any] | None:

@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 
 import ml_collections
 
+from stmoe.config import MOVED_FIELDS
+
 USAGE_ERROR = 2
 TRAINING_DIVERGED = 3  # non-finite steps stopped the run (stmoe.trainer.TrainingDiverged); checkpoints kept
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +68,14 @@ def fail(program: str, kind: str, error: BaseException | str, status: int = USAG
 
 class HelpRequested(Exception):
     """--help was given: str(self) is the help text; the script prints it and exits with status 0."""
+
+
+class ExitStatus(Exception):
+    """A script's main is done before its work began: it returns `status`."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
 
 
 HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-help")
@@ -119,7 +129,8 @@ def _check_field(config: ml_collections.ConfigDict, path: str) -> None:
         return
     known = field_paths(config)
     known += sorted({p.rsplit(".", i)[0] for p in known for i in range(1, p.count(".") + 1)})  # parents
-    close = difflib.get_close_matches(path, known, n=1, cutoff=0.6)
+    close = [MOVED_FIELDS[path]] if MOVED_FIELDS.get(path) in known else \
+        difflib.get_close_matches(path, known, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else " (python scripts/train.py --help lists the fields)"
     raise UsageError(f"unknown config field {path!r}{hint}")
 
@@ -181,6 +192,15 @@ def _value_of(config: ml_collections.ConfigDict, path: str):
     return node
 
 
+def write_result(path: str | None, result: dict) -> None:
+    """A benchmark's JSON result to `path` (nothing when None), and a line saying where."""
+    if path:
+        import json
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {path}")
+
+
 def run_training(program: str, config: ml_collections.ConfigDict, workdir: str) -> int:
     """stmoe.trainer.train_and_evaluate for a script: 0, or one line and status 3 (a diverged run)
     or 2 (an unwritable workdir, a checkpoint of another model, a failed save)."""
@@ -193,6 +213,21 @@ def run_training(program: str, config: ml_collections.ConfigDict, workdir: str) 
     except trainer.USER_ERRORS as e:
         return fail(program, trainer.error_kind(e), e)
     return 0
+
+
+def script_config(argv: Sequence[str], default_config: str, define_extra: Callable[..., dict], *,
+                  program: str, doc: str) -> tuple[ml_collections.ConfigDict, dict]:
+    """`parse_config_flags` for a training script's main, TensorFlow's start-up logs silenced first.
+    --help prints the help and raises ExitStatus(0); a bad file, preset, field or value prints one
+    line on stderr and raises ExitStatus(2)."""
+    import_tensorflow_quietly()
+    try:
+        return parse_config_flags(argv, default_config, define_extra, program=program, doc=doc)
+    except HelpRequested as text:
+        print(text)
+        raise ExitStatus(0) from None
+    except UsageError as e:
+        raise ExitStatus(fail(program, "config", e)) from None
 
 
 def parse_config_flags(argv: Sequence[str], default_config: str,
@@ -295,6 +330,16 @@ def add_checkpoint_args(parser) -> None:
     parser.add_argument("--eval_capacity_factor", type=float, default=None,
                         help="replaces the checkpoint's model.moe.eval_capacity_factor (e.g. 2.0, or 4.0 to drop less)")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="rows per decoding batch")
+
+
+def checkpoint_task_parser(doc: str, task_help: str, parser_class: type | None = None) -> argparse.ArgumentParser:
+    """The parser of a script that reads a trained checkpoint and a seqio task: add_checkpoint_args,
+    --task and --split (default 'validation')."""
+    parser = (parser_class or ArgumentParser)(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_args(parser)
+    parser.add_argument("--task", default=None, help=task_help)
+    parser.add_argument("--split", default="validation")
+    return parser
 
 
 def check_checkpoint_exists(path: str) -> None:

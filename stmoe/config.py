@@ -1,7 +1,7 @@
-"""Model configuration: two frozen dataclasses built in one place.
+"""Model and loss configuration: frozen dataclasses built in one place.
 
 `MoeConfig` holds everything about routing and experts, `ModelConfig` the
-T5.1.1 backbone. ml_collections presets (configs/models.py) are converted with
+T5.1.1 backbone, `LossConfig` the training objective's coefficients and schedule. ml_collections presets (configs/models.py) are converted with
 `ModelConfig.from_dict`, which rejects unknown fields by name; `validate()`
 checks every field once, at start, and names the offending one. Eval and
 inference variants are derived with `dataclasses.replace`, e.g.
@@ -9,6 +9,7 @@ inference variants are derived with `dataclasses.replace`, e.g.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Mapping
 
@@ -16,14 +17,45 @@ ROUTER_TYPES = ("tokens_choose", "experts_choose")
 SECOND_EXPERT_POLICIES = ("random", "all")
 AUX_LOSS_TYPES = ("switch_top1", "switch_all_k", "cv2")
 DISPATCH_IMPLS = ("einsum", "gather", "dropless", "auto")
+EXPERT_EXECUTIONS = ("auto", "sequential", "batched")
+GROUPED_KERNELS = ("tiled", "ragged_dot", "auto")
 REMAT_POLICIES = ("none", "full", "save_dots")
 MLP_ACTIVATIONS = ("gelu", "relu", "silu")
 DTYPES = ("float32", "bfloat16")
 CAPACITY_ROUNDINGS = ("ceil", "round")
+BALANCE_SCHEDULES = ("constant", "linear_decay")
 
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the field."""
+
+
+# Run-config fields that moved: old path -> new path. An older run's config.json is read with
+# `upgrade_run_config`; a config that sets an old path is refused by name (the CLI names the new one).
+MOVED_FIELDS = {
+    "model.moe.aux_loss_coef": "loss.balance_coef",
+    "model.moe.z_loss_coef": "loss.router_z_coef",
+    "output_z_loss": "loss.output_z_coef",
+    "aux_loss_schedule.schedule": "loss.balance_schedule",
+    "aux_loss_schedule.warmup_multiplier": "loss.balance_warmup_multiplier",
+    "aux_loss_schedule.decay_steps": "loss.balance_decay_steps",
+}
+
+
+def upgrade_run_config(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A run config as nested dicts (e.g. an older run's config.json) with MOVED_FIELDS in their new places."""
+    out = copy.deepcopy(dict(values))
+    for old, new in MOVED_FIELDS.items():
+        *parents, leaf = old.split(".")
+        holder = out
+        for key in parents:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and leaf in holder:
+            section, name = new.split(".")
+            out.setdefault(section, {})[name] = holder.pop(leaf)
+    if out.get("aux_loss_schedule") == {}:
+        del out["aux_loss_schedule"]
+    return out
 
 
 def _check(condition: bool, field: str, message: str) -> None:
@@ -43,6 +75,9 @@ class _Replaceable:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in dict(values).items():
+            moved = MOVED_FIELDS.get(f"{prefix}{key}")
+            _check(moved is None, f"{prefix}{key}", f"moved to {moved} (config.upgrade_run_config reads an older run's "
+                                                    "config.json)")
             _check(key in known, f"{prefix}{key}", f"unknown field; allowed: {sorted(known)}")
             if key in nested and not isinstance(value, nested[key]):
                 value = nested[key].from_dict(value, prefix=f"{prefix}{key}.")
@@ -81,13 +116,23 @@ class MoeConfig(_Replaceable):
     route_padding: bool = False  # HF routes padding tokens; ST-MoE does not
     # transformers 4.x Switch kept a dropped token's (normed) input x router prob; 5.x (and Mesh TF) give zero.
     dropped_token_passthrough: bool = False
-    aux_loss_type: str = "switch_top1"
-    aux_loss_coef: float = 1e-2
-    z_loss_coef: float = 1e-3
+    aux_loss_type: str = "switch_top1"  # which balance loss the layer computes (its weight: LossConfig)
     jitter_noise: float = 0.0  # multiplicative uniform noise on router inputs (training only)
     router_init_std: float = 2e-2
     expert_dropout_rate: float = 0.0  # dropout inside the experts (fine-tuning: ST-MoE sec. 4.3)
-    dispatch: str = "gather"  # "einsum" | "gather" | "dropless" (GPU/TPU) | "auto" (per backend; stmoe/dispatch.py)
+    dispatch: str = "gather"  # "einsum" | "gather" | "dropless" (no capacity) | "auto" (per backend; stmoe/dispatch.py)
+    # Router logits and softmax in float32 whatever model.dtype is ("selective precision", ST-MoE sec. 3.2);
+    # "bfloat16" rounds the router's inputs, weights, logits and probabilities (the paper's unstable Table 4 row).
+    router_dtype: str = "float32"
+    # How the experts run: "sequential" (one after another, lax.map: XLA:CPU's cache-friendly choice),
+    # "batched" (one batched matmul: GPU/TPU, and what the partitioner splits when the mesh shards the
+    # experts), or "auto": chosen from the backend and the mesh by dispatch.resolve_model when the model
+    # is built (a layer built from an unresolved config runs them one after another).
+    expert_execution: str = "auto"
+    # How dropless dispatch (and a group of one token, a decoding step) runs its grouped matmuls:
+    # "tiled" (grouped_matmul.py: XLA:CPU), "ragged_dot" (jax.lax.ragged_dot: GPU/TPU) or "auto",
+    # chosen per backend by dispatch.resolve_model (unresolved, the layer runs the tiled loop).
+    grouped_kernel: str = "auto"
 
     def router_for(self, causal: bool) -> str:
         return (self.decoder_router_type or self.router_type) if causal else self.router_type
@@ -133,12 +178,18 @@ class MoeConfig(_Replaceable):
                f"={self.num_groups_multiple} needs max_group_size (it shapes flaxformer's batch-wide groups)")
         _check(self.aux_loss_type in AUX_LOSS_TYPES, f"{p}aux_loss_type",
                f"must be one of {AUX_LOSS_TYPES}, got {self.aux_loss_type!r}")
-        for name in ("aux_loss_coef", "z_loss_coef", "jitter_noise"):
-            _check(getattr(self, name) >= 0, f"{p}{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(self.jitter_noise >= 0, f"{p}jitter_noise", f"must be >= 0, got {self.jitter_noise}")
         _check(0 <= self.expert_dropout_rate < 1, f"{p}expert_dropout_rate",
                f"must be in [0, 1), got {self.expert_dropout_rate}")
         _check(self.dispatch in DISPATCH_IMPLS, f"{p}dispatch",
                f"must be one of {DISPATCH_IMPLS}, got {self.dispatch!r}")
+        _check(self.router_dtype in DTYPES, f"{p}router_dtype", f"must be one of {DTYPES}, got {self.router_dtype!r}")
+        _check(self.dispatch != "dropless" or self.router_type == "tokens_choose", f"{p}dispatch",
+               "'dropless' needs router_type='tokens_choose': expert choice has a capacity by construction")
+        _check(self.expert_execution in EXPERT_EXECUTIONS, f"{p}expert_execution",
+               f"must be one of {EXPERT_EXECUTIONS}, got {self.expert_execution!r}")
+        _check(self.grouped_kernel in GROUPED_KERNELS, f"{p}grouped_kernel",
+               f"must be one of {GROUPED_KERNELS}, got {self.grouped_kernel!r}")
         return self
 
 
@@ -158,12 +209,16 @@ class ModelConfig(_Replaceable):
     relative_attention_max_distance: int = 128
     tie_embeddings: bool = False  # T5.1.1 unties; Switch checkpoints tie (logits * d_model**-0.5)
     layer_norm_epsilon: float = 1e-6
-    dtype: str = "float32"  # activations and experts; the router always runs in float32
+    layer_norm_scale: bool = True  # RMSNorm's learned per-channel scale (T5); False: x / rms(x) only
+    dtype: str = "float32"  # activations and experts; the router's precision is moe.router_dtype
     # Sparse blocks: i % sparse_interval == sparse_offset (default interval - 1), or an explicit list.
     sparse_interval: int = 4
     sparse_offset: int | None = None
     sparse_layers: tuple[int, ...] | None = None
     sparse_dense: bool = False  # an extra dense FFN after each sparse FFN (ST-MoE-32B)
+    # A dense baseline with the MoE's layout: an int puts a dense FFN of this width (instead of an MoE
+    # layer) at every sparse position, e.g. top_k * d_ff for the FFN FLOPs of a top-k MoE. None = MoE layers.
+    sparse_positions_dense_d_ff: int | None = None
     scan_layers: bool = False  # nn.scan over repeated (interval-1 dense + 1 sparse) blocks: compile time flat in depth
     remat: str = "none"  # recompute blocks in the backward pass: "none" | "full" | "save_dots" (keep matmul outputs)
     moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
@@ -172,11 +227,22 @@ class ModelConfig(_Replaceable):
     def from_dict(cls, values: Mapping[str, Any], prefix: str = "model.") -> "ModelConfig":
         return cls._from_mapping(values, prefix, {"moe": MoeConfig})
 
-    def is_sparse(self, layer: int) -> bool:
+    def is_sparse_position(self, layer: int) -> bool:
+        """Block `layer` sits at a sparse position of the layout (whether or not it holds experts)."""
         if self.sparse_layers is not None:
             return layer in self.sparse_layers
         offset = self.sparse_interval - 1 if self.sparse_offset is None else self.sparse_offset
         return layer % self.sparse_interval == offset
+
+    def is_sparse(self, layer: int) -> bool:
+        """Block `layer`'s FFN is an MoE layer."""
+        return self.sparse_positions_dense_d_ff is None and self.is_sparse_position(layer)
+
+    def ffn_width(self, layer: int) -> int:
+        """d_ff of block `layer`'s dense FFN (of each expert when the block is sparse)."""
+        if self.sparse_positions_dense_d_ff is not None and self.is_sparse_position(layer):
+            return self.sparse_positions_dense_d_ff
+        return self.d_ff
 
     def validate(self, prefix: str = "model.") -> "ModelConfig":
         p = prefix
@@ -196,6 +262,10 @@ class ModelConfig(_Replaceable):
         num_layers = max(self.num_encoder_layers, self.num_decoder_layers)
         _check(self.sparse_layers is None or all(0 <= i < num_layers for i in self.sparse_layers),
                f"{p}sparse_layers", f"indices must be in [0, {num_layers}), got {self.sparse_layers}")
+        _check(self.sparse_positions_dense_d_ff is None or self.sparse_positions_dense_d_ff >= 1,
+               f"{p}sparse_positions_dense_d_ff", f"must be None or >= 1, got {self.sparse_positions_dense_d_ff}")
+        _check(self.sparse_positions_dense_d_ff is None or not self.sparse_dense, f"{p}sparse_positions_dense_d_ff",
+               "a dense model has no sparse FFN for sparse_dense to follow; set one of the two")
         _check(self.remat in REMAT_POLICIES, f"{p}remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.scan_layers:
             for name in ("num_encoder_layers", "num_decoder_layers"):
@@ -210,4 +280,36 @@ class ModelConfig(_Replaceable):
                f"{p}moe.decoder_router_type",
                "'experts_choose' looks at all tokens of a group and cannot route a causal decoder; "
                "set moe.decoder_router_type='tokens_choose'")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig(_Replaceable):
+    """L = L_CE + output_z_coef * z_out + c_B(step) * L_B + router_z_coef * L_z (ST-MoE sec. 3.1).
+
+    The MoE layers report L_B and L_z unweighted (metrics.RouterStats); losses.py weighs them with
+    these coefficients, and c_B follows `balance_schedule` (losses.balance_coef_schedule).
+    """
+
+    balance_coef: float = 1e-2  # c_B (ST-MoE: 1e-2)
+    router_z_coef: float = 1e-3  # c_z (ST-MoE sec. 3.1: 1e-3)
+    output_z_coef: float = 1e-4  # z-loss on the output softmax normalizer (Mesh TF T5); 0 = off
+    # 'constant' c_B, or 'linear_decay': c_B * balance_warmup_multiplier at step 0, linearly down to c_B
+    # over balance_decay_steps (a stronger push towards balance while the router is still random).
+    balance_schedule: str = "constant"
+    balance_warmup_multiplier: float = 1.0
+    balance_decay_steps: int = 1
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], prefix: str = "loss.") -> "LossConfig":
+        return cls._from_mapping(values, prefix, {})
+
+    def validate(self, prefix: str = "loss.") -> "LossConfig":
+        p = prefix
+        for name in ("balance_coef", "router_z_coef", "output_z_coef", "balance_warmup_multiplier"):
+            _check(getattr(self, name) >= 0, f"{p}{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(self.balance_schedule in BALANCE_SCHEDULES, f"{p}balance_schedule",
+               f"must be one of {BALANCE_SCHEDULES}, got {self.balance_schedule!r}")
+        _check(isinstance(self.balance_decay_steps, int) and self.balance_decay_steps >= 1,
+               f"{p}balance_decay_steps", f"must be an integer >= 1, got {self.balance_decay_steps!r}")
         return self

@@ -14,21 +14,21 @@ and give the same numbers (tests/test_dispatch.py, tests/test_moe.py):
   [tokens, experts, capacity] tensor is ever built. Its cost is O(slots * d) data
   movement, independent of the group size.
 - "dropless": no capacity. Every (token, choice) row is sorted by expert and the experts
-  run as grouped matmuls (`jax.lax.ragged_dot`) over the sorted rows (MegaBlocks,
-  Gale et al. 2022). Equal to the other two whenever their capacity drops nothing.
-  On CPU `ragged_dot` is emulated densely over all experts (about 47x a dense FFN at
-  T=8192, E=32), so it is refused there unless forced (`STMOE_FORCE_DROPLESS=1`).
+  run as grouped matmuls over the sorted rows (MegaBlocks, Gale et al. 2022). Equal to the
+  other two whenever their capacity drops nothing. The grouped matmul is per backend
+  (moe.grouped_kernel, resolved by `resolve_model`): `jax.lax.ragged_dot` on GPU/TPU; on CPU,
+  where XLA emulates ragged_dot densely over all experts, the tiled loop of grouped_matmul.py
+  (rows padded per expert to a tile, one loop over tiles).
   Expert parallelism: the capacity-based buffers [experts, groups, capacity, d] move by
   all-to-all from the sharding constraints in moe.py; dropless rows have data-dependent
   sizes and would need `ragged_all_to_all` (not implemented on XLA:CPU), so under a mesh
   dropless relies on GSPMD's default (expert weights gathered), not all-to-all.
 
 "auto" resolves per backend (`resolve_dispatch`):
-- cpu: "gather". Measured (scripts/benchmark_moe.py, README Performance; 2 cores): at
-  T=8192, E=32 the gather layer's forward is 1.15x the FLOP-matched dense FFN, its
-  forward+backward 0.89x and its activation memory 0.64x (experts run one after another on
-  CPU, moe.expert_mlps); einsum 2.12x / 1.53x; dropless (ragged_dot, forced on CPU with
-  STMOE_FORCE_DROPLESS=1) ~47x forward in an earlier run of that benchmark, not re-measured.
+- cpu: "gather". On XLA:CPU it is the fastest of the three and the closest to the FLOP-matched
+  dense FFN in time and activation memory (experts run one after another on CPU,
+  moe.expert_mlps); einsum pays for its one-hot tensors (figures, dropless's tiled loop included:
+  README Performance, scripts/benchmark_moe.py).
 - gpu: "gather". Capacity-based, so shapes are static and expert parallelism uses plain
   all-to-all; gathers/scatters of d-wide rows are bandwidth-bound and cheap on GPU,
   while the one-hot einsum adds cf * group_size / d_ff of the useful FLOPs. Not
@@ -39,41 +39,74 @@ and give the same numbers (tests/test_dispatch.py, tests/test_moe.py):
   with ST-MoE's group sizes (a few hundred to 2k tokens) and d_ff >= 2048 the einsum
   overhead is cf * group_size / d_ff ~ 1x at worst, and it is what t5x/flaxformer run
   at scale. Lower the group size (moe.group_size) to shrink that overhead.
+
+Everything that depends on the backend, the environment or the mesh is decided here once, when
+the model is built (`resolve_model`: dispatch and expert execution), and the MoE layer only reads
+the resolved config; `combine_for` names the combine a (dispatch, router) pair uses.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from stmoe.config import ModelConfig
+
 Array = jax.Array
 
 DISPATCH_CHOICES = ("einsum", "gather", "dropless", "auto")
 AUTO_DISPATCH = {"cpu": "gather", "gpu": "gather", "cuda": "gather", "rocm": "gather", "tpu": "einsum"}
-FORCE_DROPLESS_ENV = "STMOE_FORCE_DROPLESS"
+# How "dropless" (and a group of one token) runs its grouped matmuls per backend: "ragged_dot"
+# (jax.lax.ragged_dot, a real grouped GEMM on GPU/TPU) or "tiled" (grouped_matmul.py: XLA:CPU
+# emulates ragged_dot densely over all experts).
+GROUPED_KERNEL = {"cpu": "tiled"}
+# Backends on which the experts run one after another when nothing splits them over devices
+# (moe.expert_mlps, sequential=True): there each expert's intermediates stay in cache.
+SEQUENTIAL_EXPERT_BACKENDS = ("cpu",)
 
 
-def resolve_dispatch(name: str, backend: str | None = None, force_dropless: bool | None = None) -> str:
+def resolve_model(cfg: ModelConfig, *, backend: str | None = None, expert_split: int = 1) -> ModelConfig:
+    """`cfg` with moe.dispatch, moe.expert_execution and moe.grouped_kernel chosen for `backend`
+    (default: jax.default_backend()) and a mesh that splits the experts `expert_split` ways
+    (partitioning.expert_split); called once where the model is built.
+
+    dispatch: `resolve_dispatch`. expert_execution "auto": "sequential" on SEQUENTIAL_EXPERT_BACKENDS
+    when the experts are not split, else "batched" (the batched matmul is what the SPMD partitioner
+    splits over an expert-sharded mesh). grouped_kernel "auto": GROUPED_KERNEL's entry for the
+    backend, else "ragged_dot". Explicit values are kept.
+    """
+    backend = backend or jax.default_backend()
+    moe = cfg.moe
+    execution = moe.expert_execution
+    if execution == "auto":
+        execution = "sequential" if backend in SEQUENTIAL_EXPERT_BACKENDS and expert_split == 1 else "batched"
+    kernel = moe.grouped_kernel
+    if kernel == "auto":
+        kernel = GROUPED_KERNEL.get(backend, "ragged_dot")
+    return cfg.replace(moe=moe.replace(dispatch=resolve_dispatch(moe.dispatch, backend), expert_execution=execution,
+                                       grouped_kernel=kernel))
+
+
+def combine_for(dispatch: str, router_type: str) -> str:
+    """How expert outputs return to their tokens: "einsum" (one-hot combine tensor), "gather_tokens"
+    (gather with tokens-choose: each token reads its k slots, `combine_gather_tokens`) or "scatter"
+    (gather with expert choice, which bounds no token's slot count: `combine_gather`)."""
+    if dispatch == "einsum":
+        return "einsum"
+    return "gather_tokens" if router_type == "tokens_choose" else "scatter"
+
+
+def resolve_dispatch(name: str, backend: str | None = None) -> str:
     """The implementation `moe.dispatch` means on `backend` (default: jax.default_backend()).
 
-    "auto" picks per backend (module docstring). "dropless" on CPU raises unless forced with
-    `force_dropless=True` or the environment variable STMOE_FORCE_DROPLESS=1.
+    "auto" picks per backend (module docstring); the others mean themselves.
     """
     if name not in DISPATCH_CHOICES:
         raise ValueError(f"moe.dispatch: must be one of {DISPATCH_CHOICES}, got {name!r}")
     backend = backend or jax.default_backend()
     if name == "auto":
         return AUTO_DISPATCH.get(backend, "gather")
-    if name == "dropless" and backend == "cpu":
-        if force_dropless is None:
-            force_dropless = os.environ.get(FORCE_DROPLESS_ENV, "") not in ("", "0")
-        if not force_dropless:
-            raise ValueError(
-                "moe.dispatch='dropless' uses jax.lax.ragged_dot, which XLA:CPU emulates densely over all "
-                "experts (tens of times slower than 'gather'); use moe.dispatch='gather' or 'auto' on CPU, "
-                f"or set {FORCE_DROPLESS_ENV}=1 to run it anyway (tests do).")
     return name
 
 
@@ -123,8 +156,9 @@ def combine_gather_tokens(group_out: Array, choice_slot: Array, choice_weight: A
     choice_slot: [groups, tokens, k] (expert * capacity + position, experts * capacity for a
     choice without a slot); choice_weight: [groups, tokens, k] (0 without a slot) ->
     [groups, tokens, d]. Same numbers as combine_gather, which scatter-adds every slot (empty
-    ones too) into a zeroed [groups, tokens + 1, d] and slices it: ~20 ms at T=8192, E=32 on
-    XLA:CPU against a few ms here. Batched over groups: each group reads only its own slots.
+    ones too) into a zeroed [groups, tokens + 1, d] and slices it: several times slower on
+    XLA:CPU at large groups (README Performance). Batched over groups: each group reads only its
+    own slots.
     """
     groups, experts, capacity, d = group_out.shape
     rows = group_out.reshape(groups, experts * capacity, d)  # [g, e*c, d]
@@ -139,7 +173,8 @@ def combine_gather_tokens(group_out: Array, choice_slot: Array, choice_weight: A
     return out  # [g, t, d]
 
 
-DISPATCH = {"einsum": (dispatch_einsum, combine_einsum), "gather": (dispatch_gather, combine_gather)}
+DISPATCH = {"einsum": dispatch_einsum, "gather": dispatch_gather}
+COMBINE = {"einsum": combine_einsum, "scatter": combine_gather}  # "gather_tokens": token-major (moe.py step 5)
 
 
 def ragged_mlp(rows: Array, group_sizes: Array, wi: list[Array], wo: Array, activation: Callable[[Array], Array],

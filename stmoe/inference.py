@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from stmoe import checkpoints, decoding, metrics as moe_metrics, partitioning
-from stmoe.config import ConfigError, ModelConfig
+from stmoe.config import ConfigError, ModelConfig, upgrade_run_config
 from stmoe.models import EncoderDecoder
 
 DECODING_MODES = ("greedy", "beam", "sample")
@@ -63,13 +63,14 @@ class LoadedModel:
 
 def find_run_config(path: str) -> tuple[ml_collections.ConfigDict, str]:
     """(config, its path) of the run that owns checkpoint `path`: config.json in `path` or up to two
-    directories above it (workdir / checkpoints / step)."""
+    directories above it (workdir / checkpoints / step). An older run's moved fields are read in their
+    new places (config.upgrade_run_config)."""
     directory = os.path.abspath(path)
     for _ in range(4):
         candidate = os.path.join(directory, "config.json")
         if os.path.isfile(candidate):
             with open(candidate) as f:
-                return ml_collections.ConfigDict(json.load(f)), candidate
+                return ml_collections.ConfigDict(upgrade_run_config(json.load(f))), candidate
         directory = os.path.dirname(directory)
     raise FileNotFoundError(f"no config.json in {path} or above it; pass a training run's workdir "
                             "(scripts/train.py writes WORKDIR/config.json)")
@@ -132,7 +133,7 @@ def load(path: str, *, eval_capacity_factor: float | None = None, num_devices: i
         mesh_cfg = partitioning.MeshConfig(data=-1, expert=1, model=1)
     mesh = partitioning.make_mesh(mesh_cfg, devices)
 
-    model = EncoderDecoder(model_cfg)
+    model = EncoderDecoder(partitioning.resolve_model(model_cfg, mesh))  # `config` stays the run's, unresolved
     data = run_config.data
     lengths = (int(data.inputs_length), int(data.targets_length))
     shapes = {"encoder_input_tokens": (2, lengths[0]), "decoder_input_tokens": (2, lengths[1]),
@@ -238,7 +239,8 @@ def _routing_pass(params, batch, *, model):
     """Per-layer router stats of one deterministic teacher-forced pass (eval capacity factor)."""
     _, variables = model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
                                batch["decoder_target_tokens"], enable_dropout=False, mutable=["moe"])
-    return moe_metrics.expand_scanned(moe_metrics.collect_layers(variables.get("moe", {})))
+    layers = moe_metrics.expand_scanned(moe_metrics.collect_layers(variables.get("moe", {})))
+    return {layer: stats.as_dict() for layer, stats in layers.items()}
 
 
 def routing_stats(loaded: LoadedModel, encoder_input_tokens: np.ndarray, targets: np.ndarray, *,

@@ -45,18 +45,25 @@ def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
 
 
 class RMSNorm(nn.Module):
-    """T5 layer norm: scale only, no mean subtraction, no bias; variance in float32."""
+    """T5 layer norm: scale only, no mean subtraction, no bias; variance in float32.
+
+    `use_scale=False` drops the learned per-channel scale (no parameter): x / rms(x), the
+    "no RMSNorm scale" ablation of ST-MoE Table 3.
+    """
 
     epsilon: float = 1e-6
     dtype: jnp.dtype = jnp.float32
+    use_scale: bool = True
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                           (x.shape[-1],), jnp.float32)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-        return (x32 * scale).astype(self.dtype)
+        if self.use_scale:
+            scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                               (x.shape[-1],), jnp.float32)
+            x32 = x32 * scale
+        return x32.astype(self.dtype)
 
 
 def mlp_apply(x: Array, wi: list[Array], wo: Array, activation: str, dropout: Callable[[Array], Array],

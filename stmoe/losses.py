@@ -1,8 +1,9 @@
-"""The training objective L = L_CE + c_B * L_B + c_z * L_z (ST-MoE sec. 3.1).
+"""The training objective L = L_CE + c_out * z_out + c_B * L_B + c_z * L_z (ST-MoE sec. 3.1).
 
-Cross-entropy returns sums and a token count so that the host can divide
-correctly across microbatches, devices and packed padding. The MoE terms are
-computed per layer (moe.py) and averaged over layers here.
+The one place that weighs and schedules loss terms (config.LossConfig). Cross-entropy returns
+sums and a token count so that the host can divide correctly across microbatches, devices and
+packed padding. The MoE terms are reported unweighted per layer (moe.py sows a
+metrics.RouterStats) and averaged over layers here.
 """
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import optax
 
+from stmoe.config import LossConfig
 from stmoe.metrics import collect_layers, expand_scanned
 
 Array = jax.Array
@@ -42,19 +45,34 @@ def cross_entropy_sums(logits: Array, targets: Array, weights: Array | None = No
 
 
 def moe_losses(moe_collection: Mapping[str, Any]) -> dict[str, Array]:
-    """Averages each layer's 'aux_loss' and 'z_loss' over the MoE layers (0 for a dense model)."""
+    """Averages each layer's unweighted 'aux_loss' (L_B) and 'router_z_loss' (L_z) over the MoE
+    layers (0 for a dense model). These averages are what the step logs under those names."""
     layers = expand_scanned(collect_layers(moe_collection))  # scanned layers count one by one
     if not layers:
         zero = jnp.zeros((), jnp.float32)
         return {"aux_loss": zero, "router_z_loss": zero}
-    aux = jnp.mean(jnp.stack([jnp.mean(s["aux_loss"]) for s in layers.values()]))
-    z = jnp.mean(jnp.stack([jnp.mean(s["z_loss"]) for s in layers.values()]))
+    aux = jnp.mean(jnp.stack([jnp.mean(s.aux_loss) for s in layers.values()]))
+    z = jnp.mean(jnp.stack([jnp.mean(s.router_z_loss) for s in layers.values()]))
     return {"aux_loss": aux, "router_z_loss": z}
 
 
-def total_loss(ce_sums: Mapping[str, Array], moe: Mapping[str, Array], aux_loss_coef: float | Array,
-               z_loss_coef: float) -> Array:
-    """Mean cross-entropy (+ output z-loss) per target token plus the weighted MoE terms."""
+def balance_coef_schedule(cfg: LossConfig) -> optax.Schedule:
+    """c_B as a function of the step (cfg validated: LossConfig.validate).
+
+    'constant' returns `balance_coef`. 'linear_decay' starts at `balance_coef *
+    balance_warmup_multiplier` and decays linearly to `balance_coef` over `balance_decay_steps`,
+    then stays there (docs/design.md, "Losses").
+    """
+    if cfg.balance_schedule == "constant":
+        return optax.constant_schedule(cfg.balance_coef)
+    return optax.linear_schedule(cfg.balance_coef * cfg.balance_warmup_multiplier, cfg.balance_coef,
+                                 cfg.balance_decay_steps)
+
+
+def total_loss(ce_sums: Mapping[str, Array], moe: Mapping[str, Array], balance_coef: float | Array,
+               router_z_coef: float) -> Array:
+    """Mean cross-entropy (+ output z-loss, weighted in cross_entropy_sums) per target token plus the
+    weighted MoE terms."""
     denominator = jnp.maximum(ce_sums["weight"], 1.0)
     task = (ce_sums["cross_entropy"] + ce_sums["output_z_loss"]) / denominator
-    return task + aux_loss_coef * moe["aux_loss"] + z_loss_coef * moe["router_z_loss"]
+    return task + balance_coef * moe["aux_loss"] + router_z_coef * moe["router_z_loss"]

@@ -3,7 +3,8 @@
 Block i of a stack is sparse when `config.is_sparse(i)`: i % sparse_interval ==
 sparse_interval - 1 by default (every 4th, ST-MoE; interval 2 is Switch's
 every-other layout), or an explicit list. With `sparse_dense` a dense FFN follows
-each sparse FFN (ST-MoE-32B, sec. 3.3).
+each sparse FFN (ST-MoE-32B, sec. 3.3). With `sparse_positions_dense_d_ff` the sparse
+positions hold a dense FFN of that width instead (a FLOP-matched dense baseline).
 
 The call signature follows t5x's EncoderDecoder:
     logits = model.apply({'params': p}, encoder_input_tokens, decoder_input_tokens,
@@ -47,17 +48,17 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: Array, token_mask: Array, deterministic: bool) -> Array:
         cfg = self.config
-        dense = lambda name: Mlp(cfg.d_ff, cfg.mlp_activation, cfg.mlp_gated, cfg.dropout_rate,
+        dense = lambda name: Mlp(cfg.ffn_width(self.layer), cfg.mlp_activation, cfg.mlp_gated, cfg.dropout_rate,
                                  _dtype(cfg), name=name)
         residual_dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
-        normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), name="pre_mlp_norm")(x)
+        normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale, name="pre_mlp_norm")(x)
         if cfg.is_sparse(self.layer):
             y = MoeLayer(cfg, causal=self.causal, name="moe")(normed, token_mask, deterministic)
         else:
             y = dense("mlp")(normed, deterministic)
         x = x + residual_dropout(y, deterministic)
         if cfg.is_sparse(self.layer) and cfg.sparse_dense:
-            normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), name="pre_extra_mlp_norm")(x)
+            normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale, name="pre_extra_mlp_norm")(x)
             x = x + residual_dropout(dense("extra_mlp")(normed, deterministic), deterministic)
         return x
 
@@ -70,7 +71,7 @@ class EncoderLayer(nn.Module):
     def __call__(self, x: Array, position_bias: Array, mask: Array, token_mask: Array,
                  deterministic: bool) -> Array:
         cfg = self.config
-        normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), name="pre_attention_norm")(x)
+        normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale, name="pre_attention_norm")(x)
         y = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, _dtype(cfg), name="attention")(
             normed, normed, position_bias, mask, deterministic)
         x = x + nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic)
@@ -87,11 +88,11 @@ class DecoderLayer(nn.Module):
                  cross_mask: Array, token_mask: Array, deterministic: bool, decode: bool) -> Array:
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
-        normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), name="pre_self_attention_norm")(x)
+        normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale, name="pre_self_attention_norm")(x)
         y = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, _dtype(cfg), name="self_attention")(
             normed, normed, position_bias, self_mask, deterministic, decode=decode)
         x = x + dropout(y, deterministic)
-        normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), name="pre_cross_attention_norm")(x)
+        normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale, name="pre_cross_attention_norm")(x)
         y = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, _dtype(cfg),
                                name="encoder_decoder_attention")(normed, encoded, None, cross_mask, deterministic)
         x = x + dropout(y, deterministic)
@@ -200,7 +201,7 @@ class Encoder(nn.Module):
             layer_cls = _block(EncoderLayer, cfg, static_argnums=(5,))  # (self, x, bias, mask, token_mask, det.)
             for i in range(cfg.num_encoder_layers):
                 x = layer_cls(cfg, i, name=f"layers_{i}")(x, bias, mask, token_mask, deterministic)
-        x = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), name="final_norm")(x)
+        x = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale, name="final_norm")(x)
         return dropout(x, deterministic)
 
 
@@ -246,7 +247,7 @@ class Decoder(nn.Module):
             for i in range(cfg.num_decoder_layers):
                 x = layer_cls(cfg, i, name=f"layers_{i}")(x, encoded, bias, self_mask, cross_mask,
                                                           segments > 0, deterministic, decode)
-        x = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), name="final_norm")(x)
+        x = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale, name="final_norm")(x)
         x = dropout(x, deterministic)
         if cfg.tie_embeddings:
             # Tied logits are rescaled by d_model**-0.5 (Mesh TF T5) since the embedding init has std 1.

@@ -38,7 +38,6 @@ DEFAULT = "default"
 
 _OPTIMIZERS = ("adamw", "adafactor")
 _SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "rsqrt")
-_AUX_SCHEDULES = ("constant", "linear_decay")
 NEVER_APPLY_NONFINITE = 2**31 - 1  # optax's consecutive-skip counter is int32
 
 
@@ -109,15 +108,12 @@ class OptimConfig:
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"OptimConfig.{name}={value}; must be >= 0")
-        if 0 < self.adafactor_clipping_threshold < 1:
-            # optax's clip_by_block_rms requires >= 1 (Shazeer & Stern 2018, update clipping).
-            raise ValueError(
-                "OptimConfig.adafactor_clipping_threshold="
-                f"{self.adafactor_clipping_threshold}; must be 0 (off) or >= 1")
+        # Any threshold > 0 works (optax.clip_by_block_rms divides by max(1, RMS / threshold)); ST-MoE
+        # sec. 3.1 lowers it from 1.0 to 0.1 for stability.
         if self.adafactor_clipping_threshold < 0:
             raise ValueError(
                 "OptimConfig.adafactor_clipping_threshold="
-                f"{self.adafactor_clipping_threshold}; must be 0 (off) or >= 1")
+                f"{self.adafactor_clipping_threshold}; must be 0 (off) or > 0")
         if not isinstance(self.freeze_patterns, tuple):
             raise ValueError(
                 f"OptimConfig.freeze_patterns={self.freeze_patterns!r}; must be a "
@@ -172,31 +168,6 @@ def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
         decay = optax.linear_schedule(peak, end, decay_steps)
     warmup = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
     return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
-
-
-def aux_loss_coef_schedule(base_coef: float, schedule: str = "constant",
-                           warmup_multiplier: float = 1.0, decay_steps: int = 0) -> optax.Schedule:
-    """Coefficient c_B of the load-balancing loss as a function of the step.
-
-    'constant' returns `base_coef` (ST-MoE: 1e-2). 'linear_decay' starts at
-    `base_coef * warmup_multiplier` and decays linearly to `base_coef` over
-    `decay_steps`, then stays there: a stronger push towards balance while the
-    router is still random (docs/design.md, "Losses").
-    """
-    if schedule not in _AUX_SCHEDULES:
-        raise ValueError(
-            f"aux loss schedule={schedule!r}; allowed: {_AUX_SCHEDULES}")
-    if base_coef < 0:
-        raise ValueError(f"aux loss base_coef={base_coef}; must be >= 0")
-    if schedule == "constant":
-        return optax.constant_schedule(base_coef)
-    if warmup_multiplier < 0:
-        raise ValueError(
-            f"aux loss warmup_multiplier={warmup_multiplier}; must be >= 0")
-    if decay_steps < 1:
-        raise ValueError(
-            f'aux loss decay_steps={decay_steps}; must be >= 1 for "linear_decay"')
-    return optax.linear_schedule(base_coef * warmup_multiplier, base_coef, decay_steps)
 
 
 # ----------------------------------------------------------- parameter groups

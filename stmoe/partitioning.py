@@ -31,22 +31,14 @@ dispatch itself is local to a group, so the SPMD partitioner goes from the first
 layout to the second by exchanging slices of the expert axis for slices of the
 group axis across `expert`: an all-to-all (and its mirror after the experts, and
 their transposes in the backward pass). The compiled train step of the tests
-(8 experts, expert axis 8) has 8 all-to-alls and no all-gather at all
+(8 experts, expert axis 8) has its all-to-alls and no all-gather at all
 (tests/test_partitioning.py::test_train_step_hlo_has_all_to_all).
 
 Measured alternative: `shard_map` with `jax.lax.all_to_all` written by hand
-(scripts/bench_all_to_all.py: one MoE layer, gather dispatch, forward + backward,
-8 experts on an expert axis of 8, 64 groups of 256 tokens, d_model 256, d_ff 512,
-float32; 8 simulated CPU devices on 2 cores, median of 10 steps):
-
-    route          step time   collectives in the compiled HLO
-    constraints    1013 ms     6 all-to-all, 0 all-gather, 1 all-reduce
-    shard_map       551 ms     4 all-to-all, 0 all-gather, 3 all-reduce
-    (loss and gradients agree to 3e-5 absolute on a loss of O(1e6))
-
-Neither gathers the experts; the hand-written version is 1.8x faster on
-simulated CPU devices (GSPMD emits two more all-to-alls than the hand-written
-version; which tensors they move was not analysed). We still take the constraint route, for now: it is the same
+(scripts/bench_all_to_all.py; the table is in README Performance, "Expert parallelism").
+Neither gathers the experts; the hand-written version was faster on simulated CPU
+devices (GSPMD emits two more all-to-alls than the hand-written version; which tensors
+they move was not analysed). We still take the constraint route, for now: it is the same
 model code on 1 device and on a pod, it covers the four layouts (one or several
 experts per device, experts replicated over `data`, expert MLPs over `model`)
 with no per-layout code, and its gradients equal the 1-device ones with no
@@ -202,6 +194,19 @@ def validate_layout(mesh_cfg: MeshConfig, model_cfg: ModelConfig, batch_size: in
         _check(groups % replicas == 0, "model.moe.group_size",
                f"{groups} groups (batch_size * length / group_size) are not divisible by "
                f"mesh.data * mesh.expert = {replicas}")
+
+
+def expert_split(mesh: Mesh) -> int:
+    """How many ways `mesh` splits the experts: the size of the mesh axes the logical 'expert' axis maps to."""
+    axes = dict(LOGICAL_RULES)["expert"]
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
+def resolve_model(cfg: ModelConfig, mesh: Mesh) -> ModelConfig:
+    """`cfg` with its MoE dispatch and expert execution chosen for this backend and mesh
+    (dispatch.resolve_model); what the model is built from."""
+    from stmoe import dispatch
+    return dispatch.resolve_model(cfg, expert_split=expert_split(mesh))
 
 
 @contextlib.contextmanager

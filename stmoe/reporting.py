@@ -142,14 +142,14 @@ def plot_expert_load(path: str, png_path: str, prefix: str = "train") -> str | N
     steps, history = expert_load_history(path, prefix)
     if not history:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: switching pyplot's backend to Agg here would stop a notebook's inline plots.
+    from matplotlib.figure import Figure
 
     n = len(history)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False, sharex=True)
+    fig = Figure(figsize=(4 * cols, 3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
     for ax, (layer, shares) in zip(axes.flat, history.items()):
         num_experts = shares.shape[1]
         for e in range(num_experts):
@@ -165,7 +165,6 @@ def plot_expert_load(path: str, png_path: str, prefix: str = "train") -> str | N
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
     return png_path
 
 
@@ -285,15 +284,15 @@ class HealthFlag:
 ADVICE = {
     "dropped": "raise the capacity factor (model.moe.train_capacity_factor / eval_capacity_factor; "
                "evaluation can use a higher one without retraining) or the balance coefficient "
-               "(model.moe.aux_loss_coef)",
-    "load_cv": "raise the balance coefficient (model.moe.aux_loss_coef, or a higher early value with "
-               "aux_loss_schedule) or the capacity factor",
+               "(loss.balance_coef)",
+    "load_cv": "raise the balance coefficient (loss.balance_coef, or a higher early value with "
+               "loss.balance_schedule) or the capacity factor",
     "router_not_learning": "train longer, or raise the router's learning rate (optim.router_lr_multiplier); "
-                           "if the balance loss dominates, lower model.moe.aux_loss_coef",
-    "router_saturated": "add or raise the router z-loss (model.moe.z_loss_coef, ST-MoE: 1e-3) or lower "
+                           "if the balance loss dominates, lower loss.balance_coef",
+    "router_saturated": "add or raise the router z-loss (loss.router_z_coef, ST-MoE: 1e-3) or lower "
                         "the learning rate",
-    "collapse": "raise the balance coefficient (model.moe.aux_loss_coef), add router jitter (model.moe.jitter_noise) "
-                "or z-loss (model.moe.z_loss_coef), "
+    "collapse": "raise the balance coefficient (loss.balance_coef), add router jitter (model.moe.jitter_noise) "
+                "or z-loss (loss.router_z_coef), "
                 "or lower the learning rate",
 }
 

@@ -102,9 +102,8 @@ def small_top_k(values: Array, k: int) -> tuple[Array, Array]:
     """`jax.lax.top_k` over the last axis by k argmax passes, for the router's small k.
 
     values: [..., n] finite -> (values [..., k], indices [..., k] int32), largest first; equal
-    values in index order, as lax.top_k. XLA:CPU lowers lax.top_k to a full sort of the last axis
-    (~30 ms for [4, 2048, 32] probabilities, 3-4% of the MoE layer at T=8192, E=32); k passes over
-    the same array cost ~1 ms. The values are read back at the indices, so gradients flow to the
+    values in index order, as lax.top_k. XLA:CPU lowers lax.top_k to a full sort of the last axis,
+    which costs far more than k passes over the same array (README Performance). The values are read back at the indices, so gradients flow to the
     chosen entries only, as with lax.top_k.
     """
     if k > 4:  # k sweeps stop paying off against one sort
@@ -269,22 +268,25 @@ def auxiliary_loss(loss_type: str, router_probs: Array, routing: Routing, token_
 class Router(nn.Module):
     """Linear router in float32 ("selective precision", ST-MoE sec. 3.2): no bias, small init.
 
-    inputs: [groups, tokens, d_model] -> logits [groups, tokens, experts] float32.
+    inputs: [groups, tokens, d_model] -> logits [groups, tokens, experts] in `dtype`.
     Jitter multiplies the inputs by uniform noise in [1 - eps, 1 + eps] during training (Switch sec. 2.4).
+    `dtype=bfloat16` computes the router in bfloat16 instead (inputs, kernel and logits rounded to it;
+    the float32 master weight stays): the less stable variant of ST-MoE Table 4.
     """
 
     num_experts: int
     init_std: float = 2e-2
     jitter_noise: float = 0.0
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, inputs: Array, deterministic: bool = True) -> Array:
-        inputs = inputs.astype(jnp.float32)
+        inputs = inputs.astype(self.dtype)
         if self.jitter_noise > 0 and not deterministic:
             noise = jax.random.uniform(self.make_rng("dropout"), inputs.shape, jnp.float32,
                                        1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-            inputs = inputs * noise
+            inputs = inputs * noise.astype(self.dtype)
         kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
                                                                    ("embed", "unmodeled")),
                             (inputs.shape[-1], self.num_experts), jnp.float32)
-        return jnp.einsum("gtd,de->gte", inputs, kernel, precision=jax.lax.Precision.HIGHEST)
+        return jnp.einsum("gtd,de->gte", inputs, kernel.astype(self.dtype), precision=jax.lax.Precision.HIGHEST)

@@ -87,7 +87,7 @@ def _capture_pass(params, batch, *, model):
                                batch["decoder_target_tokens"], enable_dropout=False,
                                mutable=["moe", "intermediates"])
     stats = moe_metrics.expand_scanned(moe_metrics.collect_layers(variables.get("moe", {})))
-    return stats, collect_routing(variables.get("intermediates", {}))
+    return {layer: s.as_dict() for layer, s in stats.items()}, collect_routing(variables.get("intermediates", {}))
 
 
 # ------------------------------------------------------------------------------ data
@@ -430,22 +430,19 @@ def format_markdown(result: Mapping[str, Any], images: Mapping[str, str] | None 
     return "\n".join(lines) + "\n"
 
 
-def _grid(n: int):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _grid(n: int) -> tuple[int, int]:
     cols = min(n, 4)
-    rows = math.ceil(n / cols)
-    return plt, cols, rows
+    return cols, math.ceil(n / cols)
 
 
 def plot_entropy(result: Mapping[str, Any], path: str) -> str:
     """Bar chart: per layer, the top-1 entropy of all tokens and of sentinels, with the ln E line."""
-    plt, _, _ = _grid(1)
+    from matplotlib.figure import Figure  # not pyplot: no backend switch under a notebook's inline plots
+
     names = list(result["layers"])
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(names) + 2), 3.5))
+    fig = Figure(figsize=(max(4.0, 1.3 * len(names) + 2), 3.5))
+    ax = fig.subplots()
     ax.bar(x - 0.2, [result["layers"][n]["entropy_all"] for n in names], 0.4, label="all tokens")
     ax.bar(x + 0.2, [np.nan_to_num(result["layers"][n]["entropy_sentinel"]) for n in names], 0.4, label="sentinels")
     ax.axhline(result["ln_num_experts"], color="black", linestyle="--", linewidth=1,
@@ -457,17 +454,18 @@ def plot_entropy(result: Mapping[str, Any], path: str) -> str:
     ax.set_title("Routing entropy per MoE layer")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def _heatmaps(panels: Mapping[str, np.ndarray], path: str, title: str, ylabels: Sequence[str] | None,
               xlabel: str, ylabel: str, annotate: bool = False) -> str:
     """One heatmap panel per layer, a shared colour scale from 0."""
-    plt, cols, rows = _grid(len(panels))
+    from matplotlib.figure import Figure
+
+    cols, rows = _grid(len(panels))
     height = 0.4 * next(iter(panels.values())).shape[0] + 1.2
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 1.0, height * rows + 0.5), squeeze=False,
-                             sharey=True, constrained_layout=True)
+    fig = Figure(figsize=(3.4 * cols + 1.0, height * rows + 0.5), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
     vmax = max(float(np.max(m)) for m in panels.values()) or 1.0
     for index, (ax, (name, matrix)) in enumerate(zip(axes.flat, panels.items())):
         image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
@@ -487,7 +485,6 @@ def _heatmaps(panels: Mapping[str, np.ndarray], path: str, title: str, ylabels: 
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 

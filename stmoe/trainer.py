@@ -8,15 +8,16 @@ One function in fixed sections (big_vision / flax examples style):
                 terminal, else one line per logging window (stmoe.reporting.Progress)
   3. mesh       (data, expert, model) over all devices or the first `num_devices`
   4. data       seqio train iterator (per-host shard), a fixed list of held-out batches
-  5. model and optimizer
-  6. shardings  jax.eval_shape of the init -> logical axes -> NamedShardings; nothing unsharded
-  7. steps      pure module-level `train_step` / `eval_step`, bound with functools.partial, jitted
-                with in/out shardings, the train state donated
-  8. restore    own workdir > config.resume_from > config.init_checkpoint (params only) > scratch
-  9. loop       step, hooks, metrics every log_every_steps, eval every eval_every_steps (held-out
+  5. model     the model, its optimizer and the state's shardings: jax.eval_shape of the init ->
+                logical axes -> NamedShardings; nothing unsharded (stmoe.steps.state_layout)
+  6. steps      stmoe.steps.make_train_step / make_eval_step: the pure step functions bound to their
+                settings, jitted with in/out shardings, the train state donated (the same factory
+                the sharding tests and scripts/benchmark_train.py use)
+  7. restore    own workdir > config.resume_from > config.init_checkpoint (params only) > scratch
+  8. loop       step, hooks, metrics every log_every_steps, eval every eval_every_steps (held-out
                 loss, and with `infer_eval.task` task metrics by decoding, stmoe.evaluation),
                 async checkpoints every checkpoint_every_steps, SIGTERM/SIGINT -> save and return
- 10. report     final losses, decoded task metrics, the routing table (stmoe.reporting), an expert-load PNG
+  9. report     final losses, decoded task metrics, the routing table (stmoe.reporting), an expert-load PNG
 
 Determinism: the dropout / routing rng of step s is fold_in(key(seed), s) (and the microbatch
 index), and the data iterator's position is saved with the state, so a run stopped at step N
@@ -29,25 +30,20 @@ microbatches weigh every target token equally.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import math
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from stmoe import checkpoints, evaluation, inference, losses, metrics as moe_metrics, optim, partitioning, reporting
-from stmoe.config import ConfigError, ModelConfig
+from stmoe import checkpoints, evaluation, inference, optim, partitioning, reporting, steps
+from stmoe.config import ConfigError, LossConfig, ModelConfig
 from stmoe.models import EncoderDecoder
+from stmoe.steps import TrainState
 
 Array = jax.Array
 Hook = Callable[[int, Any], None]
@@ -68,8 +64,6 @@ FREEZE_PRESETS: dict[str, tuple[str, ...]] = {
     "attention": (r"^(?!.*attention/)",),
     "non_moe_ffn_only": (r"^(?!.*/ffn/(mlp|extra_mlp)/)",),
 }
-SUM_KEYS = ("cross_entropy", "output_z_loss", "correct", "weight")
-LATEST_KEYS = ("nonfinite_skips", "consecutive_nonfinite")
 # Step metrics whose non-finite value a divergence message names.
 LOSS_TERMS = ("loss", "cross_entropy", "output_z_loss", "aux_loss", "router_z_loss", "aux_loss_coef",
               "learning_rate", "grad_norm")
@@ -79,18 +73,12 @@ class TrainingDiverged(RuntimeError):
     """The run stopped because too many steps in a row had non-finite gradients (none was applied)."""
 
 
-@flax.struct.dataclass
-class TrainState:
-    step: Array  # [] int32, optimizer steps taken (skipped non-finite steps count too)
-    params: Any
-    opt_state: Any
-
-
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The typed, validated view of the ml_collections config (built once by validate_config)."""
 
     model: ModelConfig
+    loss: LossConfig
     mesh: partitioning.MeshConfig
     optim: optim.OptimConfig
     task: str  # registered seqio name (vocabulary resolved)
@@ -143,12 +131,13 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     from stmoe.data import preprocessors
 
     schema = pretrain.base_config()
-    _check_known(config, schema, "", nested=("data", "aux_loss_schedule", "mesh", "infer_eval"))
+    _check_known(config, schema, "", nested=("data", "loss", "mesh", "infer_eval"))
     optim_fields = {f.name for f in dataclasses.fields(optim.OptimConfig)}
     for key in config.optim.keys():
         _check(key in optim_fields, f"optim.{key}", f"unknown field; allowed: {sorted(optim_fields)}")
 
     model_cfg = ModelConfig.from_dict(config.model.to_dict()).validate()
+    loss_cfg = LossConfig.from_dict(config.loss.to_dict()).validate()
     mesh_cfg = partitioning.MeshConfig.from_dict(config.mesh.to_dict())
 
     available = jax.device_count()
@@ -176,7 +165,6 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         _check(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
     _check(isinstance(config.eval_steps, int) and config.eval_steps >= 0, "eval_steps",
            f"must be an integer >= 0 (0 = no evaluation), got {config.eval_steps!r}")
-    _check(config.output_z_loss >= 0, "output_z_loss", f"must be >= 0, got {config.output_z_loss}")
     _check(config.freeze in FREEZE_PRESETS, "freeze",
            f"must be one of {sorted(FREEZE_PRESETS)}, got {config.freeze!r}")
     _check(not (config.reset_optimizer_state is False and not config.init_checkpoint),
@@ -195,12 +183,6 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
                f"span corruption of inputs_length={d.inputs_length} needs targets_length >= {needed} "
                f"(stmoe.data.pre_corruption_length), got {d.targets_length}")
 
-    sched = config.aux_loss_schedule
-    try:
-        optim.aux_loss_coef_schedule(model_cfg.moe.aux_loss_coef, sched.schedule,
-                                     sched.warmup_multiplier, sched.decay_steps)
-    except ValueError as e:
-        raise ConfigError(f"aux_loss_schedule: {e}") from None
     optim_values = config.optim.to_dict()
     optim_values["freeze_patterns"] = tuple(optim_values["freeze_patterns"]) + FREEZE_PRESETS[config.freeze]
     try:
@@ -265,7 +247,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
                "infer_eval.num_examples", f"must be -1 (all) or >= 1, got {infer.num_examples!r}")
         _check(jax.process_count() == 1, "infer_eval.task",
                "decoding evaluation inside training runs in single-process jobs only; use scripts/evaluate.py")
-    return RunConfig(model=model_cfg, mesh=mesh_cfg, optim=optim_cfg, task=task, eval_task=eval_task,
+    return RunConfig(model=model_cfg, loss=loss_cfg, mesh=mesh_cfg, optim=optim_cfg, task=task, eval_task=eval_task,
                      device_count=device_count, infer_eval_task=infer_task)
 
 
@@ -274,116 +256,7 @@ def _default_vocab(family: str) -> str | None:
     return tasks.families().get(family)
 
 
-# ----------------------------------------------------------------------------- step functions
-
-
-def _model_kwargs(batch: Mapping[str, Array]) -> dict[str, Array]:
-    keys = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
-            "encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
-    return {k: batch[k] for k in keys if k in batch}
-
-
-def _forward(params, batch, rng, *, model, output_z_loss, enable_dropout):
-    """-> (cross-entropy sums, MoE loss terms {aux_loss, router_z_loss}, flat per-layer metrics)."""
-    rngs = {"dropout": rng} if rng is not None else {}
-    logits, variables = model.apply({"params": params}, **_model_kwargs(batch), enable_dropout=enable_dropout,
-                                    rngs=rngs, mutable=["moe"])
-    ce = losses.cross_entropy_sums(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-                                   z_loss_coef=output_z_loss)
-    moe_collection = variables.get("moe", {})
-    return ce, losses.moe_losses(moe_collection), moe_metrics.summarize(moe_metrics.collect_layers(moe_collection))
-
-
-def _split_microbatches(batch: Mapping[str, Array], num: int) -> dict[str, Array]:
-    """[batch, ...] -> [num, batch / num, ...]; microbatch i takes rows i, i + num, ... so each one
-    stays spread over the data-parallel devices (no resharding)."""
-    def split(x):
-        x = x.reshape((x.shape[0] // num, num) + x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(x, P(None, partitioning.BATCH_AXES))
-    return {k: split(v) for k, v in batch.items()}
-
-
-def train_step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Module,
-               optimizer: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
-               aux_loss_coef_fn: optax.Schedule, z_loss_coef: float, output_z_loss: float,
-               microbatches: int, seed: int) -> tuple[TrainState, dict[str, Array]]:
-    """One optimizer step on `batch` [batch, length] (gradients accumulated over microbatches).
-
-    The objective is the full batch's mean cross-entropy (+ output z-loss) per target token plus
-    c_B * L_B + c_z * L_z averaged over microbatches: each microbatch's cross-entropy SUM is divided
-    by the whole batch's token count, so accumulating equals one big batch exactly.
-    """
-    rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    aux_coef = aux_loss_coef_fn(state.step)
-    total_weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
-
-    def loss_fn(params, micro, micro_rng):
-        ce, moe, layer_metrics = _forward(params, micro, micro_rng, model=model, output_z_loss=output_z_loss,
-                                          enable_dropout=True)
-        loss = losses.total_loss({**ce, "weight": total_weight}, moe, aux_coef / microbatches,
-                                 z_loss_coef / microbatches)
-        return loss, (ce, moe, layer_metrics)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if microbatches == 1:
-        (loss, (ce, moe, layer_metrics)), grads = grad_fn(state.params, batch, rng)
-    else:
-        def accumulate(carry, xs):
-            index, micro = xs
-            (loss, aux), grads = grad_fn(state.params, micro, jax.random.fold_in(rng, index))
-            carry = jax.tree.map(jnp.add, carry, (loss, grads))
-            return carry, aux
-
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-        (loss, grads), (ce, moe, layer_metrics) = jax.lax.scan(
-            accumulate, zeros, (jnp.arange(microbatches), _split_microbatches(batch, microbatches)))
-        ce = jax.tree.map(lambda x: jnp.sum(x, axis=0), ce)
-        moe, layer_metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), (moe, layer_metrics))
-
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    skips = optax.tree.get(opt_state, "total_notfinite", default=jnp.zeros((), jnp.int32))
-    consecutive = optim.consecutive_nonfinite_skips(opt_state)
-    if consecutive is None:  # skipping is off: this step's update was applied, finite or not
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        consecutive = 1 - finite.astype(jnp.int32)
-    step_metrics = {
-        **ce, **moe, **layer_metrics,
-        "loss": loss,
-        "learning_rate": learning_rate_fn(state.step),
-        "aux_loss_coef": aux_coef,
-        "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(params),
-        "update_norm": optax.tree.norm(updates),
-        "nonfinite_skips": skips.astype(jnp.float32),
-        "consecutive_nonfinite": consecutive.astype(jnp.float32),
-    }
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
-
-
-def eval_step(params: Any, batch: Mapping[str, Array], *, model: nn.Module) -> dict[str, Array]:
-    """Held-out sums on one batch; no dropout, the eval capacity factor (deterministic routing)."""
-    ce, moe, layer_metrics = _forward(params, batch, None, model=model, output_z_loss=0.0, enable_dropout=False)
-    return {**ce, **moe, **layer_metrics}
-
-
 # ------------------------------------------------------------------------------- host helpers
-
-
-def reduce_metrics(steps: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Per-step device metrics -> one scalar each: SUM_KEYS summed and divided by the token count,
-    everything else averaged over steps (LATEST_KEYS: the latest value)."""
-    host = jax.device_get(list(steps))
-    sums = {k: float(sum(np.sum(m[k]) for m in host)) for k in SUM_KEYS if k in host[0]}
-    weight = max(sums.get("weight", 0.0), 1.0)
-    out = {"cross_entropy": sums["cross_entropy"] / weight, "accuracy": sums["correct"] / weight,
-           "output_z_loss": sums["output_z_loss"] / weight, "target_tokens": sums["weight"]}
-    for key in host[0]:
-        if key in SUM_KEYS:
-            continue
-        out[key] = float(np.asarray(host[-1][key])) if key in LATEST_KEYS else \
-            float(np.mean([np.asarray(m[key]) for m in host]))
-    return out
 
 
 def _divergence(step: int, metrics: Mapping[str, Array], optim_cfg: optim.OptimConfig) -> str | None:
@@ -502,8 +375,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # 3. Mesh.
     devices = jax.devices()[:run.device_count]
     mesh = partitioning.make_mesh(run.mesh, devices)
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = partitioning.batch_sharding(mesh)
 
     # 4. Data: this process's share of the global batch; held-out batches fetched once.
     shard_index, num_shards = partitioning.data_shard_info()
@@ -531,52 +402,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             beam_size=infer.beam_size)
         infer_vocabulary = seqio.get_mixture_or_task(run.infer_eval_task).output_features["targets"].vocabulary
 
-    # 5. Model and optimizer.
-    model = EncoderDecoder(run.model)
+    # 5. Model, optimizer and shardings: abstract params -> optimizer built on their paths -> state shardings.
+    # The MoE dispatch and expert execution are chosen here, once, for this backend and mesh.
+    model_cfg = partitioning.resolve_model(run.model, mesh)
+    model = EncoderDecoder(model_cfg)
     init_rng = jax.random.key(config.seed)
     shapes = {"encoder_input_tokens": (2, lengths["inputs"]), "decoder_input_tokens": (2, lengths["targets"]),
               "decoder_target_tokens": (2, lengths["targets"])}
+    layout = steps.state_layout(model, lambda params: optim.make_optimizer(run.optim, params), mesh, shapes,
+                                init_rng)
+    abstract_state, num_params = layout.abstract, layout.num_params
 
-    # 6. Shardings: abstract params -> optimizer built on their paths -> state shardings.
-    abstract_params, param_shardings = partitioning.abstract_params_and_shardings(model, mesh, shapes, init_rng)
-    optimizer = optim.make_optimizer(run.optim, abstract_params)
-    opt_shardings = partitioning.opt_state_shardings(optimizer, abstract_params, param_shardings, mesh)
-    state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
-
-    def init_state(rng):
-        zeros = {k: jnp.zeros(v, jnp.int32) for k, v in shapes.items()}
-        params = nn.unbox(model.init(rng, **zeros, enable_dropout=False)["params"])
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-
-    with partitioning.activate(mesh):
-        abstract_state = partitioning.with_shardings(jax.eval_shape(init_state, init_rng), state_shardings)
-    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
-
-    # 7. Step functions: pure, bound with partial, jitted with shardings; the state is donated.
-    learning_rate_fn = optim.learning_rate_schedule(run.optim)
-    sched = config.aux_loss_schedule
-    aux_loss_coef_fn = optim.aux_loss_coef_schedule(run.model.moe.aux_loss_coef, sched.schedule,
-                                                    sched.warmup_multiplier, sched.decay_steps)
+    # 6. Step functions (stmoe.steps): pure, bound to their settings, jitted with shardings; the state is donated.
     traces = {"train": 0}
+    p_train_step = steps.make_train_step(
+        model, layout.optimizer, mesh=mesh, state_shardings=layout.shardings,
+        learning_rate_fn=optim.learning_rate_schedule(run.optim), loss_cfg=run.loss, microbatches=config.microbatches, seed=config.seed,
+        on_trace=lambda: traces.__setitem__("train", traces["train"] + 1))
+    p_eval_step = steps.make_eval_step(model, mesh=mesh, param_shardings=layout.shardings.params)
 
-    def counted(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            traces["train"] += 1  # runs at trace time only
-            return fn(*args, **kwargs)
-        return wrapper
-
-    p_train_step = jax.jit(
-        counted(functools.partial(
-            train_step, model=model, optimizer=optimizer, learning_rate_fn=learning_rate_fn,
-            aux_loss_coef_fn=aux_loss_coef_fn, z_loss_coef=run.model.moe.z_loss_coef,
-            output_z_loss=config.output_z_loss, microbatches=config.microbatches, seed=config.seed)),
-        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,))
-    p_eval_step = jax.jit(functools.partial(eval_step, model=model),
-                          in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
-
-    # 8. Restore: own workdir > resume_from > init_checkpoint (params only) > scratch. A checkpoint of
+    # 7. Restore: own workdir > resume_from > init_checkpoint (params only) > scratch. A checkpoint of
     # another architecture, or a data position of another input stream, stops the run here with one
     # line (ConfigError / IncompatibleCheckpointError); damaged or unfinished steps are skipped, named.
     checkpoint_dir = os.path.join(workdir, "checkpoints")
@@ -606,8 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     notes += [f"skipped checkpoint step {s}: its save never completed (cut off by a kill or a crash); "
               f"its partial files are deleted" for s in unfinished]
     if state is None:
-        with partitioning.activate(mesh):
-            state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+        state = layout.init(init_rng)
         if config.init_checkpoint:
             if config.reset_optimizer_state:  # params only; a scanned / unscanned layout is converted
                 params = checkpoints.restore_params(config.init_checkpoint, abstract_state.params,
@@ -633,9 +477,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         _say(f"stmoe: {note}")
     start_step = int(jax.device_get(state.step))
     _say(f"stmoe: {num_params / 1e6:.2f}M params, mesh {dict(mesh.shape)} on {len(devices)} "
-         f"{devices[0].platform} device(s); starting at step {start_step} from {origin}; workdir {workdir}")
+         f"{devices[0].platform} device(s), MoE dispatch {model_cfg.moe.dispatch!r} with experts "
+         f"{model_cfg.moe.expert_execution!r}; starting at step {start_step} from {origin}; workdir {workdir}")
 
-    # 9. Evals and the loop.
+    # 8. Evals and the loop.
     def evaluate_by_decoding(step: int) -> dict[str, dict[str, float]]:
         loaded = inference.LoadedModel(model=model, params=state.params, mesh=mesh, vocabulary=infer_vocabulary,
                                        run_config=config, checkpoint="", inputs_length=lengths["inputs"],
@@ -649,7 +494,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             return {}
         with partitioning.activate(mesh):
             results = [p_eval_step(state.params, partitioning.shard_batch(b, mesh)) for b in eval_batches]
-        reduced = reduce_metrics(results)
+        reduced = steps.reduce_metrics(results)
         reduced["loss"] = reduced["cross_entropy"]
         return reduced
 
@@ -692,7 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             report_progress(step)
 
             if step % config.log_every_steps == 0 or step == config.total_steps:
-                train_metrics = reduce_metrics(window)
+                train_metrics = steps.reduce_metrics(window)
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 train_metrics["tokens_per_sec"] = window_tokens * num_shards / elapsed
                 train_metrics["steps_per_sec"] = len(window) / elapsed
@@ -721,7 +566,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         train_iter.close()
         ckpt.close()  # raises CheckpointSaveError if the last save failed
 
-    # 10. Report.
+    # 9. Report.
     if diverged:
         last = max(saved_steps) if saved_steps else None
         where = (f"last good checkpoint: step {last} in {os.path.join(workdir, 'checkpoints')} (rerunning resumes "

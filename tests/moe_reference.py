@@ -63,7 +63,7 @@ def forward(params, x, mask, *, group_size=None, top_k=2, cap=None, router_type=
     wanted: optional [groups, tokens, k] bool, which choices ask for a slot (the random second-expert
     policy's draws); None = every choice of a real token. `unwanted_take_capacity` is a deliberately
     wrong variant (an unwanted choice still uses up its slot), used to show that a case discriminates.
-    Returns dict(out [batch, length, d], kept [groups, tokens, k], aux_loss, z_loss, logits, probs,
+    Returns dict(out [batch, length, d], kept [groups, tokens, k], aux_loss, router_z_loss, logits, probs,
     dropped_fraction_rank{r}, dropped_tokens, expert_counts).
     """
     batch, length, d = x.shape
@@ -129,8 +129,8 @@ def forward(params, x, mask, *, group_size=None, top_k=2, cap=None, router_type=
 
     z_loss = float(np.mean(logsumexp(logits)[mg] ** 2))
     real = mg.sum()
-    result = dict(out=out.reshape(batch, length, d), kept=kept, wanted=want, aux_loss=aux_loss, z_loss=z_loss,
-                  logits=logits, probs=probs, expert_counts=counts,
+    result = dict(out=out.reshape(batch, length, d), kept=kept, wanted=want, aux_loss=aux_loss,
+                  router_z_loss=z_loss, logits=logits, probs=probs, expert_counts=counts,
                   dropped_tokens=float(np.sum(mg & ~kept.any(-1)) / real),
                   router_entropy=float(np.sum(-(probs * np.log(probs)).sum(-1)[mg]) / real),
                   router_confidence=float(np.sum(probs.max(-1)[mg]) / real))

@@ -1,7 +1,8 @@
-"""A minimal sharded train step for the partitioning tests, and the 2-process worker.
+"""The trainer's sharded train step (stmoe.steps.make_train_step) on a tiny model with
+optax.adam, for the partitioning tests, and the 2-process worker.
 
-Not a trainer: value_and_grad of losses.total_loss + one optax.adam update, jitted
-with the shardings from stmoe.partitioning. tests/test_partitioning.py imports it;
+The step is the one a run executes (same factory, same shardings); the tests ask it for
+the gradients too. tests/test_partitioning.py imports it;
 tests/test_multiprocess.py runs it as a script in two processes:
 
     JAX_COORDINATOR_ADDRESS=localhost:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i \
@@ -23,12 +24,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from stmoe import losses, partitioning  # noqa: E402
-from stmoe.config import ModelConfig, MoeConfig  # noqa: E402
+from stmoe import partitioning, steps  # noqa: E402
+from stmoe.config import LossConfig, ModelConfig, MoeConfig  # noqa: E402
 from stmoe.models import EncoderDecoder  # noqa: E402
 
 BATCH, LENGTH = 16, 16
 LEARNING_RATE = 1e-3
+SEED = 1
 
 
 def tiny_config(num_experts: int = 8) -> ModelConfig:
@@ -47,23 +49,12 @@ def make_batch(seed: int = 0, batch: int = BATCH, length: int = LENGTH) -> dict[
     inputs[::3, -5:] = 0
     decoder_inputs = np.pad(targets[:, :-1], ((0, 0), (1, 0)))
     return {"encoder_input_tokens": inputs, "decoder_input_tokens": decoder_inputs,
-            "decoder_target_tokens": targets}
+            "decoder_target_tokens": targets, "decoder_loss_weights": (targets > 0).astype(np.float32)}
 
 
-def train_step(params, opt_state, batch, rng, *, model, optimizer, cfg):
-    """Returns (loss, grads, new params, new opt_state)."""
-
-    def loss_fn(p):
-        logits, state = model.apply({"params": p}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-                                    batch["decoder_target_tokens"], enable_dropout=True,
-                                    rngs={"dropout": rng}, mutable=["moe"])
-        ce = losses.cross_entropy_sums(logits, batch["decoder_target_tokens"])
-        return losses.total_loss(ce, losses.moe_losses(state["moe"]), cfg.moe.aux_loss_coef,
-                                 cfg.moe.z_loss_coef)
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return loss, grads, optax.apply_updates(params, updates), opt_state
+def input_shapes() -> dict[str, tuple[int, ...]]:
+    """The model's inputs (make_batch less the loss weights) -> shapes."""
+    return {name: value.shape for name, value in make_batch().items() if name != "decoder_loss_weights"}
 
 
 class Setup:
@@ -80,13 +71,11 @@ class Setup:
         devices = jax.devices() if devices is None else devices
         partitioning.validate_layout(mesh_cfg, self.cfg, BATCH, len(devices), (LENGTH,))
         self.mesh = partitioning.make_mesh(mesh_cfg, devices)
-        self.model = EncoderDecoder(self.cfg)
+        self.model = EncoderDecoder(partitioning.resolve_model(self.cfg, self.mesh))  # as the trainer builds it
         self.optimizer = optax.adam(LEARNING_RATE)
-        shapes = {name: value.shape for name, value in make_batch().items()}
-        abstract, self.param_shardings = partitioning.abstract_params_and_shardings(
-            self.model, self.mesh, shapes, jax.random.key(0))
-        self.opt_shardings = partitioning.opt_state_shardings(self.optimizer, abstract, self.param_shardings,
-                                                              self.mesh)
+        shapes = input_shapes()
+        layout = steps.state_layout(self.model, lambda _: self.optimizer, self.mesh, shapes, jax.random.key(0))
+        self.param_shardings, self.opt_shardings = layout.shardings.params, layout.shardings.opt_state
         if init_from is None:
             self.params, _ = partitioning.init_params(self.model, self.mesh, shapes, jax.random.key(0))
             self.opt_state = partitioning.init_sharded(self.optimizer.init, self.mesh, self.opt_shardings,
@@ -94,13 +83,12 @@ class Setup:
         else:
             self.params = jax.device_put(init_from.params, self.param_shardings)
             self.opt_state = jax.device_put(init_from.opt_state, self.opt_shardings)
-        replicated = partitioning.replicated(self.mesh)
-        step = functools.partial(train_step, model=self.model, optimizer=self.optimizer, cfg=self.cfg)
-        self.step = jax.jit(
-            step,
-            in_shardings=(self.param_shardings, self.opt_shardings, partitioning.batch_sharding(self.mesh),
-                          replicated),
-            out_shardings=(replicated, self.param_shardings, self.param_shardings, self.opt_shardings))
+        # The trainer's step: the default c_B and c_z, no output z-loss, dropout / routing rng
+        # fold_in(key(seed), step); the state is not donated (every layout starts from self.params).
+        self.step = steps.make_train_step(
+            self.model, self.optimizer, mesh=self.mesh, state_shardings=layout.shardings,
+            learning_rate_fn=lambda _: LEARNING_RATE, loss_cfg=LossConfig(output_z_coef=0.0), seed=SEED,
+            donate=False, return_grads=True)
         self._compiled = None
 
     @property
@@ -111,13 +99,19 @@ class Setup:
             batch = {name: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
                      for name, value in make_batch().items()}
             with partitioning.activate(self.mesh):
-                self._compiled = self.step.lower(self.params, self.opt_state, batch, jax.random.key(1)).compile()
+                self._compiled = self.step.lower(self.state(), batch).compile()
         return self._compiled
 
-    def run(self, batch, rng, params=None, opt_state=None):
-        params = self.params if params is None else params
-        opt_state = self.opt_state if opt_state is None else opt_state
-        return self.compiled(params, opt_state, batch, rng)
+    def state(self, step: int = 0, params=None, opt_state=None) -> steps.TrainState:
+        return steps.TrainState(step=jax.device_put(np.int32(step), partitioning.replicated(self.mesh)),
+                                params=self.params if params is None else params,
+                                opt_state=self.opt_state if opt_state is None else opt_state)
+
+    def run(self, batch, step: int = 0, params=None, opt_state=None):
+        """One train step from (params, opt_state) (default: the initial ones) at `step` (its rng is
+        fold_in(key(SEED), step)) -> (loss, grads, new params, new opt_state)."""
+        state, metrics, grads = self.compiled(self.state(step, params, opt_state), batch)
+        return metrics["loss"], grads, state.params, state.opt_state
 
 
 @functools.cache
@@ -138,8 +132,7 @@ def run_steps(setup: Setup, steps: int, local_rows: slice | None = None) -> list
         if local_rows is not None:
             batch = {name: value[local_rows] for name, value in batch.items()}
         batch = partitioning.shard_batch(batch, setup.mesh)
-        loss, _, params, opt_state = setup.run(batch, jax.random.fold_in(jax.random.key(1), step), params,
-                                               opt_state)
+        loss, _, params, opt_state = setup.run(batch, step, params, opt_state)
         history.append(float(loss))
     return history
 

@@ -36,8 +36,8 @@ def inputs(seed=0):
 def loss_and_grads(cfg, params, x, mask):
     def loss(params, x):
         out, state = MoeLayer(cfg).apply({"params": params}, x, mask, mutable=["moe"])
-        stats = metrics.collect_layers(state["moe"])[""]
-        return jnp.mean(jnp.square(out)) + stats["aux_loss"] + stats["z_loss"], (out, stats)
+        stats = metrics.collect_layers(state["moe"])[""].as_dict()
+        return jnp.mean(jnp.square(out)) + stats["aux_loss"] + stats["router_z_loss"], (out, stats)
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
 
 
@@ -52,11 +52,6 @@ def run(impl, x, mask, **fields):
 def assert_close(a, b):
     for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(u, v, atol=1e-5, rtol=1e-5)
-
-
-@pytest.fixture
-def force_dropless(monkeypatch):
-    monkeypatch.setenv(dispatch.FORCE_DROPLESS_ENV, "1")
 
 
 def test_einsum_and_gather_agree_with_drops():  # top-1 and more cases: tests/test_moe.py
@@ -122,7 +117,7 @@ def test_expert_mlps_sequential_and_batched_match_numpy_and_each_other():
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_dropless_equals_capacity_dispatch_when_nothing_drops(top_k, force_dropless):
+def test_dropless_equals_capacity_dispatch_when_nothing_drops(top_k):
     x, mask = inputs(1)
     fields = dict(top_k=top_k, expert_capacity=LENGTH)  # ample: nothing can drop
     out_g, stats_g, grads_g = run("gather", x, mask, **fields)
@@ -136,21 +131,15 @@ def test_dropless_equals_capacity_dispatch_when_nothing_drops(top_k, force_dropl
     np.testing.assert_allclose(stats_d["aux_loss"], stats_g["aux_loss"], rtol=1e-6)
 
 
-def test_dropless_never_drops(force_dropless):
+def test_dropless_never_drops():
     x, mask = inputs(2)
     _, stats, _ = run("dropless", x, mask, eval_capacity_factor=0.25, min_capacity=1)
     assert float(stats["dropped_tokens"]) == 0.0
     assert float(stats["dropped_fraction_rank2"]) == 0.0
 
 
-def test_dropless_refused_on_cpu_without_force(monkeypatch):
-    monkeypatch.delenv(dispatch.FORCE_DROPLESS_ENV, raising=False)
-    with pytest.raises(ValueError, match="ragged_dot.*STMOE_FORCE_DROPLESS"):
-        dispatch.resolve_dispatch("dropless", backend="cpu")
-    x, mask = inputs()
-    with pytest.raises(ValueError, match="dropless"):
-        MoeLayer(layer_config(dispatch="dropless")).init({"params": jax.random.key(0)}, x, mask)
-    assert dispatch.resolve_dispatch("dropless", backend="cpu", force_dropless=True) == "dropless"
+def test_dropless_runs_on_every_backend_with_its_grouped_kernel():
+    assert dispatch.resolve_dispatch("dropless", backend="cpu") == "dropless"
     assert dispatch.resolve_dispatch("dropless", backend="gpu") == "dropless"
 
 
@@ -163,7 +152,7 @@ def test_auto_resolves_per_backend():
         assert dispatch.resolve_dispatch(impl, backend="tpu") == impl
     x, mask = inputs(3)
     params = MoeLayer(layer_config()).init({"params": jax.random.key(0)}, x, mask)
-    out_a = MoeLayer(layer_config(dispatch="auto")).apply(params, x, mask)
+    out_a = MoeLayer(dispatch.resolve_model(layer_config(dispatch="auto"))).apply(params, x, mask)
     out_g = MoeLayer(layer_config(dispatch=dispatch.AUTO_DISPATCH[jax.default_backend()])).apply(params, x, mask)
     np.testing.assert_array_equal(out_a, out_g)
 
@@ -175,8 +164,24 @@ def test_dispatch_field_is_validated():
         dispatch.resolve_dispatch("sorted")
 
 
-def test_dropless_refuses_expert_choice(force_dropless):
-    x, mask = inputs()
-    cfg = layer_config(dispatch="dropless", router_type="experts_choose")
-    with pytest.raises(ValueError, match="tokens_choose"):
-        MoeLayer(cfg).init({"params": jax.random.key(0)}, x, mask)
+def test_dropless_refuses_expert_choice():
+    with pytest.raises(ValueError, match="tokens_choose"):  # validated with the config, once
+        layer_config(dispatch="dropless", router_type="experts_choose")
+
+
+def test_expert_execution_is_resolved_from_backend_and_mesh():
+    """Chosen once where the model is built: one expert after another on CPU when nothing splits the
+    experts, else the batched matmul (what the partitioner splits); an explicit choice is kept."""
+    cfg = layer_config()
+    assert cfg.moe.expert_execution == "auto"
+    resolve = lambda c, **kw: dispatch.resolve_model(c, **kw).moe.expert_execution
+    assert resolve(cfg, backend="cpu") == "sequential"
+    assert resolve(cfg, backend="cpu", expert_split=8) == "batched"
+    assert resolve(cfg, backend="gpu") == "batched" and resolve(cfg, backend="tpu") == "batched"
+    assert resolve(layer_config(expert_execution="batched"), backend="cpu") == "batched"
+    assert resolve(layer_config(expert_execution="sequential"), backend="tpu", expert_split=4) == "sequential"
+    assert dispatch.resolve_model(layer_config(dispatch="auto"), backend="tpu").moe.dispatch == "einsum"
+    kernel = lambda c, **kw: dispatch.resolve_model(c, **kw).moe.grouped_kernel
+    assert kernel(cfg, backend="cpu") == "tiled" and kernel(cfg, backend="gpu") == "ragged_dot"
+    assert kernel(cfg, backend="tpu") == "ragged_dot"
+    assert kernel(layer_config(grouped_kernel="tiled"), backend="gpu") == "tiled"

@@ -25,7 +25,7 @@ import optax
 import pytest
 
 from configs import finetune, pretrain
-from stmoe import checkpoints, optim, trainer
+from stmoe import checkpoints, optim, steps, trainer
 from stmoe.config import ModelConfig
 from stmoe.models import EncoderDecoder
 
@@ -90,8 +90,8 @@ def small_model_gradients():
                                  batch["decoder_target_tokens"])["params"])
 
     def loss(params, step):
-        ce, moe, _ = trainer._forward(params, batch, jax.random.fold_in(jax.random.key(1), step), model=model,
-                                      output_z_loss=0.0, enable_dropout=True)
+        ce, moe, _ = steps.forward(params, batch, jax.random.fold_in(jax.random.key(1), step), model=model,
+                                      output_z_coef=0.0, enable_dropout=True)
         return ce["cross_entropy"] / jnp.sum(batch["decoder_loss_weights"]) + moe["aux_loss"] + moe["router_z_loss"]
 
     return params, jax.jit(jax.grad(loss))

@@ -145,12 +145,12 @@ def test_dropped_tokens_match(case):
     for stack in ("encoder", "decoder"):
         (hf_logits,) = getattr(case.hf_out, f"{stack}_router_logits")  # one sparse layer
         expected = _hf_dropped_fraction(hf_logits.numpy(), case.capacity)
-        ours = float(_layer(case.stats, stack)["dropped_tokens"])
+        ours = float(_layer(case.stats, stack).dropped_tokens)
         assert ours == pytest.approx(expected, abs=1e-7), stack
         if case.capacity == AMPLE:
             assert ours == 0.0
     if case.capacity == SMALL:
-        assert float(_layer(case.stats, "encoder")["dropped_tokens"]) > 0  # the parity above covered drops
+        assert float(_layer(case.stats, "encoder").dropped_tokens) > 0  # the parity above covered drops
 
 
 def test_router_losses_match(case):
@@ -159,8 +159,8 @@ def test_router_losses_match(case):
         layer = _layer(case.stats, stack)
         # HF concatenates the router logits of a stack's sparse layers along the sequence; with one
         # sparse layer per stack that is exactly our per-layer loss.
-        np.testing.assert_allclose(float(layer["z_loss"]), float(getattr(out, f"{stack}_z_loss")), rtol=1e-4)
-        np.testing.assert_allclose(float(layer["aux_loss"]), float(getattr(out, f"{stack}_aux_loss")), rtol=1e-4)
+        np.testing.assert_allclose(float(layer.router_z_loss), float(getattr(out, f"{stack}_z_loss")), rtol=1e-4)
+        np.testing.assert_allclose(float(layer.aux_loss), float(getattr(out, f"{stack}_aux_loss")), rtol=1e-4)
     # HF's training loss adds coef * (encoder + decoder); ours averages over the (here two) MoE layers.
     ours = losses.moe_losses(case.moe)
     np.testing.assert_allclose(float(ours["router_z_loss"]),

@@ -69,6 +69,8 @@ def test_config_errors_name_the_field():
         ModelConfig(moe=MoeConfig(train_capacity_factor=0.0)).validate()
     with pytest.raises(ConfigError, match=r"model.moe.capacity"):
         ModelConfig.from_dict({"moe": {"capacity": 2}})
+    with pytest.raises(ConfigError, match=r"model.moe.aux_loss_coef: moved to loss.balance_coef"):
+        ModelConfig.from_dict({"moe": {"aux_loss_coef": 0.01}})
     with pytest.raises(ConfigError, match=r"model.moe.decoder_router_type"):
         ModelConfig(moe=MoeConfig(router_type="experts_choose")).validate()
 
@@ -122,7 +124,7 @@ def test_forward_sows_per_layer_moe_stats(small_model):
     from stmoe.metrics import collect_layers
     layers = collect_layers(state["moe"])
     assert sorted(layers) == ["decoder/layers_1/ffn", "encoder/layers_1/ffn"]
-    assert layers["encoder/layers_1/ffn"]["expert_counts"].shape == (4,)
+    assert layers["encoder/layers_1/ffn"].expert_counts.shape == (4,)
     # The sparse layer has experts, the dense one a plain MLP.
     assert "moe" in params["encoder"]["layers_1"]["ffn"] and "mlp" in params["encoder"]["layers_0"]["ffn"]
     assert "logits_dense" in params["decoder"]

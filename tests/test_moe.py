@@ -45,7 +45,7 @@ def init_params(cfg, x, mask):
 def apply(cfg, params, x, mask, deterministic=True):
     out, state = MoeLayer(cfg).apply({"params": params}, x, mask, deterministic, mutable=["moe"],
                                      rngs={"dropout": jax.random.key(1)})
-    return out, metrics.collect_layers(state["moe"])[""]
+    return out, metrics.collect_layers(state["moe"])[""].as_dict()
 
 
 CASES = [dict(top_k=1), dict(top_k=2, second_expert_policy="all"), dict(top_k=2, min_capacity=1),
@@ -125,8 +125,13 @@ def test_expert_choice_refused_in_causal_decoder():
 
 
 def test_moe_losses_average_over_layers():
-    layers = {"encoder": {"a": {"moe": {"stats": ({"aux_loss": jnp.float32(1.0), "z_loss": jnp.float32(4.0)},)}},
-                          "b": {"moe": {"stats": ({"aux_loss": jnp.float32(3.0), "z_loss": jnp.float32(2.0)},)}}}}
+    def stats(aux, z):
+        zero = jnp.float32(0.0)
+        return (metrics.RouterStats(aux_loss=jnp.float32(aux), router_z_loss=jnp.float32(z),
+                                    dropped_fraction=jnp.zeros((2,)), dropped_tokens=zero,
+                                    expert_counts=jnp.zeros((4,)), load_cv=zero, router_entropy=zero,
+                                    router_confidence=zero),)
+    layers = {"encoder": {"a": {"moe": {"stats": stats(1.0, 4.0)}}, "b": {"moe": {"stats": stats(3.0, 2.0)}}}}
     result = losses.moe_losses(layers)
     assert float(result["aux_loss"]) == 2.0 and float(result["router_z_loss"]) == 3.0
 
@@ -136,7 +141,7 @@ def _dropped_share(moe_cfg: MoeConfig, x, mask) -> float:
     layer = MoeLayer(cfg)
     params = layer.init(jax.random.key(0), x, mask)["params"]
     _, state = layer.apply({"params": params}, x, mask, deterministic=True, mutable=["moe"])
-    return float(state["moe"]["stats"][0]["dropped_tokens"])
+    return float(state["moe"]["stats"][0].dropped_tokens)
 
 
 def test_eval_capacity_factor_applies_over_an_integer_expert_capacity():

@@ -22,7 +22,7 @@ from stmoe.config import ModelConfig, MoeConfig
 from stmoe.moe import MoeLayer
 
 D_MODEL, D_FF = 8, 12
-STAT_NAMES = ("aux_loss", "z_loss", "router_entropy", "router_confidence", "dropped_tokens")
+STAT_NAMES = ("aux_loss", "router_z_loss", "router_entropy", "router_confidence", "dropped_tokens")
 
 
 def layer_config(dtype="float32", **moe_fields) -> ModelConfig:
@@ -156,7 +156,7 @@ def test_router_gradients_match_finite_differences_of_numpy_reference():
 
     def ref_losses(k):
         r = ref.forward(p64, x, mask, top_k=2, cap=cap, kernel=k)
-        return np.array([np.mean(r["out"] ** 2), r["aux_loss"], r["z_loss"]])
+        return np.array([np.mean(r["out"] ** 2), r["aux_loss"], r["router_z_loss"]])
 
     h = 1e-5
     fd = np.zeros((3,) + kernel.shape)
@@ -167,7 +167,7 @@ def test_router_gradients_match_finite_differences_of_numpy_reference():
 
     def losses(params):
         out, stats = apply(cfg, params, jnp.asarray(x), jnp.asarray(mask))
-        return jnp.stack([jnp.mean(jnp.square(out)), stats["aux_loss"], stats["z_loss"]])
+        return jnp.stack([jnp.mean(jnp.square(out)), stats["aux_loss"], stats["router_z_loss"]])
 
     jac = jax.jacrev(losses)(params)["router"]["kernel"]  # [3, d, e]
     for n, name in enumerate(("task", "aux", "z")):
@@ -199,7 +199,7 @@ def train_apply(monkeypatch):
         def f(params, x, mask):
             out, state = MoeLayer(cfg).apply({"params": params}, x, mask, False, mutable=["moe"],
                                              rngs={"dropout": key})
-            return out, metrics.collect_layers(state["moe"])[""], seen[-1].wanted
+            return out, metrics.collect_layers(state["moe"])[""].as_dict(), seen[-1].wanted
         return jax.jit(f)(params, jnp.asarray(x), jnp.asarray(mask))
 
     return run
@@ -314,7 +314,7 @@ def test_router_jitter_multiplies_inputs_by_uniform_noise_in_training_only():
     clean = ref.forward(np_params(params), x2, mask, top_k=2, cap=reference_capacity(fields, True, 12))
     check_against_reference(*apply(cfg, params, jnp.asarray(x2), jnp.asarray(mask), True), clean)
     _, stats_train = apply(cfg, params, jnp.asarray(x2), jnp.asarray(mask), False)
-    assert abs(float(stats_train["z_loss"]) - clean["z_loss"]) > 1e-3 * clean["z_loss"]
+    assert abs(float(stats_train["router_z_loss"]) - clean["router_z_loss"]) > 1e-3 * clean["router_z_loss"]
 
 
 # ---- expert dropout -----------------------------------------------------------------------------------
@@ -412,9 +412,9 @@ def test_bfloat16_model_keeps_float32_router(input_dtype):
     params = init_params(cfg, x, mask, router_scale=100.0)
     out, stats = apply(cfg, params, jnp.asarray(x, input_dtype), jnp.asarray(mask), True)
     assert out.dtype == jnp.bfloat16
-    assert stats["z_loss"].dtype == jnp.float32
+    assert stats["router_z_loss"].dtype == jnp.float32
     want = ref.forward(np_params(params), x, mask, top_k=2, cap=reference_capacity(fields, True, 12))
-    assert want["z_loss"] > 10  # large logits: bf16 rounding would show
+    assert want["router_z_loss"] > 10  # large logits: bf16 rounding would show
     for name in STAT_NAMES + ("dropped_fraction_rank1", "dropped_fraction_rank2"):
         np.testing.assert_allclose(float(stats[name]), want[name], rtol=1e-5, atol=1e-7, err_msg=name)
     np.testing.assert_array_equal(np.asarray(stats["expert_counts"]), want["expert_counts"])

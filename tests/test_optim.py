@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from stmoe import optim
+from stmoe import losses, optim
+from stmoe.config import LossConfig
 
 
 def _params():
@@ -82,21 +83,23 @@ def test_constant_schedule():
     assert [float(sched(s)) for s in (0, 10**6)] == pytest.approx([1e-3, 1e-3])
 
 
-def test_aux_loss_coef_schedule():
-    sched = optim.aux_loss_coef_schedule(0.01, "linear_decay", warmup_multiplier=10.0, decay_steps=100)
+def test_balance_coef_schedule():
+    sched = losses.balance_coef_schedule(LossConfig(balance_coef=0.01, balance_schedule="linear_decay",
+                                                    balance_warmup_multiplier=10.0, balance_decay_steps=100))
     got = [float(sched(s)) for s in (0, 50, 100, 1000)]
     np.testing.assert_allclose(got, [0.1, 0.055, 0.01, 0.01], rtol=1e-6)
-    assert float(optim.aux_loss_coef_schedule(0.01)(123)) == pytest.approx(0.01)
+    assert float(losses.balance_coef_schedule(LossConfig(balance_coef=0.01))(123)) == pytest.approx(0.01)
     with pytest.raises(ValueError, match="schedule"):
-        optim.aux_loss_coef_schedule(0.01, "cosine")
+        LossConfig(balance_coef=0.01, balance_schedule="cosine").validate()
     with pytest.raises(ValueError, match="decay_steps"):
-        optim.aux_loss_coef_schedule(0.01, "linear_decay", 10.0, 0)
+        LossConfig(balance_coef=0.01, balance_schedule="linear_decay", balance_warmup_multiplier=10.0,
+                   balance_decay_steps=0).validate()
 
 
 @pytest.mark.parametrize("field,value", [
     ("optimizer", "sgd"), ("schedule", "step"), ("learning_rate", 0.0), ("warmup_steps", -1),
     ("total_steps", 5), ("end_learning_rate_fraction", 1.5), ("b2", 1.0), ("weight_decay", -0.1),
-    ("grad_clip_norm", -1.0), ("adafactor_clipping_threshold", 0.5), ("freeze_patterns", ("(",)),
+    ("grad_clip_norm", -1.0), ("adafactor_clipping_threshold", -0.5), ("freeze_patterns", ("(",)),
     ("freeze_patterns", ["encoder"]), ("max_consecutive_nonfinite", -1),
 ])
 def test_validate_names_the_field(field, value):
@@ -190,6 +193,17 @@ def test_adafactor_first_step_by_hand():
     updates, _ = jax.jit(tx.update)(g, tx.init(p), p)
     rms = np.sqrt(np.mean(np.square([3.0, -4.0, 0.0, 1.0])))
     np.testing.assert_allclose(updates["w"], -0.01 * rms * np.sign(g["w"]), rtol=1e-5)
+
+
+def test_adafactor_update_clipping_below_one():
+    # ST-MoE's update clipping 0.1 (sec. 3.1): the step-1 update sign(g) has block RMS 1, divided by
+    # max(1, 1 / 0.1) = 10, so update = -lr * RMS(p) * 0.1 * sign(g) (by hand, as the test above).
+    p = {"w": jnp.array([3.0, -4.0, 0.0, 1.0])}
+    g = {"w": jnp.array([0.5, -2.0, 1.0, -1e-3])}
+    tx = optim.make_optimizer(_cfg(optimizer="adafactor", learning_rate=0.01, adafactor_clipping_threshold=0.1), p)
+    updates, _ = jax.jit(tx.update)(g, tx.init(p), p)
+    rms = np.sqrt(np.mean(np.square([3.0, -4.0, 0.0, 1.0])))
+    np.testing.assert_allclose(updates["w"], -0.01 * rms * 0.1 * np.sign(g["w"]), rtol=1e-5)
 
 
 def test_global_norm_clipping_matches_numpy_and_ignores_frozen():

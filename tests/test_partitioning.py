@@ -1,8 +1,8 @@
 """Sharding on 8 simulated CPU devices: mesh/config validation, expert placement, the
 all-to-all in the compiled step, and equality with a 1-device run for every layout.
 
-The train step is the minimal one in tests/sharded_step.py (value_and_grad of
-losses.total_loss + optax.adam). Comparisons use GEGLU (no ReLU kinks, docs/design.md "Testing conventions"),
+The train step is the trainer's (stmoe.steps.make_train_step, via tests/sharded_step.py)
+with optax.adam. Comparisons use GEGLU (no ReLU kinks, docs/design.md "Testing conventions"),
 group_size = sequence length (the same routing groups on every layout), float32 and
 matmul precision 'highest' (conftest). No gradient is rescaled: the loss is the
 global mean, so the partitioned gradients equal the 1-device ones as they are.
@@ -39,6 +39,7 @@ def test_make_mesh_resolves_the_rest_and_uses_auto_axes():
     mesh = partitioning.make_mesh(MeshConfig(expert=2, model=2))
     assert dict(mesh.shape) == {"data": 2, "expert": 2, "model": 2}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    assert partitioning.expert_split(mesh) == 2  # the experts' weights split over the expert axis only
 
 
 @pytest.mark.parametrize("mesh_cfg, num_experts, batch, field", [
@@ -65,7 +66,7 @@ def test_opt_state_shardings_mirror_params_for_adam_and_factored_adafactor():
     setup_cfg = ss.tiny_config(8)
     mesh = partitioning.make_mesh(MeshConfig(data=1, expert=4, model=2))
     model = ss.EncoderDecoder(setup_cfg)
-    shapes = {name: value.shape for name, value in ss.make_batch().items()}
+    shapes = ss.input_shapes()
     abstract, shardings = partitioning.abstract_params_and_shardings(model, mesh, shapes, jax.random.key(0))
     wi_path = ("encoder", "layers_1", "ffn", "moe", "expert_wi_0")
     get = lambda tree: tree[wi_path[0]][wi_path[1]][wi_path[2]][wi_path[3]][wi_path[4]]
@@ -157,9 +158,9 @@ def test_matches_single_device(layout, reference, one_per_device):
     assert dict(sharded.mesh.shape) == dict(zip(("data", "expert", "model"), mesh_cfg.resolve(8)))
 
     batch = ss.make_batch()
-    rng = jax.random.key(1)  # training mode: the random second-expert policy draws the same bits
-    expected = ref.run(partitioning.shard_batch(batch, ref.mesh), rng)
-    actual = sharded.run(partitioning.shard_batch(batch, sharded.mesh), rng)
+    # Training mode at the same step: the random second-expert policy draws the same bits.
+    expected = ref.run(partitioning.shard_batch(batch, ref.mesh))
+    actual = sharded.run(partitioning.shard_batch(batch, sharded.mesh))
 
     loss, grads, params, _ = actual
     np.testing.assert_allclose(float(loss), float(expected[0]), rtol=1e-5, atol=1e-5)

@@ -148,7 +148,7 @@ HAND_CONFIG = ModelConfig(
     moe=MoeConfig(num_experts=EXPERTS, top_k=2, second_expert_policy="all", normalize_gates=False,
                   train_capacity_factor=1.25, eval_capacity_factor=2.0, min_capacity=4, capacity_rounding="round",
                   max_group_size=4096, num_groups_multiple=EXPERTS, route_padding=True,
-                  aux_loss_type="switch_all_k", aux_loss_coef=0.01, z_loss_coef=1e-4))
+                  aux_loss_type="switch_all_k"))
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +179,8 @@ def test_every_parameter_lands_in_place(converted):
     for path in want:
         np.testing.assert_array_equal(got[path], want[path], err_msg=path)
     assert loaded.config == HAND_CONFIG
+    # AUX_LOSS_FACTOR / ROUTER_Z_LOSS_FACTOR of the gins (tokens_choose_base.gin:39, st_moe_base.gin:17)
+    assert (loaded.run_config.loss.balance_coef, loaded.run_config.loss.router_z_coef) == (0.01, 1e-4)
     # Counts per kind, from the hand list: 4 + 8 attention blocks x 4 kernels; 4 dense + 4 extra MLPs
     # x 3 kernels; 4 sparse layers x 3 expert kernels; norms 4 x 2 + 4 x 3 + 4 extra + 2 final.
     assert ("tensors mapped: embeddings 1, attention 48, dense mlp 24, experts 12, routers 4, norms 26, "

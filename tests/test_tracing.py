@@ -260,6 +260,6 @@ def test_capture_under_scan_keeps_layer_names_and_order():
         assert values["expert_index"].shape == (2, 8, 2)
         index, kept = np.asarray(values["expert_index"]), np.asarray(values["kept"])
         counts = np.bincount(index[kept], minlength=4)
-        np.testing.assert_array_equal(counts, np.asarray(sown[layer]["expert_counts"]))
+        np.testing.assert_array_equal(counts, np.asarray(sown[layer].expert_counts))
     # capacity max(4, ceil(0.5 * 8 / 4)) = 4 slots for 16 choices: some dropped, so counts differ by layer
-    assert len({tuple(np.asarray(s["expert_counts"])) for s in sown.values()}) > 1
+    assert len({tuple(np.asarray(s.expert_counts)) for s in sown.values()}) > 1

@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 
 from configs import pretrain
-from stmoe import optim, trainer
-from stmoe.config import ModelConfig, MoeConfig
+from stmoe import losses, optim, steps, trainer
+from stmoe.config import LossConfig, ModelConfig, MoeConfig
 from stmoe.data import preprocessors
 from stmoe.models import EncoderDecoder
 
@@ -206,12 +206,11 @@ def test_nonfinite_gradient_is_skipped_and_counted():
                                  batch["decoder_input_tokens"], targets, enable_dropout=False)["params"])
     optim_cfg = optim.OptimConfig(optimizer="adamw", learning_rate=1e-3, schedule="constant")
     optimizer = optim.make_optimizer(optim_cfg, params)
-    state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
     bound = functools.partial(
-        trainer.train_step, model=model, optimizer=optimizer,
-        learning_rate_fn=optim.learning_rate_schedule(optim_cfg),
-        aux_loss_coef_fn=optim.aux_loss_coef_schedule(1e-2), z_loss_coef=1e-3, output_z_loss=1e-4,
-        microbatches=1, seed=0)
+        steps.train_step, model=model, optimizer=optimizer,
+        learning_rate_fn=optim.learning_rate_schedule(optim_cfg), loss_cfg=LossConfig(),
+        balance_coef_fn=losses.balance_coef_schedule(LossConfig()), microbatches=1, seed=0)
 
     @chex.assert_max_traces(n=1)
     def step(state, batch):
@@ -245,8 +244,8 @@ def test_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path
 
     from stmoe import checkpoints, cli
 
-    real = optim.aux_loss_coef_schedule
-    monkeypatch.setattr(optim, "aux_loss_coef_schedule", lambda *a, **k: (
+    real = losses.balance_coef_schedule
+    monkeypatch.setattr(losses, "balance_coef_schedule", lambda *a, **k: (
         lambda step: jnp.where(step >= 4, jnp.nan, real(*a, **k)(step))))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("train_script", os.path.join(root, "scripts", "train.py"))

@@ -98,16 +98,16 @@ def _family(base: str, default_vocab: str | None):
   return decorate
 
 
-def _add_task(name: str, **kwargs) -> None:
-  seqio.TaskRegistry.add(name, **kwargs)
+def _add_task(name: str, vocab_path: str | None, **kwargs) -> None:
+  """Registers `name` with the inputs / targets features of the vocabulary at `vocab_path`."""
+  seqio.TaskRegistry.add(name, output_features=_features(vocab.get_vocabulary(vocab_path)), **kwargs)
 
 
 @_family("stmoe_synthetic_span_corruption", None)
 def _synthetic_span_corruption(name: str, vocab_path: str | None) -> None:
   _add_task(
-      name,
+      name, vocab_path,
       source=corpus.pretraining_source(),
-      output_features=_features(vocab.get_vocabulary(vocab_path)),
       preprocessors=_span_corruption_preprocessors(cacheable=False),
       # Documents are i.i.d. already; the buffer only has to separate the ~25
       # consecutive chunks cut from one group of 128 documents (at 512 inputs).
@@ -119,9 +119,8 @@ def _synthetic_span_corruption(name: str, vocab_path: str | None) -> None:
 @_family("stmoe_synthetic_qa", None)
 def _synthetic_qa(name: str, vocab_path: str | None) -> None:
   _add_task(
-      name,
+      name, vocab_path,
       source=corpus.qa_source(),
-      output_features=_features(vocab.get_vocabulary(vocab_path)),
       preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
       metric_fns=[metrics.exact_match],
   )
@@ -130,9 +129,8 @@ def _synthetic_qa(name: str, vocab_path: str | None) -> None:
 @_family("c4_span_corruption", vocab.T5_SPM_PATH)
 def _c4_span_corruption(name: str, vocab_path: str | None) -> None:
   _add_task(
-      name,
+      name, vocab_path,
       source=seqio.TfdsDataSource(tfds_name=C4_TFDS, splits=("train", "validation")),
-      output_features=_features(vocab.get_vocabulary(vocab_path)),
       preprocessors=_span_corruption_preprocessors(cacheable=True),
   )
 
@@ -145,9 +143,8 @@ def _classification_task(
   if len(label_names) > 2:  # CB and MNLI: also report the mean per-class F1 (CB's official metric)
     metric_fns.append(metrics.mean_class_f1(label_names))
   _add_task(
-      name,
+      name, vocab_path,
       source=seqio.TfdsDataSource(tfds_name=tfds_name, splits=splits),
-      output_features=_features(vocab.get_vocabulary(vocab_path)),
       preprocessors=[
           prep.text_to_text(benchmark, feature_names, label_names),
           seqio.preprocessors.tokenize,
@@ -281,9 +278,8 @@ def register_text_files_task(
 
   seqio.TaskRegistry.remove(name)
   _add_task(
-      name,
+      name, vocab_path,
       source=source,
-      output_features=_features(vocab.get_vocabulary(vocab_path)),
       preprocessors=[as_document, drop_blank, keep_part] + _span_corruption_preprocessors(cacheable=True),
   )
   return name

@@ -31,7 +31,8 @@ ModelConfig field that says the same thing -- no code path here is special-cased
   scaled by d_model**-0.5 first                      -> tie_embeddings
 - Losses: top-1 Switch balance loss (pre-capacity argmax) and router z-loss,
   per stack, padding included                        -> aux_loss_type="switch_top1",
-                                                        router_aux_loss_coef / router_z_loss_coef
+                                                        router_aux_loss_coef / router_z_loss_coef ->
+                                                        loss.balance_coef / loss.router_z_coef
 Not mirrored: HF's router jitter multiplies its input in place, which in float32
 also jitters what the experts see (training only); ours jitters the router input.
 """
@@ -48,7 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stmoe.config import ConfigError, ModelConfig, MoeConfig
+from stmoe.config import ConfigError, LossConfig, ModelConfig, MoeConfig
+from stmoe.dispatch import resolve_model
 from stmoe.models import EncoderDecoder
 
 # HF's SwitchTransformersConfig defaults (configuration_switch_transformers.py) for keys a
@@ -109,8 +111,9 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         raise ConfigError("router_bias: the router here has no bias")
     if hf["pad_token_id"] not in (0, None):
         raise ConfigError(f"pad_token_id: must be 0 (token id 0 is padding here), got {hf['pad_token_id']}")
-    if hf["router_dtype"] != "float32":
-        warnings.warn(f"router_dtype={hf['router_dtype']!r}: the router here always runs in float32")
+    router_dtype = hf["router_dtype"] if hf["router_dtype"] in ("float32", "bfloat16") else "float32"
+    if hf["router_dtype"] != router_dtype:
+        warnings.warn(f"router_dtype={hf['router_dtype']!r}: no equivalent here; the router runs in float32")
     n_enc, n_dec = int(hf["num_layers"]), int(hf["num_decoder_layers"])
     placement = _placement(hf_sparse_layers(n_enc, int(hf["num_sparse_encoder_layers"])),
                            hf_sparse_layers(n_dec, int(hf["num_sparse_decoder_layers"])), n_enc, n_dec)
@@ -118,8 +121,8 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         num_experts=int(hf["num_experts"]), router_type="tokens_choose", top_k=1,
         expert_capacity=int(hf["expert_capacity"]), group_size=None, batch_prioritized=False,
         route_padding=True, dropped_token_passthrough=False, aux_loss_type="switch_top1",
-        aux_loss_coef=float(hf["router_aux_loss_coef"]), z_loss_coef=float(hf["router_z_loss_coef"]),
-        jitter_noise=float(hf["router_jitter_noise"]), expert_dropout_rate=float(hf["dropout_rate"]))
+        jitter_noise=float(hf["router_jitter_noise"]), expert_dropout_rate=float(hf["dropout_rate"]),
+        router_dtype=router_dtype)
     return ModelConfig(
         vocab_size=int(hf["vocab_size"]), d_model=int(hf["d_model"]), d_ff=int(hf["d_ff"]),
         num_heads=int(hf["num_heads"]), d_kv=int(hf["d_kv"]), num_encoder_layers=n_enc,
@@ -140,15 +143,24 @@ def _num_sparse_for(sparse: tuple[int, ...], num_layers: int, stack: str) -> int
                       "as HF's 'i % (num_layers // num_sparse) == 1'")
 
 
-def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """ModelConfig -> a config.json dict for SwitchTransformersForConditionalGeneration.
+def loss_from_hf(hf_config: Mapping[str, Any]) -> LossConfig:
+    """The loss coefficients of a `SwitchTransformersConfig` dict (router_aux_loss_coef, router_z_loss_coef)."""
+    hf = {**_HF_DEFAULTS, **hf_config}
+    return LossConfig(balance_coef=float(hf["router_aux_loss_coef"]), router_z_coef=float(hf["router_z_loss_coef"]))
+
+
+def config_to_hf(cfg: ModelConfig, loss: LossConfig | None = None) -> dict[str, Any]:
+    """ModelConfig (and the run's LossConfig, default LossConfig()) -> a config.json dict for
+    SwitchTransformersForConditionalGeneration.
 
     Refuses (ConfigError naming the field) anything that changes the forward pass and that HF
     cannot express; warns about training-only settings it drops.
     """
-    moe = cfg.moe
+    moe, loss = cfg.moe, loss or LossConfig()
     required = {  # field: (value, HF's semantics)
         "mlp_gated": (cfg.mlp_gated, False), "sparse_dense": (cfg.sparse_dense, False),
+        "sparse_positions_dense_d_ff": (cfg.sparse_positions_dense_d_ff, None),  # one d_ff in HF
+        "layer_norm_scale": (cfg.layer_norm_scale, True),
         "moe.router_type": (moe.router_type, "tokens_choose"),
         "moe.decoder_router_type": (moe.decoder_router_type or moe.router_type, "tokens_choose"),
         "moe.top_k": (moe.top_k, 1),
@@ -178,12 +190,12 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "num_sparse_encoder_layers": _num_sparse_for(enc, cfg.num_encoder_layers, "encoder"),
         "num_sparse_decoder_layers": _num_sparse_for(dec, cfg.num_decoder_layers, "decoder"),
         "num_experts": moe.num_experts, "expert_capacity": moe.expert_capacity, "router_bias": False,
-        "router_jitter_noise": moe.jitter_noise, "router_dtype": "float32",
+        "router_jitter_noise": moe.jitter_noise, "router_dtype": moe.router_dtype,
         "router_ignore_padding_tokens": False,  # not read by HF; padding is routed either way
         "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
         "relative_attention_max_distance": cfg.relative_attention_max_distance,
         "dropout_rate": cfg.dropout_rate, "layer_norm_epsilon": cfg.layer_norm_epsilon,
-        "router_z_loss_coef": moe.z_loss_coef, "router_aux_loss_coef": moe.aux_loss_coef,
+        "router_z_loss_coef": loss.router_z_coef, "router_aux_loss_coef": loss.balance_coef,
         "dense_act_fn": _ACT_TO_HF[cfg.mlp_activation], "tie_word_embeddings": cfg.tie_embeddings,
         "is_encoder_decoder": True, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
         "dtype": "float32",
@@ -340,13 +352,13 @@ def load_pretrained(hf_dir: str) -> tuple[EncoderDecoder, dict[str, Any]]:
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf_config = json.load(f)
     cfg = config_from_hf(hf_config)
-    return EncoderDecoder(cfg), params_from_hf(cfg, _read_weight_files(hf_dir))
+    return EncoderDecoder(resolve_model(cfg)), params_from_hf(cfg, _read_weight_files(hf_dir))
 
 
-def export(model: EncoderDecoder, params: Mapping[str, Any], out_dir: str) -> None:
+def export(model: EncoderDecoder, params: Mapping[str, Any], out_dir: str, loss: LossConfig | None = None) -> None:
     """Writes config.json + model.safetensors that SwitchTransformersForConditionalGeneration loads."""
     from safetensors.numpy import save_file
-    hf_config = config_to_hf(model.config)
+    hf_config = config_to_hf(model.config, loss)
     tensors = params_to_hf(model.config, params)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:

@@ -1,0 +1,129 @@
+"""scripts/stability_sweep.py: the stability criterion on hand-made loss curves, and a real 2 x 1 sweep."""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+from stmoe.data import preprocessors
+
+_SPEC = importlib.util.spec_from_file_location(
+    "stability_sweep", os.path.join(os.path.dirname(__file__), "..", "scripts", "stability_sweep.py"))
+sweep = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(sweep)
+
+DECREASING = [6.0 - 0.1 * i for i in range(30)]  # 6.0 ... 3.1, never above its running minimum
+
+
+@pytest.mark.parametrize("losses,skips,diverged,stable,step", [
+    (DECREASING, 0, False, True, None),
+    # Step 26 after steps 1..25 (running minimum 3.6): 6.0 > 1.5 x 3.6 = 5.4 is a spike, 5.25 is not.
+    (DECREASING[:25] + [6.0] + DECREASING[25:], 0, False, False, 26),
+    (DECREASING[:25] + [5.25] + DECREASING[25:], 0, False, True, None),
+    (DECREASING[:10] + [9.0] + DECREASING[10:], 0, False, True, None),  # a spike inside the 20-step warm-up
+    (DECREASING[:7] + [math.nan] + DECREASING[7:], 0, False, False, 8),
+    (DECREASING[:7] + [math.inf], 0, True, False, 8),
+    (DECREASING, 2, False, False, None),  # skipped non-finite steps (losses logged finite around them)
+    (DECREASING[:12], 0, True, False, 13),  # stopped by the trainer after step 12
+])
+def test_classify_hand_made_curves(losses, skips, diverged, stable, step):
+    verdict = sweep.classify(losses, skips, diverged=diverged, spike_factor=1.5, warmup=20)
+    assert verdict["stable"] is stable, verdict
+    assert verdict["step"] == step
+    assert bool(verdict["reason"]) is not stable
+
+
+def test_classify_threshold_is_strict_and_uses_the_running_minimum():
+    # Running minimum 2.0 reached at step 3; at step 22 exactly 3.0 (= 1.5 x 2.0) is stable, 3.01 is not.
+    losses = [4.0, 3.0, 2.0] + [2.5] * 18
+    assert sweep.classify(losses + [3.0], warmup=20, spike_factor=1.5)["stable"]
+    verdict = sweep.classify(losses + [3.01], warmup=20, spike_factor=1.5)
+    assert not verdict["stable"] and verdict["step"] == 22
+
+
+def test_setting_targets_length_fits_its_inputs_length():
+    assert sweep.SETTING["data.targets_length"] == preprocessors.pre_corruption_length(
+        sweep.SETTING["data.inputs_length"])[1]
+
+
+INPUTS = 32
+TINY = [f"--config.{k}={v}" for k, v in {
+    "model.d_model": 16, "model.d_ff": 32, "model.num_heads": 2, "model.d_kv": 8,
+    "model.num_encoder_layers": 2, "model.num_decoder_layers": 2, "model.moe.num_experts": 4,
+    "data.inputs_length": INPUTS, "data.targets_length": preprocessors.pre_corruption_length(INPUTS)[1],
+    "batch_size": 8, "eval_steps": 1, "num_devices": 1}.items()]
+
+
+def test_sweep_writes_one_row_per_variant_and_reads_finished_runs_back(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["stability_sweep.py", "--variants", "baseline,no_rmsnorm_scale", "--seeds", "1", "--steps", "3",
+            "--out_dir", str(out), *TINY]
+    assert sweep.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "[2/2] no_rmsnorm_scale seed 0:" in printed and "ETA" in printed
+    with open(out / "stability_sweep.json") as f:
+        result = json.load(f)
+    assert [row["variant"] for row in result["rows"]] == ["baseline", "no_rmsnorm_scale"]
+    assert result["criterion"] == sweep.criterion_text()
+    assert result["setting"]["model.d_model"] == 16  # a --config flag joins the setting
+    assert result["setting"]["optim.learning_rate"] == sweep.SETTING["optim.learning_rate"]
+    for row in result["rows"]:
+        assert row["seeds"] == 1 and len(row["runs"]) == 1
+        run = row["runs"][0]
+        assert run["steps_run"] == 3 and run["eval_cross_entropy"] > 0
+        assert row["fraction_stable"] == row["stable"] == int(run["stable"])
+        if run["stable"]:
+            assert row["quality_mean"] == pytest.approx(-run["eval_cross_entropy"])
+    no_scale = json.load(open(out / "no_rmsnorm_scale" / "seed_0" / "sweep_result.json"))
+    assert no_scale["overrides"]["model.layer_norm_scale"] is False
+    with open(out / "no_rmsnorm_scale" / "seed_0" / "config.json") as f:
+        assert json.load(f)["model"]["layer_norm_scale"] is False  # the trainer ran the variant
+    table = (out / "stability_sweep.md").read_text()
+    assert table.startswith("| Variant |") and table.count("\n| ") == 2 and "Criterion:" in table  # two rows
+    assert table in printed
+
+    # Again: both runs are read back, nothing is retrained.
+    stamp = os.path.getmtime(out / "baseline" / "seed_0" / "sweep_result.json")
+    assert sweep.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("read back") == 2
+    assert os.path.getmtime(out / "baseline" / "seed_0" / "sweep_result.json") == stamp
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--variants", "baseline,nope"], "--variants: unknown ['nope']"),
+    (["--seeds", "0"], "--seeds"),
+    (["--config.model.d_modl=3"], "did you mean 'model.d_model'"),
+    (["--config.batch_size=oops"], "batch_size"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, message, capsys, tmp_path):
+    try:
+        status = sweep.main(["stability_sweep.py", "--out_dir", str(tmp_path), *argv])
+    except SystemExit as e:  # argparse's own errors
+        status = e.code
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_report_only_tables_the_finished_runs_and_reclassifies_them(tmp_path, capsys):
+    # A finished run as a previous sweep left it (hand-made curve: a spike to 7.0 over a best of 3.0).
+    losses = [6.0, 4.0, 3.0] + [3.2] * 20 + [7.0, 3.3]
+    workdir = tmp_path / "baseline" / "seed_0"
+    workdir.mkdir(parents=True)
+    overrides = sweep.run_overrides("baseline", 0, len(losses), {})
+    (workdir / "sweep_result.json").write_text(json.dumps({
+        "variant": "baseline", "seed": 0, "steps": len(losses), "overrides": overrides, "stable": True,
+        "reason": "", "step": None, "steps_run": len(losses), "nonfinite_skips": 0, "trainer_stopped": "",
+        "eval_cross_entropy": 3.25, "neg_log_perplexity": -3.25, "final_train_loss": 3.3,
+        "min_train_loss": 3.0, "train_losses": losses, "wall_s": 1.0}))
+    argv = ["stability_sweep.py", "--variants", "baseline,no_geglu", "--seeds", "2", "--steps", str(len(losses)),
+            "--out_dir", str(tmp_path), "--report_only"]
+    assert sweep.main(argv) == 0
+    assert capsys.readouterr().out.count("read back") == 1
+    rows = json.load(open(tmp_path / "stability_sweep.json"))["rows"]
+    assert [(r["variant"], r["seeds"], r["stable"]) for r in rows] == [("baseline", 1, 0), ("no_geglu", 0, 0)]
+    assert rows[0]["runs"][0]["step"] == 24 and "7.000 > 1.5 x min 3.000" in rows[0]["runs"][0]["reason"]
+    assert rows[0]["quality_mean"] is None and rows[1]["fraction_stable"] is None
+    assert not (tmp_path / "baseline" / "seed_1").exists()  # nothing trained
