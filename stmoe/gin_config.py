@@ -53,7 +53,7 @@ SECTION_NAMES = {
     "optim": "OptimConfig",
     "data": "DataConfig",
     "infer_eval": "InferEvalConfig",
-    "aux_loss_schedule": "AuxLossScheduleConfig",
+    "loss": "LossConfig",
 }
 
 
