@@ -46,6 +46,7 @@ def _moe(**overrides) -> ml_collections.ConfigDict:
         num_groups_multiple=1,       # flaxformer: group count a multiple of experts x expert replicas
         batch_prioritized=False,     # encoder: slots by router confidence (V-MoE); decoders keep token order
         route_padding=False,         # HF routes padding; ST-MoE does not
+        zero_padding_inputs=False,   # flaxformer: padding reaches the router as zeros (converted t5x models)
         dropped_token_passthrough=False,  # HF Switch's treatment of dropped tokens
         aux_loss_type="switch_top1",  # "switch_all_k" (flaxformer) or "cv2"; its weight: config.loss
         jitter_noise=0.0,            # off: ST-MoE found it hurts quality (Table 3)

@@ -114,6 +114,10 @@ class MoeConfig(_Replaceable):
     # slot, i.e. look at the future (router_for / batch_prioritized_for give each stack's rule).
     batch_prioritized: bool = False
     route_padding: bool = False  # HF routes padding tokens; ST-MoE does not
+    # flaxformer multiplies every sublayer's input by the padding mask, so routed padding reaches the
+    # router as zero vectors (uniform probabilities: experts 0..k-1) and takes their slots; converted
+    # t5x models set this to route it the same way (stmoe.interop.t5x).
+    zero_padding_inputs: bool = False
     # transformers 4.x Switch kept a dropped token's (normed) input x router prob; 5.x (and Mesh TF) give zero.
     dropped_token_passthrough: bool = False
     aux_loss_type: str = "switch_top1"  # which balance loss the layer computes (its weight: LossConfig)

@@ -125,6 +125,8 @@ class MoeLayer(nn.Module):
         (rows, positions) of padding added for flaxformer's batch-wide groups."""
         moe = self.config.moe
         batch, length, d_model = inputs.shape
+        if moe.zero_padding_inputs:  # flaxformer's routed padding: zero vectors (t5_architecture.py:319-320)
+            inputs = inputs * token_mask[..., None].astype(inputs.dtype)
         pad_rows = pad_positions = 0
         if moe.max_group_size is not None:
             # flaxformer's batch-wide groups: zero-pad rows or positions to a multiple of the group

@@ -10,12 +10,12 @@ then `inference.load` (with `eval_capacity_factor` for the tight case) runs stmo
 Compared on the target positions (decoder_target_tokens > 0): flaxformer zeroes the decoder output
 at padded positions (t5_architecture.py:1145-1146), so its logits there are 0 by construction.
 
-One difference is kept and pinned down here: flaxformer multiplies every sublayer input by the
-padding mask (t5_architecture.py:319-320, 342-343; moe_architecture.py:93-94), so padding tokens,
-routed and taking capacity (ignore_padding_tokens=False, moe.gin:254), reach the router as zero
-vectors (uniform probabilities: experts 0..k-1), while stmoe routes them with their hidden state.
-With ample capacity nothing is dropped and the real tokens agree; with tight capacity they differ,
-and zeroing the MoE layer's padding inputs (a flax method interceptor, test only) closes the gap.
+Padding: flaxformer multiplies every sublayer input by the padding mask (t5_architecture.py:
+319-320, 342-343; moe_architecture.py:93-94), so padding tokens, routed and taking capacity
+(ignore_padding_tokens=False, moe.gin:254), reach the router as zero vectors (uniform
+probabilities: experts 0..k-1). The converter sets moe.zero_padding_inputs=True to route them the
+same way; with it off (stmoe's own default, padding routed with its hidden state) the tight case
+differs, which shows that the tight references exercise it.
 """
 from __future__ import annotations
 
@@ -24,15 +24,13 @@ import importlib.util
 import io
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from stmoe import inference
+from stmoe import dispatch, inference
 from stmoe.interop import t5x
 from stmoe.models import EncoderDecoder
-from stmoe.moe import MoeLayer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data", "flaxformer_reference")
@@ -78,24 +76,19 @@ def converted(tmp_path_factory):
     return out
 
 
-def _zero_padding_moe_inputs(next_fun, args, kwargs, context):
-    """What flaxformer does before each sublayer: padding tokens' inputs become zero vectors."""
-    if isinstance(context.module, MoeLayer) and context.method_name == "__call__":
-        inputs, token_mask, *rest = args
-        assert token_mask.shape == inputs.shape[:2], "MoeLayer(inputs, token_mask, ...) changed signature"
-        args = (inputs * token_mask[..., None].astype(inputs.dtype), token_mask, *rest)
-    return next_fun(*args, **kwargs)
-
-
-def stmoe_logits(loaded, batch, zero_padding: bool = False, model: EncoderDecoder | None = None) -> np.ndarray:
+def stmoe_logits(loaded, batch, model: EncoderDecoder | None = None) -> np.ndarray:
     """Eval-mode logits [batch, dec_len, vocab] of the loaded run (or of `model` with its params)."""
     model = model or loaded.model
 
     def forward(params):
-        with nn.intercept_methods(_zero_padding_moe_inputs) if zero_padding else contextlib.nullcontext():
-            return model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-                               batch["decoder_target_tokens"], enable_dropout=False)
+        return model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                           batch["decoder_target_tokens"], enable_dropout=False)
     return np.asarray(jax.jit(forward)(jax.device_get(loaded.params)))
+
+
+def without_zero_padding(model: EncoderDecoder) -> EncoderDecoder:
+    cfg = model.config
+    return EncoderDecoder(cfg.replace(moe=cfg.moe.replace(zero_padding_inputs=False)))
 
 
 def max_diff(got, name, case, batch) -> float:
@@ -111,6 +104,7 @@ def test_converted_configs_carry_flaxformer_routing(converted):
     for cfg in (st_moe, switch):
         m = cfg.moe
         assert (m.num_experts, m.normalize_gates, m.second_expert_policy, m.route_padding) == (4, False, "all", True)
+        assert m.zero_padding_inputs
         assert (m.capacity_rounding, m.min_capacity, m.eval_capacity_factor) == ("round", 4, AMPLE)
         assert m.num_groups_multiple == 4 and not m.batch_prioritized
     assert (st_moe.moe.top_k, st_moe.mlp_activation, st_moe.mlp_gated, st_moe.tie_embeddings) == (2, "gelu", True, False)
@@ -128,27 +122,30 @@ def test_ample_capacity_logits_equal_flaxformer(converted, batch, name):
 
 
 @pytest.mark.parametrize("name", ["st_moe", "switch"])
-def test_tight_capacity_differs_only_by_padding_routing(converted, batch, name):
+def test_tight_capacity_logits_equal_flaxformer(converted, batch, name):
     """Eval capacity factor 0.55, 4 groups: encoder int(round(0.55 * 32 / 4)) = 4 slots (ceil would
     give 5), decoder round(0.55 * 24 / 4) = 3 raised to min_expert_capacity 4. Drops happen (the
     tight logits move by far more than TOL from the ample ones), and flaxformer's zero-vector padding
-    takes other slots than stmoe's padding does. Mirroring that zeroing gives flaxformer's logits."""
+    takes other slots than padding routed with its hidden state does: the converted config mirrors
+    the zeroing and gives flaxformer's logits; without it they differ."""
     loaded = inference.load(converted[name], eval_capacity_factor=TIGHT)
     tight = np.load(os.path.join(DATA, f"{name}_logits_tight.npy"))
     ample = np.load(os.path.join(DATA, f"{name}_logits_ample.npy"))
     real = batch["decoder_target_tokens"] > 0
     assert np.abs(tight - ample)[real].max() > 100 * TOL  # the tight case does drop tokens
-    assert max_diff(stmoe_logits(loaded, batch), name, "tight", batch) > 100 * TOL  # the kept difference
-    assert max_diff(stmoe_logits(loaded, batch, zero_padding=True), name, "tight", batch) < TOL
+    assert max_diff(stmoe_logits(loaded, batch), name, "tight", batch) < TOL
+    unzeroed = stmoe_logits(loaded, batch, model=without_zero_padding(loaded.model))
+    assert max_diff(unzeroed, name, "tight", batch) > 100 * TOL  # padding's routing matters here
 
 
 def test_batch_prioritized_encoder_routing(converted, batch):
     """tokens_choose_base.gin's encoder batch-prioritized routing (decoder in token order)."""
     flat, _ = t5x.read_target(os.path.join(DATA, "st_moe"))
     cfg, _, _ = t5x.convert(flat, t5x.Options(num_heads=2, eval_capacity_factor=TIGHT, batch_prioritized_routing=True))
+    cfg = dispatch.resolve_model(cfg)  # as inference.load builds the model
     loaded = inference.load(converted["st_moe"], eval_capacity_factor=TIGHT)
     assert cfg.moe == loaded.config.moe.replace(batch_prioritized=True)
-    got = stmoe_logits(loaded, batch, zero_padding=True, model=EncoderDecoder(cfg))
+    got = stmoe_logits(loaded, batch, model=EncoderDecoder(cfg))
     assert max_diff(got, "st_moe", "tight_bpr", batch) < TOL
     # Batch-prioritized routing changes which tokens are dropped here, so the case is not vacuous.
     assert max_diff(got, "st_moe", "tight", batch) > 10 * TOL

@@ -167,6 +167,7 @@ def config_to_hf(cfg: ModelConfig, loss: LossConfig | None = None) -> dict[str, 
         "moe.group_size": (moe.group_size, None), "moe.max_group_size": (moe.max_group_size, None),
         "moe.batch_prioritized": (moe.batch_prioritized, False),
         "moe.route_padding": (moe.route_padding, True),
+        "moe.zero_padding_inputs": (moe.zero_padding_inputs, False),
         "moe.dropped_token_passthrough": (moe.dropped_token_passthrough, False),
     }
     for name, (value, wanted) in required.items():

@@ -89,14 +89,13 @@ moe_layers.py) and the MoeConfig value that reproduces each:
   no jitter in t5x training (moe.gin:67)                        -> jitter_noise=0
 Only tokens-choose routers: a checkpoint of flaxformer's ExpertsChooseMaskedRouter (experts_choose_*.gin)
 has the same parameters and would convert silently to tokens-choose routing; do not convert those.
-Not mirrored: flaxformer multiplies every sublayer input by the padding mask (t5_architecture.py:
-319-320, 342-343; decoder mask: dense_attention.py:2319), so routed padding tokens reach the
-router as zero vectors (uniform probabilities: experts 0..k-1); here padding is routed with its
-hidden state. Real tokens only see a difference when padding crowds them out of those experts.
+- every sublayer input is multiplied by the padding mask (t5_architecture.py:319-320, 342-343;
+  moe_architecture.py:93-94), so routed padding reaches the router as zero vectors (uniform
+  probabilities: experts 0..k-1) and takes their slots           -> moe.zero_padding_inputs=True
 Checked against flaxformer itself (tests/test_flaxformer_parity.py, on checkpoints that t5x's
-Checkpointer wrote from flaxformer's st_moe_base / switch_base gins): with ample capacity the
-logits of real target positions agree within 1e-5; with tight capacity they differ (up to 0.05 there)
-and agree within 1e-5 once the MoE inputs of padding are zeroed as flaxformer does.
+Checkpointer wrote from flaxformer's st_moe_base / switch_base gins): the logits of real target
+positions agree within 1e-5 with ample and with tight capacity (without zero_padding_inputs the
+tight case differs by up to 0.05: padding takes other experts' slots).
 """
 from __future__ import annotations
 
@@ -412,7 +411,8 @@ def _infer_config(mapped: Mapping[str, np.ndarray], o: Options) -> ModelConfig:
         train_capacity_factor=o.train_capacity_factor, eval_capacity_factor=o.eval_capacity_factor,
         min_capacity=o.min_expert_capacity, capacity_rounding="round", group_size=None,
         max_group_size=o.group_size, num_groups_multiple=int(num_experts) * o.num_expert_replicas,
-        batch_prioritized=o.batch_prioritized_routing, route_padding=True, dropped_token_passthrough=False,
+        batch_prioritized=o.batch_prioritized_routing, route_padding=True, zero_padding_inputs=True,
+        dropped_token_passthrough=False,
         aux_loss_type="switch_all_k", jitter_noise=0.0, expert_dropout_rate=o.expert_dropout_rate)
     try:
         return ModelConfig(
@@ -476,6 +476,8 @@ def semantics(cfg: ModelConfig, loss: LossConfig) -> list[str]:
         f"moe.normalize_gates={m.normalize_gates} (combine = raw router probabilities, routing.py:635)",
         f"moe.second_expert_policy={m.second_expert_policy!r} (every token takes its k choices)",
         f"moe.route_padding={m.route_padding} (ignore_padding_tokens=False, moe.gin:254)",
+        f"moe.zero_padding_inputs={m.zero_padding_inputs} (padding's sublayer inputs are zeros, "
+        "t5_architecture.py:319-320)",
         f"moe.max_group_size={m.max_group_size}, moe.num_groups_multiple={m.num_groups_multiple} "
         "(batch-wide groups, moe_layers.py:715)",
         f"moe.capacity_rounding={m.capacity_rounding!r}, moe.min_capacity={m.min_capacity}, "
