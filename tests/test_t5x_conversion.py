@@ -147,7 +147,7 @@ HAND_CONFIG = ModelConfig(
     sparse_interval=2, sparse_dense=True,
     moe=MoeConfig(num_experts=EXPERTS, top_k=2, second_expert_policy="all", normalize_gates=False,
                   train_capacity_factor=1.25, eval_capacity_factor=2.0, min_capacity=4, capacity_rounding="round",
-                  max_group_size=4096, num_groups_multiple=EXPERTS, route_padding=True,
+                  max_group_size=4096, num_groups_multiple=EXPERTS, route_padding=True, zero_padding_inputs=True,
                   aux_loss_type="switch_all_k"))
 
 
