@@ -272,6 +272,10 @@ def main(args):
                 times[task, name].append(time.perf_counter() - start)
         print(f"round {rep + 1}/{args.reps}: " + ", ".join(f"{t.split(' (')[0].split(',')[0]} HF "
               f"{times[t, 'hf'][-1]:.2f} s / stmoe {times[t, 'stmoe'][-1]:.2f} s" for t in tasks), flush=True)
+        if args.out:  # a run killed later (it holds both models: ~7 GiB) keeps the rounds it finished
+            _write_json(args.out, dict(partial=True, rounds_done=rep + 1, logits_max_abs_diff=parity,
+                                       token_agreement=agreement, load_average_1_5_15=dict(before=load_before),
+                                       times_s={f"{task} / {side}": t for (task, side), t in times.items()}))
 
     # 4. MFU.
     peaks = matmul_peak()
@@ -310,9 +314,15 @@ def main(args):
                   torch=torch.__version__, transformers=transformers.__version__, cpu_count=os.cpu_count(),
                   model_config=cfg.to_dict())
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        _write_json(args.out, result)
         print(f"wrote {args.out}")
+
+
+def _write_json(path: str, result: dict) -> None:
+    """Written to a temporary file and renamed: a kill mid-write leaves the previous JSON whole."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
