@@ -21,7 +21,6 @@ their gradients (outputs), i.e. activations and workspace only.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time

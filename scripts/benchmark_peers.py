@@ -29,7 +29,6 @@ same weights. Batch 8, inputs 256, targets 64, float32.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -64,7 +63,7 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from stmoe import decoding, losses  # noqa: E402
+from stmoe import cli, decoding, losses  # noqa: E402
 from stmoe.config import LossConfig  # noqa: E402
 from stmoe.dispatch import resolve_model  # noqa: E402
 from stmoe.interop import hf_switch  # noqa: E402
@@ -272,10 +271,11 @@ def main(args):
                 times[task, name].append(time.perf_counter() - start)
         print(f"round {rep + 1}/{args.reps}: " + ", ".join(f"{t.split(' (')[0].split(',')[0]} HF "
               f"{times[t, 'hf'][-1]:.2f} s / stmoe {times[t, 'stmoe'][-1]:.2f} s" for t in tasks), flush=True)
-        if args.out:  # a run killed later (it holds both models: ~7 GiB) keeps the rounds it finished
-            _write_json(args.out, dict(partial=True, rounds_done=rep + 1, logits_max_abs_diff=parity,
-                                       token_agreement=agreement, load_average_1_5_15=dict(before=load_before),
-                                       times_s={f"{task} / {side}": t for (task, side), t in times.items()}))
+        # A run killed later (it holds both models: ~7 GiB) keeps the rounds it finished.
+        partial = dict(partial=True, rounds_done=rep + 1, logits_max_abs_diff=parity, token_agreement=agreement,
+                       load_average_1_5_15=dict(before=load_before),
+                       times_s={f"{task} / {side}": t for (task, side), t in times.items()})
+        cli.write_result(args.out, partial, announce=False)
 
     # 4. MFU.
     peaks = matmul_peak()
@@ -313,16 +313,7 @@ def main(args):
                   load_average_1_5_15=dict(before=load_before, after=load_after), jax=jax.__version__,
                   torch=torch.__version__, transformers=transformers.__version__, cpu_count=os.cpu_count(),
                   model_config=cfg.to_dict())
-    if args.out:
-        _write_json(args.out, result)
-        print(f"wrote {args.out}")
-
-
-def _write_json(path: str, result: dict) -> None:
-    """Written to a temporary file and renamed: a kill mid-write leaves the previous JSON whole."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    cli.write_result(args.out, result)
 
 
 if __name__ == "__main__":

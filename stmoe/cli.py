@@ -192,13 +192,16 @@ def _value_of(config: ml_collections.ConfigDict, path: str):
     return node
 
 
-def write_result(path: str | None, result: dict) -> None:
-    """A benchmark's JSON result to `path` (nothing when None), and a line saying where."""
+def write_result(path: str | None, result: dict, announce: bool = True) -> None:
+    """A benchmark's JSON result to `path` (nothing when None), and a line saying where. Written to
+    a temporary file and renamed, so a run killed mid-write leaves the previous result whole."""
     if path:
         import json
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {path}")
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+        if announce:
+            print(f"wrote {path}")
 
 
 def run_training(program: str, config: ml_collections.ConfigDict, workdir: str) -> int:
