@@ -124,5 +124,5 @@ def test_moe_layer_router_dtype_changes_only_the_router():
     bf16 = lambda a: np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float64)
     logits = bf16(np.einsum("gtd,de->gte", bf16(x), bf16(kernel)))
     log_z = np.log(np.sum(np.exp(logits), axis=-1))
-    z16 = float(stats16["moe"]["stats"][0]["z_loss"])
+    z16 = float(stats16["moe"]["stats"][0].router_z_loss)
     np.testing.assert_allclose(z16, np.mean(log_z ** 2), rtol=2e-2)
