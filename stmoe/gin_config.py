@@ -107,10 +107,6 @@ def _register(config: ml_collections.ConfigDict) -> dict[str, str]:
     return table
 
 
-def is_gin_arg(arg: str) -> bool:
-    return arg.startswith("--gin_file") or arg.startswith("--gin.") or arg.startswith("--gin_search_path")
-
-
 def split_gin_args(args: Sequence[str]) -> tuple[list[str], list[str], list[str], list[str]]:
     """-> (gin files, gin bindings, search paths, the other args). `--gin_file F` / `--gin_file=F`
     (repeatable), `--gin.SELECTOR=VALUE` (t5x's spelling of a binding) and `--gin_search_path D`."""
