@@ -1,4 +1,5 @@
-"""Every field of a run at its package default: what gin files (configs/gin/*.gin) bind over.
+"""Every field of a run at its package default (stmoe.config.RunConfig()): what gin files
+(configs/gin/*.gin) bind over.
 
     python scripts/train.py --gin_file=configs/gin/tiny.gin     # = configs/pretrain.py:tiny
 """
@@ -6,11 +7,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import pretrain
+from stmoe.config import RunConfig, to_config_dict
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
-    config = pretrain.base_config()
+    config = to_config_dict(RunConfig())
     config.lock()
     return config

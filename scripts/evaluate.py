@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = cli.load_model(args)
         data = loaded.run_config.data
-        family = args.task or loaded.run_config.get("infer_eval", {}).get("task") or data.task
+        family = args.task or loaded.run_config.infer_eval.task or data.task
         try:
-            task = tasks.task_name_for(family, data.get("vocab_path") or tasks.families().get(family))
+            task = tasks.task_name_for(family, data.vocab_path or tasks.families().get(family))
         except KeyError as e:
             raise cli.UsageError(f"--task: {e.args[0]}") from None
         run_dir = os.path.dirname(os.path.dirname(os.path.dirname(loaded.checkpoint)))
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(PROGRAM, "input", e)
 
     step = cli.step_of(loaded.checkpoint)
-    results = evaluator.run(loaded, step=step)
+    results = evaluator.run(loaded.model, loaded.params, loaded.mesh, step=step)
     capacity = inference.capacity_description(loaded.config)
     summary = {"checkpoint": loaded.checkpoint, "step": step, "split": args.split,
                "eval_capacity_factor": inference.applied_eval_capacity_factor(loaded.config), "capacity": capacity,

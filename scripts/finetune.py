@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
     if not config.init_checkpoint:
         return cli.fail("finetune.py", "checkpoint", "no --init_checkpoint (a pretraining run's workdir) given")
     try:
-        trainer.validate_config(config)
+        trainer.prepare(config)
     except ConfigError as e:
         return cli.fail("finetune.py", "config", e)
     try:  # a resumed run reads its own checkpoint, not init_checkpoint

@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     from stmoe.config import ConfigError
 
     try:
-        trainer.validate_config(config)
+        trainer.prepare(config)
     except ConfigError as e:
         return cli.fail("train.py", "config", e)
     return cli.run_training("train.py", config, flags["workdir"])

@@ -1,17 +1,33 @@
-"""Model and loss configuration: frozen dataclasses built in one place.
+"""The run configuration: one tree of frozen dataclasses, every default written once, here.
 
-`MoeConfig` holds everything about routing and experts, `ModelConfig` the
-T5.1.1 backbone, `LossConfig` the training objective's coefficients and schedule. ml_collections presets (configs/models.py) are converted with
-`ModelConfig.from_dict`, which rejects unknown fields by name; `validate()`
-checks every field once, at start, and names the offending one. Eval and
-inference variants are derived with `dataclasses.replace`, e.g.
-`cfg.replace(moe=cfg.moe.replace(eval_capacity_factor=4.0))`.
+    RunConfig                 the loop: batch, steps, cadences, seed, restore sources, freeze
+    ├── model: ModelConfig    the T5.1.1 backbone and the sparse layout
+    │   └── moe: MoeConfig    routing, capacity, experts, dispatch
+    ├── mesh: MeshConfig      device mesh axis sizes
+    ├── optim: OptimConfig    optimizer and learning-rate schedule
+    ├── loss: LossConfig      the objective's coefficients and schedule
+    ├── data: DataConfig      seqio task, lengths, packing, held-out split
+    └── infer_eval: InferEvalConfig   task metrics by decoding during training
+
+Experiment files (configs/*.py, big_vision's `get_config(arg)`) only override these defaults:
+they start from `to_config_dict(RunConfig())` (an ml_collections ConfigDict, so that
+`--config.FIELD=VALUE` works) and set what differs. `RunConfig.from_dict` turns such a dict (or
+a run's config.json) back into the typed tree, naming any unknown field; `RunConfig.validate`
+checks every field once, at start, raising ConfigError with the field's dotted path, and
+touches nothing (no task registration, no files written: the data module resolves task names,
+stmoe.data.resolve_tasks). Eval and inference variants are `.replace(...)` of the same tree,
+e.g. `cfg.replace(moe=cfg.moe.replace(eval_capacity_factor=4.0))`.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
+import typing
 from typing import Any, Mapping
+
+import ml_collections
 
 ROUTER_TYPES = ("tokens_choose", "experts_choose")
 SECOND_EXPERT_POLICIES = ("random", "all")
@@ -24,6 +40,10 @@ MLP_ACTIVATIONS = ("gelu", "relu", "silu")
 DTYPES = ("float32", "bfloat16")
 CAPACITY_ROUNDINGS = ("ceil", "round")
 BALANCE_SCHEDULES = ("constant", "linear_decay")
+OPTIMIZERS = ("adamw", "adafactor")
+LR_SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "rsqrt")
+MESH_AXES = ("data", "expert", "model")  # the mesh's logical axes (stmoe.partitioning names the physical ones)
+DECODINGS = ("greedy", "beam")
 
 
 class ConfigError(ValueError):
@@ -58,12 +78,17 @@ def upgrade_run_config(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check(condition: bool, field: str, message: str) -> None:
+def check(condition: bool, field: str, message: str) -> None:
+    """Raises ConfigError("field: message") unless `condition`: the one way config checks fail."""
     if not condition:
         raise ConfigError(f"{field}: {message}")
 
 
 class _Replaceable:
+    """`replace`, `to_dict` and `from_dict` (unknown or moved fields refused by their dotted path)."""
+
+    PREFIX = ""  # this section's dotted path in a RunConfig, e.g. "model.moe."
+
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
@@ -71,16 +96,19 @@ class _Replaceable:
         return dataclasses.asdict(self)
 
     @classmethod
-    def _from_mapping(cls, values: Mapping[str, Any], prefix: str, nested: Mapping[str, type]):
+    def from_dict(cls, values: Mapping[str, Any], prefix: str | None = None):
+        prefix = cls.PREFIX if prefix is None else prefix
+        hints = typing.get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in dict(values).items():
             moved = MOVED_FIELDS.get(f"{prefix}{key}")
-            _check(moved is None, f"{prefix}{key}", f"moved to {moved} (config.upgrade_run_config reads an older run's "
+            check(moved is None, f"{prefix}{key}", f"moved to {moved} (config.upgrade_run_config reads an older run's "
                                                     "config.json)")
-            _check(key in known, f"{prefix}{key}", f"unknown field; allowed: {sorted(known)}")
-            if key in nested and not isinstance(value, nested[key]):
-                value = nested[key].from_dict(value, prefix=f"{prefix}{key}.")
+            check(key in known, f"{prefix}{key}", f"unknown field; allowed: {sorted(known)}")
+            section = hints[key] if dataclasses.is_dataclass(hints[key]) else None
+            if section is not None and not isinstance(value, section):
+                value = section.from_dict(value, prefix=f"{prefix}{key}.")
             elif isinstance(value, list):
                 value = tuple(value)
             kwargs[key] = value
@@ -89,6 +117,8 @@ class _Replaceable:
 
 @dataclasses.dataclass(frozen=True)
 class MoeConfig(_Replaceable):
+    PREFIX = "model.moe."
+
     num_experts: int = 8
     router_type: str = "tokens_choose"  # "experts_choose" is encoder-only (it looks at future tokens)
     decoder_router_type: str | None = None  # None = router_type; decoders need "tokens_choose"
@@ -145,60 +175,59 @@ class MoeConfig(_Replaceable):
         """Batch-prioritized routing in this stack: the encoder's choice; a causal decoder never."""
         return self.batch_prioritized and not causal
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], prefix: str = "moe.") -> "MoeConfig":
-        return cls._from_mapping(values, prefix, {})
 
-    def validate(self, prefix: str = "moe.") -> "MoeConfig":
+    def validate(self, prefix: str = "model.moe.") -> "MoeConfig":
         p = prefix
-        _check(self.num_experts >= 1, f"{p}num_experts", f"must be >= 1, got {self.num_experts}")
-        _check(self.router_type in ROUTER_TYPES, f"{p}router_type",
+        check(self.num_experts >= 1, f"{p}num_experts", f"must be >= 1, got {self.num_experts}")
+        check(self.router_type in ROUTER_TYPES, f"{p}router_type",
                f"must be one of {ROUTER_TYPES}, got {self.router_type!r}")
-        _check(self.decoder_router_type in (None,) + ROUTER_TYPES, f"{p}decoder_router_type",
+        check(self.decoder_router_type in (None,) + ROUTER_TYPES, f"{p}decoder_router_type",
                f"must be None or one of {ROUTER_TYPES}, got {self.decoder_router_type!r}")
-        _check(1 <= self.top_k <= self.num_experts, f"{p}top_k",
+        check(1 <= self.top_k <= self.num_experts, f"{p}top_k",
                f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
-        _check(self.second_expert_policy in SECOND_EXPERT_POLICIES, f"{p}second_expert_policy",
+        check(self.second_expert_policy in SECOND_EXPERT_POLICIES, f"{p}second_expert_policy",
                f"must be one of {SECOND_EXPERT_POLICIES}, got {self.second_expert_policy!r}")
-        _check(self.second_expert_threshold > 0, f"{p}second_expert_threshold",
+        check(self.second_expert_threshold > 0, f"{p}second_expert_threshold",
                f"must be > 0, got {self.second_expert_threshold}")
         for name in ("train_capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
-            _check(value > 0, f"{p}{name}", f"must be > 0, got {value}")
-        _check(self.min_capacity >= 1, f"{p}min_capacity", f"must be >= 1, got {self.min_capacity}")
-        _check(self.expert_capacity is None or self.expert_capacity >= 1, f"{p}expert_capacity",
+            check(value > 0, f"{p}{name}", f"must be > 0, got {value}")
+        check(self.min_capacity >= 1, f"{p}min_capacity", f"must be >= 1, got {self.min_capacity}")
+        check(self.expert_capacity is None or self.expert_capacity >= 1, f"{p}expert_capacity",
                f"must be None or >= 1, got {self.expert_capacity}")
-        _check(self.capacity_rounding in CAPACITY_ROUNDINGS, f"{p}capacity_rounding",
+        check(self.capacity_rounding in CAPACITY_ROUNDINGS, f"{p}capacity_rounding",
                f"must be one of {CAPACITY_ROUNDINGS}, got {self.capacity_rounding!r}")
-        _check(self.group_size is None or self.group_size >= 1, f"{p}group_size",
+        check(self.group_size is None or self.group_size >= 1, f"{p}group_size",
                f"must be None or >= 1, got {self.group_size}")
-        _check(self.max_group_size is None or self.max_group_size >= 1, f"{p}max_group_size",
+        check(self.max_group_size is None or self.max_group_size >= 1, f"{p}max_group_size",
                f"must be None or >= 1, got {self.max_group_size}")
-        _check(self.max_group_size is None or self.group_size is None, f"{p}max_group_size",
+        check(self.max_group_size is None or self.group_size is None, f"{p}max_group_size",
                f"set group_size={self.group_size} or max_group_size={self.max_group_size}, not both")
-        _check(self.num_groups_multiple >= 1, f"{p}num_groups_multiple",
+        check(self.num_groups_multiple >= 1, f"{p}num_groups_multiple",
                f"must be >= 1, got {self.num_groups_multiple}")
-        _check(self.num_groups_multiple == 1 or self.max_group_size is not None, f"{p}num_groups_multiple",
+        check(self.num_groups_multiple == 1 or self.max_group_size is not None, f"{p}num_groups_multiple",
                f"={self.num_groups_multiple} needs max_group_size (it shapes flaxformer's batch-wide groups)")
-        _check(self.aux_loss_type in AUX_LOSS_TYPES, f"{p}aux_loss_type",
+        check(self.aux_loss_type in AUX_LOSS_TYPES, f"{p}aux_loss_type",
                f"must be one of {AUX_LOSS_TYPES}, got {self.aux_loss_type!r}")
-        _check(self.jitter_noise >= 0, f"{p}jitter_noise", f"must be >= 0, got {self.jitter_noise}")
-        _check(0 <= self.expert_dropout_rate < 1, f"{p}expert_dropout_rate",
+        check(self.jitter_noise >= 0, f"{p}jitter_noise", f"must be >= 0, got {self.jitter_noise}")
+        check(0 <= self.expert_dropout_rate < 1, f"{p}expert_dropout_rate",
                f"must be in [0, 1), got {self.expert_dropout_rate}")
-        _check(self.dispatch in DISPATCH_IMPLS, f"{p}dispatch",
+        check(self.dispatch in DISPATCH_IMPLS, f"{p}dispatch",
                f"must be one of {DISPATCH_IMPLS}, got {self.dispatch!r}")
-        _check(self.router_dtype in DTYPES, f"{p}router_dtype", f"must be one of {DTYPES}, got {self.router_dtype!r}")
-        _check(self.dispatch != "dropless" or self.router_type == "tokens_choose", f"{p}dispatch",
+        check(self.router_dtype in DTYPES, f"{p}router_dtype", f"must be one of {DTYPES}, got {self.router_dtype!r}")
+        check(self.dispatch != "dropless" or self.router_type == "tokens_choose", f"{p}dispatch",
                "'dropless' needs router_type='tokens_choose': expert choice has a capacity by construction")
-        _check(self.expert_execution in EXPERT_EXECUTIONS, f"{p}expert_execution",
+        check(self.expert_execution in EXPERT_EXECUTIONS, f"{p}expert_execution",
                f"must be one of {EXPERT_EXECUTIONS}, got {self.expert_execution!r}")
-        _check(self.grouped_kernel in GROUPED_KERNELS, f"{p}grouped_kernel",
+        check(self.grouped_kernel in GROUPED_KERNELS, f"{p}grouped_kernel",
                f"must be one of {GROUPED_KERNELS}, got {self.grouped_kernel!r}")
         return self
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(_Replaceable):
+    PREFIX = "model."
+
     vocab_size: int = 384  # ByteVocabulary (3 + 256 + 100 sentinels = 359) rounded up to 128s
     d_model: int = 64
     d_ff: int = 128
@@ -227,9 +256,6 @@ class ModelConfig(_Replaceable):
     remat: str = "none"  # recompute blocks in the backward pass: "none" | "full" | "save_dots" (keep matmul outputs)
     moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], prefix: str = "model.") -> "ModelConfig":
-        return cls._from_mapping(values, prefix, {"moe": MoeConfig})
 
     def is_sparse_position(self, layer: int) -> bool:
         """Block `layer` sits at a sparse position of the layout (whether or not it holds experts)."""
@@ -252,35 +278,35 @@ class ModelConfig(_Replaceable):
         p = prefix
         for name in ("vocab_size", "d_model", "d_ff", "num_heads", "d_kv",
                      "relative_attention_num_buckets", "relative_attention_max_distance"):
-            _check(getattr(self, name) >= 1, f"{p}{name}", f"must be >= 1, got {getattr(self, name)}")
+            check(getattr(self, name) >= 1, f"{p}{name}", f"must be >= 1, got {getattr(self, name)}")
         for name in ("num_encoder_layers", "num_decoder_layers"):
-            _check(getattr(self, name) >= 0, f"{p}{name}", f"must be >= 0, got {getattr(self, name)}")
-        _check(self.mlp_activation in MLP_ACTIVATIONS, f"{p}mlp_activation",
+            check(getattr(self, name) >= 0, f"{p}{name}", f"must be >= 0, got {getattr(self, name)}")
+        check(self.mlp_activation in MLP_ACTIVATIONS, f"{p}mlp_activation",
                f"must be one of {MLP_ACTIVATIONS}, got {self.mlp_activation!r}")
-        _check(0 <= self.dropout_rate < 1, f"{p}dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
-        _check(self.dtype in DTYPES, f"{p}dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
-        _check(self.sparse_interval >= 1, f"{p}sparse_interval",
+        check(0 <= self.dropout_rate < 1, f"{p}dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
+        check(self.dtype in DTYPES, f"{p}dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        check(self.sparse_interval >= 1, f"{p}sparse_interval",
                f"must be >= 1, got {self.sparse_interval}")
-        _check(self.sparse_offset is None or 0 <= self.sparse_offset < self.sparse_interval,
+        check(self.sparse_offset is None or 0 <= self.sparse_offset < self.sparse_interval,
                f"{p}sparse_offset", f"must be None or in [0, sparse_interval), got {self.sparse_offset}")
         num_layers = max(self.num_encoder_layers, self.num_decoder_layers)
-        _check(self.sparse_layers is None or all(0 <= i < num_layers for i in self.sparse_layers),
+        check(self.sparse_layers is None or all(0 <= i < num_layers for i in self.sparse_layers),
                f"{p}sparse_layers", f"indices must be in [0, {num_layers}), got {self.sparse_layers}")
-        _check(self.sparse_positions_dense_d_ff is None or self.sparse_positions_dense_d_ff >= 1,
+        check(self.sparse_positions_dense_d_ff is None or self.sparse_positions_dense_d_ff >= 1,
                f"{p}sparse_positions_dense_d_ff", f"must be None or >= 1, got {self.sparse_positions_dense_d_ff}")
-        _check(self.sparse_positions_dense_d_ff is None or not self.sparse_dense, f"{p}sparse_positions_dense_d_ff",
+        check(self.sparse_positions_dense_d_ff is None or not self.sparse_dense, f"{p}sparse_positions_dense_d_ff",
                "a dense model has no sparse FFN for sparse_dense to follow; set one of the two")
-        _check(self.remat in REMAT_POLICIES, f"{p}remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        check(self.remat in REMAT_POLICIES, f"{p}remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.scan_layers:
             for name in ("num_encoder_layers", "num_decoder_layers"):
-                _check(getattr(self, name) % self.sparse_interval == 0, f"{p}scan_layers",
+                check(getattr(self, name) % self.sparse_interval == 0, f"{p}scan_layers",
                        f"needs {name}={getattr(self, name)} to be a multiple of sparse_interval="
                        f"{self.sparse_interval} (the scanned unit is one interval of blocks)")
-            _check(self.sparse_layers is None, f"{p}scan_layers",
+            check(self.sparse_layers is None, f"{p}scan_layers",
                    "needs the periodic layout (sparse_interval/sparse_offset), not an explicit sparse_layers list")
         self.moe.validate(prefix=f"{p}moe.")
         has_sparse_decoder = any(self.is_sparse(i) for i in range(self.num_decoder_layers))
-        _check(not has_sparse_decoder or self.moe.router_for(causal=True) == "tokens_choose",
+        check(not has_sparse_decoder or self.moe.router_for(causal=True) == "tokens_choose",
                f"{p}moe.decoder_router_type",
                "'experts_choose' looks at all tokens of a group and cannot route a causal decoder; "
                "set moe.decoder_router_type='tokens_choose'")
@@ -295,6 +321,8 @@ class LossConfig(_Replaceable):
     these coefficients, and c_B follows `balance_schedule` (losses.balance_coef_schedule).
     """
 
+    PREFIX = "loss."
+
     balance_coef: float = 1e-2  # c_B (ST-MoE: 1e-2)
     router_z_coef: float = 1e-3  # c_z (ST-MoE sec. 3.1: 1e-3)
     output_z_coef: float = 1e-4  # z-loss on the output softmax normalizer (Mesh TF T5); 0 = off
@@ -304,16 +332,314 @@ class LossConfig(_Replaceable):
     balance_warmup_multiplier: float = 1.0
     balance_decay_steps: int = 1
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], prefix: str = "loss.") -> "LossConfig":
-        return cls._from_mapping(values, prefix, {})
 
     def validate(self, prefix: str = "loss.") -> "LossConfig":
         p = prefix
         for name in ("balance_coef", "router_z_coef", "output_z_coef", "balance_warmup_multiplier"):
-            _check(getattr(self, name) >= 0, f"{p}{name}", f"must be >= 0, got {getattr(self, name)}")
-        _check(self.balance_schedule in BALANCE_SCHEDULES, f"{p}balance_schedule",
+            check(getattr(self, name) >= 0, f"{p}{name}", f"must be >= 0, got {getattr(self, name)}")
+        check(self.balance_schedule in BALANCE_SCHEDULES, f"{p}balance_schedule",
                f"must be one of {BALANCE_SCHEDULES}, got {self.balance_schedule!r}")
-        _check(isinstance(self.balance_decay_steps, int) and self.balance_decay_steps >= 1,
+        check(isinstance(self.balance_decay_steps, int) and self.balance_decay_steps >= 1,
                f"{p}balance_decay_steps", f"must be an integer >= 1, got {self.balance_decay_steps!r}")
         return self
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(_Replaceable):
+    """Sizes of the mesh axes; -1 (at most one axis) means "the rest of the devices"."""
+
+    PREFIX = "mesh."
+
+    data: int = -1  # data parallelism (experts replicated over it)
+    expert: int = 1  # expert parallelism (must divide model.moe.num_experts); also data-parallel for dense layers
+    model: int = 1  # tensor parallelism: mlp / heads / vocab / expert_mlp
+
+    def validate(self, device_count: int | None = None, prefix: str = "mesh.") -> "MeshConfig":
+        """Checks the fields; with `device_count`, also that they fit it. Returns self."""
+        self.resolve(device_count, prefix)
+        return self
+
+    def resolve(self, device_count: int | None = None, prefix: str = "mesh.") -> tuple[int, int, int]:
+        """(data, expert, model) with -1 replaced; the product must equal device_count."""
+        sizes = {name: getattr(self, name) for name in MESH_AXES}
+        for name, size in sizes.items():
+            check(isinstance(size, int) and (size >= 1 or size == -1), f"{prefix}{name}",
+                   f"must be a positive integer or -1 (the rest of the devices), got {size!r}")
+        rest = [name for name, size in sizes.items() if size == -1]
+        check(len(rest) <= 1, f"{prefix}{rest[-1] if rest else 'data'}",
+               f"only one axis may be -1, got -1 for {rest}")
+        if device_count is None:
+            return tuple(sizes.values())  # type: ignore[return-value]
+        fixed = math.prod(size for size in sizes.values() if size != -1)
+        if rest:
+            check(device_count % fixed == 0, f"{prefix}{rest[0]}",
+                   f"-1 needs the other axes ({fixed} devices) to divide the device count {device_count}")
+            sizes[rest[0]] = device_count // fixed
+        product = math.prod(sizes.values())
+        check(product == device_count, prefix.rstrip("."),
+               f"data * expert * model = {sizes['data']} * {sizes['expert']} * {sizes['model']} = "
+               f"{product} must equal the device count {device_count}")
+        return sizes["data"], sizes["expert"], sizes["model"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig(_Replaceable):
+    """Optimizer and learning-rate schedule (stmoe.optim builds them with optax)."""
+
+    PREFIX = "optim."
+
+    optimizer: str = "adafactor"  # 'adafactor' (the paper's) or 'adamw'
+    learning_rate: float = 1e-2  # peak learning rate
+    schedule: str = "rsqrt"  # 'rsqrt' (T5), 'warmup_cosine', 'warmup_linear', 'constant' (optim.learning_rate_schedule)
+    warmup_steps: int = 10_000  # linear warmup length; rsqrt: the length of the constant plateau
+    total_steps: int | None = None  # end of the cosine / linear decay; None = the run's total_steps
+    end_learning_rate_fraction: float = 0.0  # final LR / peak for the decaying schedules
+    b1: float = 0.9  # AdamW first-moment decay
+    b2: float = 0.999  # AdamW second-moment decay (0.95 for large models)
+    eps: float = 1e-8  # AdamW epsilon
+    # Decoupled weight decay, multiplied by the scheduled LR (AdamW convention, used for Adafactor
+    # too); never applied to norm scales or biases.
+    weight_decay: float = 0.0
+    adafactor_decay_rate: float = 0.8  # Adafactor second-moment decay exponent (paper)
+    # Adafactor update clipping (paper: 1.0; sec. 3.1 lowers it to 0.1 for stability); 0 = off. Any
+    # threshold > 0 works (optax.clip_by_block_rms divides by max(1, RMS / threshold)).
+    adafactor_clipping_threshold: float = 1.0
+    grad_clip_norm: float = 1.0  # global-norm gradient clipping; 0 = off
+    router_lr_multiplier: float = 1.0  # scales the updates of params with 'router' in their path
+    # Regexes searched in '/'-joined param paths; matching params are frozen (see also RunConfig.freeze).
+    freeze_patterns: tuple[str, ...] = ()
+    skip_nonfinite: bool = True  # skip (and count) steps with Inf/NaN gradients; a skipped update is never applied
+    # The trainer stops the run after this many skipped steps in a row; 0 stops at the first.
+    max_consecutive_nonfinite: int = 10
+
+    def validate(self, prefix: str = "optim.") -> "OptimConfig":
+        p = prefix
+        check(self.optimizer in OPTIMIZERS, f"{p}optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        check(self.schedule in LR_SCHEDULES, f"{p}schedule", f"must be one of {LR_SCHEDULES}, got {self.schedule!r}")
+        check(self.learning_rate > 0, f"{p}learning_rate", f"must be > 0, got {self.learning_rate}")
+        check(self.warmup_steps >= 0, f"{p}warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(self.schedule != "rsqrt" or self.warmup_steps >= 1, f"{p}warmup_steps",
+               f"schedule 'rsqrt' needs warmup_steps >= 1 (lr ~ 1/sqrt(max(step, warmup_steps))), "
+               f"got {self.warmup_steps}")
+        if self.schedule in ("warmup_cosine", "warmup_linear"):
+            check(self.total_steps is not None and self.total_steps > self.warmup_steps, f"{p}total_steps",
+                   f"must be > warmup_steps={self.warmup_steps} for schedule {self.schedule!r}, got {self.total_steps}")
+        check(0.0 <= self.end_learning_rate_fraction <= 1.0, f"{p}end_learning_rate_fraction",
+               f"must be in [0, 1], got {self.end_learning_rate_fraction}")
+        for name in ("b1", "b2", "adafactor_decay_rate"):
+            check(0.0 <= getattr(self, name) < 1.0, f"{p}{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        for name in ("eps", "weight_decay", "grad_clip_norm", "router_lr_multiplier"):
+            check(getattr(self, name) >= 0, f"{p}{name}", f"must be >= 0, got {getattr(self, name)}")
+        check(self.adafactor_clipping_threshold >= 0, f"{p}adafactor_clipping_threshold",
+               f"must be 0 (off) or > 0, got {self.adafactor_clipping_threshold}")
+        check(isinstance(self.freeze_patterns, tuple), f"{p}freeze_patterns",
+               f"must be a tuple of regex strings, got {self.freeze_patterns!r}")
+        for pattern in self.freeze_patterns:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise ConfigError(f"{p}freeze_patterns: bad regex {pattern!r}: {e}") from None
+        check(self.max_consecutive_nonfinite >= 0, f"{p}max_consecutive_nonfinite",
+               f"must be >= 0, got {self.max_consecutive_nonfinite}")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(_Replaceable):
+    PREFIX = "data."
+
+    task: str = "stmoe_synthetic_span_corruption"  # seqio task/mixture family (stmoe.data.tasks)
+    eval_task: str = ""  # held-out task; "" = task
+    eval_split: str = "validation"  # held-out split of the eval task
+    vocab_path: str = ""  # SentencePiece model; "" = the task family's default (bytes for the synthetic corpus)
+    inputs_length: int = 128  # encoder tokens per example (packed)
+    # Decoder tokens; span corruption of inputs_length needs stmoe.data.pre_corruption_length(inputs_length)[1]
+    # (29 for 128: tests/test_config_validation.py checks the pair).
+    targets_length: int = 29
+    pack: bool = True  # several examples per row (segment ids keep them apart)
+    seed: int = 0  # shuffling and span-corruption masks
+    text_files: str = ""  # glob of local text files (one document per line): overrides task
+    # Held-out loss on text_files: these files, or ("") the held_out_percent of text_files' documents
+    # whose hash bucket (stmoe.data.tasks.held_out_bucket) is lowest; training never sees them.
+    eval_text_files: str = ""
+    held_out_percent: int = 5
+
+    def validate(self, prefix: str = "data.") -> "DataConfig":
+        p = prefix
+        for name in ("inputs_length", "targets_length"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, f"{p}{name}", f"must be a positive integer, got {value!r}")
+        if self.text_files or "span_corruption" in self.task:
+            from stmoe.data import preprocessors
+            tokens, needed = preprocessors.pre_corruption_length(max(self.inputs_length, 2))
+            ok = self.inputs_length >= 3 and preprocessors.corrupted_lengths(tokens)[0] <= self.inputs_length
+            check(ok, f"{p}inputs_length",
+                   f"{self.inputs_length} is too short for span corruption: must be >= 3 (T5/ST-MoE use 512)")
+            check(self.targets_length >= needed, f"{p}targets_length",
+                   f"span corruption of inputs_length={self.inputs_length} needs targets_length >= {needed} "
+                   f"(stmoe.data.pre_corruption_length), got {self.targets_length}")
+        check(not self.eval_text_files or self.text_files, f"{p}eval_text_files",
+               "needs data.text_files (the training text)")
+        if self.text_files:
+            import tensorflow as tf
+            for name in ("text_files", "eval_text_files"):
+                pattern = getattr(self, name)
+                check(not pattern or tf.io.gfile.glob(pattern), f"{p}{name}", f"no file matches {pattern!r}")
+            check(isinstance(self.held_out_percent, int) and 0 <= self.held_out_percent < 100,
+                   f"{p}held_out_percent", f"must be an integer in [0, 100), got {self.held_out_percent!r}")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class InferEvalConfig(_Replaceable):
+    """Task metrics by decoding (a seqio Evaluator, stmoe/evaluation.py) at every evaluation."""
+
+    PREFIX = "infer_eval."
+
+    task: str = ""  # seqio task/mixture family with metric fns (e.g. exact match); "" = off
+    split: str = "validation"
+    num_examples: int = 256  # per task; -1 = the whole split
+    batch_size: int = 64  # decoding batch (rounded up to the data-parallel size)
+    decoding: str = "greedy"  # or 'beam'
+    beam_size: int = 4
+
+    def validate(self, prefix: str = "infer_eval.") -> "InferEvalConfig":
+        p = prefix
+        if not self.task:
+            return self
+        check(self.decoding in DECODINGS, f"{p}decoding", f"must be one of {DECODINGS}, got {self.decoding!r}")
+        for name in ("batch_size", "beam_size"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, f"{p}{name}", f"must be an integer >= 1, got {value!r}")
+        check(isinstance(self.num_examples, int) and (self.num_examples >= 1 or self.num_examples == -1),
+               f"{p}num_examples", f"must be -1 (all) or >= 1, got {self.num_examples!r}")
+        import jax
+        check(jax.process_count() == 1, f"{p}task",
+               "decoding evaluation inside training runs in single-process jobs only; use scripts/evaluate.py")
+        return self
+
+
+# `freeze` presets (ST-MoE sec. 4.2, "fine-tuning a subset of parameters"): regexes of parameter
+# paths to FREEZE (added to optim.freeze_patterns). Paths look like 'encoder/layers_1/ffn/moe/expert_wi_0',
+# 'decoder/layers_0/ffn/mlp/wo', 'encoder/layers_0/attention/query' (scanned: 'encoder/scan_2/...').
+#   name               updated                                       paper's row
+#   none               everything                                    All
+#   moe                everything but the MoE layers (router+experts) Non-MoE  (the paper's best)
+#   non_moe            only the MoE layers                           MoE      (much worse)
+#   attention          only self- and cross-attention                Attention
+#   non_moe_ffn_only   only the dense (non-MoE) FFNs                 FFN
+FREEZE_PRESETS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "moe": (r"/moe/",),
+    "non_moe": (r"^(?!.*/moe/)",),
+    "attention": (r"^(?!.*attention/)",),
+    "non_moe_ffn_only": (r"^(?!.*/ffn/(mlp|extra_mlp)/)",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(_Replaceable):
+    """A training run. Its own fields are the loop's: batch, steps, cadences, seed, where it starts."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    num_devices: int = -1  # use only the first N devices (-1 = all); e.g. 1 to resume a pod run locally
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    batch_size: int = 32  # global batch (sequences per step), over all devices and microbatches
+    microbatches: int = 1  # gradient accumulation: the batch is split into this many microbatches
+    total_steps: int = 300  # optimizer steps of the run (a resumed run counts from its checkpoint's step)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    checkpoint_every_steps: int = 100  # async checkpoint cadence (also saved at the end and on SIGTERM)
+    keep_checkpoints: int = 3  # newest checkpoints kept
+    eval_every_steps: int = 100  # held-out evaluation cadence (also at the end)
+    eval_steps: int = 8  # held-out batches per evaluation (0 = none)
+    log_every_steps: int = 20  # metrics to TensorBoard / metrics.jsonl cadence
+    seed: int = 0  # parameter init and dropout / routing rngs (fold_in(seed, step): resume is exact)
+    resume_from: str = ""  # another run's checkpoint dir: full state + data position (if the workdir has none)
+    init_checkpoint: str = ""  # pretrained checkpoint dir (or its step dir): params only (fine-tuning)
+    reset_optimizer_state: bool = True  # with init_checkpoint: a fresh optimizer state (False: keep its state)
+    freeze: str = "none"  # parameters NOT updated: a FREEZE_PRESETS name (frozen params get no optimizer state)
+    infer_eval: InferEvalConfig = dataclasses.field(default_factory=InferEvalConfig)
+
+    def optimizer(self) -> OptimConfig:
+        """`optim` as the trainer builds it: total_steps filled in, the freeze preset's patterns added."""
+        return self.optim.replace(
+            total_steps=self.total_steps if self.optim.total_steps is None else self.optim.total_steps,
+            freeze_patterns=tuple(self.optim.freeze_patterns) + FREEZE_PRESETS.get(self.freeze, ()))
+
+    def resolve_devices(self) -> int:
+        """How many devices the run uses (`num_devices`, or all of them)."""
+        import jax
+        available = jax.device_count()
+        check(self.num_devices == -1 or 1 <= self.num_devices <= available, "num_devices",
+               f"must be -1 (all) or in [1, {available}], got {self.num_devices}")
+        return available if self.num_devices == -1 else self.num_devices
+
+    def validate(self, device_count: int | None = None) -> "RunConfig":
+        """Checks every field (and the mesh against `device_count`, by default the devices this run
+        would use); raises ConfigError naming the first bad one. Returns self."""
+        from stmoe import partitioning
+
+        self.model.validate()
+        self.loss.validate()
+        resolved = self.resolve_devices()
+        device_count = resolved if device_count is None else device_count
+        for name in ("batch_size", "microbatches"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        check(self.batch_size % self.microbatches == 0, "microbatches",
+               f"must divide batch_size={self.batch_size}, got {self.microbatches}")
+        lengths = (self.data.inputs_length, self.data.targets_length)
+        partitioning.validate_layout(self.mesh, self.model, self.batch_size, device_count, lengths)
+        data, expert, _ = self.mesh.resolve(device_count)
+        micro = self.batch_size // self.microbatches
+        check(micro % (data * expert) == 0, "microbatches",
+               f"a microbatch of batch_size / microbatches = {micro} sequences is not divisible by the "
+               f"data-parallel size mesh.data * mesh.expert = {data * expert}")
+        for name in ("total_steps", "checkpoint_every_steps", "eval_every_steps", "log_every_steps",
+                     "keep_checkpoints"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
+        check(isinstance(self.eval_steps, int) and self.eval_steps >= 0, "eval_steps",
+               f"must be an integer >= 0 (0 = no evaluation), got {self.eval_steps!r}")
+        check(self.freeze in FREEZE_PRESETS, "freeze", f"must be one of {sorted(FREEZE_PRESETS)}, got {self.freeze!r}")
+        check(not (self.reset_optimizer_state is False and not self.init_checkpoint),
+               "reset_optimizer_state", "False needs init_checkpoint (whose optimizer state is kept)")
+        self.data.validate()
+        self.optimizer().validate()
+        self.infer_eval.validate()
+        return self
+
+
+def run_config(config: "RunConfig | ml_collections.ConfigDict | Mapping[str, Any]") -> RunConfig:
+    """The typed tree of a run given as a RunConfig, an ml_collections ConfigDict (configs/*.py,
+    command-line overrides applied) or nested dicts (config.json: upgrade_run_config first)."""
+    if isinstance(config, RunConfig):
+        return config
+    values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+    return RunConfig.from_dict(values)
+
+
+def to_config_dict(section: Any) -> ml_collections.ConfigDict:
+    """A config dataclass as an ml_collections ConfigDict with the same fields and values, for
+    configs/*.py and `--config.FIELD=VALUE` overrides. A None field becomes a typed placeholder (so
+    `--config.model.moe.group_size=4` parses as an int), and a RunConfig's `optim.total_steps`
+    left at None follows `total_steps` (a FieldReference)."""
+    from ml_collections import config_dict
+
+    hints = typing.get_type_hints(type(section))
+    out = ml_collections.ConfigDict()
+    for field in dataclasses.fields(section):
+        value = getattr(section, field.name)
+        if dataclasses.is_dataclass(value):
+            out[field.name] = to_config_dict(value)
+        elif value is None:
+            kinds = [t for t in typing.get_args(hints[field.name]) if t is not type(None)]
+            out[field.name] = config_dict.placeholder(typing.get_origin(kinds[0]) or kinds[0])
+        else:
+            out[field.name] = value
+    if isinstance(section, RunConfig) and section.optim.total_steps is None:
+        del out.optim["total_steps"]  # replaced, not chained to its placeholder: gin_config.to_gin sees one field
+        out.optim.total_steps = out.get_ref("total_steps")
+    return out

@@ -2,7 +2,7 @@
 
     evaluation = Evaluation("stmoe_synthetic_qa", split="validation", lengths={"inputs": 160, "targets": 16},
                             log_dir=workdir + "/eval")
-    results = evaluation.run(loaded_model, step=1000)   # {task: {"exact_match": 83.2, ..., "moe/dropped_tokens": ...}}
+    results = evaluation.run(model, params, mesh, step=1000)   # {task: {"exact_match": 83.2, ..., "moe/dropped_tokens": ...}}
 
 seqio does the bookkeeping (its cached, enumerated eval datasets keep every prediction tied to its
 example; postprocessors, per-task metric functions, mixtures -> their tasks); this module supplies
@@ -21,8 +21,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
+from jax.sharding import Mesh
 
 from stmoe import inference
+from stmoe.models import EncoderDecoder
 
 
 def _unwrap(value: Any) -> float | Any:
@@ -68,8 +70,11 @@ class Evaluation:
             targets.append(features["decoder_target_tokens"])
         return np.asarray(indices), np.stack(inputs).astype(np.int32), np.stack(targets).astype(np.int32)
 
-    def run(self, loaded: inference.LoadedModel, step: int | None = None) -> dict[str, dict[str, float]]:
-        """Decodes / scores every eval task and returns {task: {metric: value}} (also logged)."""
+    def run(self, model: EncoderDecoder, params: Any, mesh: Mesh, step: int | None = None) -> dict[str, dict[str, float]]:
+        """Decodes / scores every eval task with `model` and `params` (sharded over `mesh`) and returns
+        {task: {metric: value}} (also logged)."""
+        loaded = inference.LoadedModel(model=model, params=params, mesh=mesh, inputs_length=self.lengths["inputs"],
+                                       targets_length=self.lengths["targets"])
         routing: dict[str, dict[str, float]] = {}
 
         def predict_fn(dataset):

@@ -35,7 +35,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from stmoe import checkpoints, decoding, metrics as moe_metrics, partitioning
-from stmoe.config import ConfigError, ModelConfig, upgrade_run_config
+from stmoe.config import ConfigError, ModelConfig, RunConfig, upgrade_run_config
+from stmoe.config import run_config as run_config_of
 from stmoe.models import EncoderDecoder
 
 DECODING_MODES = ("greedy", "beam", "sample")
@@ -43,14 +44,17 @@ DECODING_MODES = ("greedy", "beam", "sample")
 
 @dataclasses.dataclass
 class LoadedModel:
+    """A model with its params on a mesh: what `load` returns, and what the trainer's decoding
+    evaluation builds from its live params (no vocabulary, run config or checkpoint then)."""
+
     model: EncoderDecoder
     params: Any  # sharded over `mesh`
     mesh: Mesh
-    vocabulary: Any  # seqio.Vocabulary
-    run_config: ml_collections.ConfigDict  # the training run's config.json
-    checkpoint: str  # the state directory the params came from
     inputs_length: int
     targets_length: int
+    vocabulary: Any = None  # seqio.Vocabulary (tokenize / detokenize)
+    run_config: RunConfig | None = None  # the training run's config.json
+    checkpoint: str = ""  # the state directory the params came from
 
     @property
     def config(self) -> ModelConfig:
@@ -61,7 +65,7 @@ class LoadedModel:
         return self.mesh.shape["data"] * self.mesh.shape["expert"]
 
 
-def find_run_config(path: str) -> tuple[ml_collections.ConfigDict, str]:
+def find_run_config(path: str) -> tuple[RunConfig, str]:
     """(config, its path) of the run that owns checkpoint `path`: config.json in `path` or up to two
     directories above it (workdir / checkpoints / step). An older run's moved fields are read in their
     new places (config.upgrade_run_config)."""
@@ -70,7 +74,7 @@ def find_run_config(path: str) -> tuple[ml_collections.ConfigDict, str]:
         candidate = os.path.join(directory, "config.json")
         if os.path.isfile(candidate):
             with open(candidate) as f:
-                return ml_collections.ConfigDict(upgrade_run_config(json.load(f))), candidate
+                return RunConfig.from_dict(upgrade_run_config(json.load(f))), candidate
         directory = os.path.dirname(directory)
     raise FileNotFoundError(f"no config.json in {path} or above it; pass a training run's workdir "
                             "(scripts/train.py writes WORKDIR/config.json)")
@@ -108,7 +112,7 @@ def applied_eval_capacity_factor(cfg: ModelConfig) -> float | None:
 
 
 def load(path: str, *, eval_capacity_factor: float | None = None, num_devices: int | None = None,
-         config: ml_collections.ConfigDict | None = None) -> LoadedModel:
+         config: RunConfig | ml_collections.ConfigDict | None = None) -> LoadedModel:
     """The model of the run at `path` (workdir, checkpoints dir or step dir) with its trained params.
 
     `config` replaces the run's config.json (e.g. a configs/*.py preset). Raises FileNotFoundError
@@ -118,7 +122,7 @@ def load(path: str, *, eval_capacity_factor: float | None = None, num_devices: i
     from stmoe.data import tasks, vocab
 
     state_dir = checkpoints.state_dir(path)
-    run_config = config if config is not None else find_run_config(path)[0]
+    run_config = run_config_of(config) if config is not None else find_run_config(path)[0]
     model_values = run_config.model.to_dict()
     if eval_capacity_factor is not None:
         model_values["moe"] = with_eval_capacity_factor(model_values["moe"], eval_capacity_factor)
@@ -126,7 +130,7 @@ def load(path: str, *, eval_capacity_factor: float | None = None, num_devices: i
     model_cfg = ModelConfig.from_dict(model_values).validate()
 
     devices = jax.devices()[:num_devices] if num_devices else jax.devices()
-    mesh_cfg = partitioning.MeshConfig.from_dict(run_config.mesh.to_dict())
+    mesh_cfg = run_config.mesh
     try:
         partitioning.validate_layout(mesh_cfg, model_cfg, len(devices), len(devices))
     except ConfigError:  # the training layout does not fit these devices: plain data parallelism
@@ -141,7 +145,7 @@ def load(path: str, *, eval_capacity_factor: float | None = None, num_devices: i
     abstract, shardings = partitioning.abstract_params_and_shardings(model, mesh, shapes, jax.random.key(0))
     params = checkpoints.restore_params(state_dir, partitioning.with_shardings(abstract, shardings),
                                         model_config=model_values)
-    vocab_path = data.get("vocab_path") or tasks.families().get(data.task)
+    vocab_path = data.vocab_path or tasks.families().get(data.task)
     return LoadedModel(model=model, params=params, mesh=mesh, vocabulary=vocab.get_vocabulary(vocab_path),
                        run_config=run_config, checkpoint=state_dir, inputs_length=lengths[0],
                        targets_length=lengths[1])

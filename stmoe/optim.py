@@ -23,7 +23,6 @@ params, unboxed params, and their gradients.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any
 
@@ -32,103 +31,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from stmoe.config import OptimConfig  # noqa: F401 - the settings every builder here takes
+
 FROZEN = "frozen"
 ROUTER = "router"
 DEFAULT = "default"
 
-_OPTIMIZERS = ("adamw", "adafactor")
-_SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "rsqrt")
 NEVER_APPLY_NONFINITE = 2**31 - 1  # optax's consecutive-skip counter is int32
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """Optimizer settings; build once from the experiment config and validate()."""
-
-    optimizer: str = "adafactor"  # 'adamw' | 'adafactor' (the paper's).
-    learning_rate: float = 1e-2  # Peak learning rate.
-    # 'constant' | 'warmup_cosine' | 'warmup_linear' | 'rsqrt' (T5; see
-    # learning_rate_schedule for the exact formulas).
-    schedule: str = "rsqrt"
-    warmup_steps: int = 10_000  # Linear warmup length; rsqrt: the plateau length.
-    total_steps: int = 100_000  # End of the cosine / linear decay.
-    end_learning_rate_fraction: float = 0.0  # Final LR = fraction * peak (decays).
-    b1: float = 0.9  # AdamW first-moment decay.
-    b2: float = 0.999  # AdamW second-moment decay (0.95 for large models).
-    eps: float = 1e-8  # AdamW epsilon.
-    # Decoupled weight decay, multiplied by the scheduled LR (AdamW convention,
-    # used for Adafactor too); never applied to norm scales or biases.
-    weight_decay: float = 0.0
-    adafactor_decay_rate: float = 0.8  # Second-moment decay exponent (paper).
-    adafactor_clipping_threshold: float = 1.0  # Update clipping (paper); 0 disables.
-    grad_clip_norm: float = 1.0  # Global-norm clipping of gradients; 0 disables.
-    router_lr_multiplier: float = 1.0  # Scales updates of params with 'router' in the path.
-    # Regexes searched in '/'-joined param paths; matching params are frozen.
-    freeze_patterns: tuple[str, ...] = ()
-    skip_nonfinite: bool = True  # Skip updates whose gradients contain Inf/NaN (never applied).
-    # The trainer stops the run (TrainingDiverged) after this many skipped steps in a row;
-    # 0 stops at the first. A skipped update is never applied, however many there are.
-    max_consecutive_nonfinite: int = 10
-
-    def replace(self, **changes) -> "OptimConfig":
-        return dataclasses.replace(self, **changes)
-
-    def validate(self) -> "OptimConfig":
-        """Raises ValueError naming the first bad field; returns self."""
-        if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(
-                f"OptimConfig.optimizer={self.optimizer!r}; allowed: {_OPTIMIZERS}")
-        if self.schedule not in _SCHEDULES:
-            raise ValueError(
-                f"OptimConfig.schedule={self.schedule!r}; allowed: {_SCHEDULES}")
-        if not self.learning_rate > 0:
-            raise ValueError(
-                f"OptimConfig.learning_rate={self.learning_rate}; must be > 0")
-        if self.warmup_steps < 0:
-            raise ValueError(
-                f"OptimConfig.warmup_steps={self.warmup_steps}; must be >= 0")
-        if self.schedule == "rsqrt" and self.warmup_steps < 1:
-            raise ValueError(
-                f'OptimConfig.warmup_steps={self.warmup_steps}; schedule "rsqrt" '
-                "needs warmup_steps >= 1 (lr ~ 1/sqrt(max(step, warmup_steps)))")
-        decays = self.schedule in ("warmup_cosine", "warmup_linear")
-        if decays and self.total_steps <= self.warmup_steps:
-            raise ValueError(
-                f"OptimConfig.total_steps={self.total_steps}; must be > "
-                f"warmup_steps={self.warmup_steps} for schedule {self.schedule!r}")
-        if not 0.0 <= self.end_learning_rate_fraction <= 1.0:
-            raise ValueError(
-                "OptimConfig.end_learning_rate_fraction="
-                f"{self.end_learning_rate_fraction}; must be in [0, 1]")
-        for name in ("b1", "b2", "adafactor_decay_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"OptimConfig.{name}={value}; must be in [0, 1)")
-        for name in ("eps", "weight_decay", "grad_clip_norm", "router_lr_multiplier"):
-            value = getattr(self, name)
-            if value < 0:
-                raise ValueError(f"OptimConfig.{name}={value}; must be >= 0")
-        # Any threshold > 0 works (optax.clip_by_block_rms divides by max(1, RMS / threshold)); ST-MoE
-        # sec. 3.1 lowers it from 1.0 to 0.1 for stability.
-        if self.adafactor_clipping_threshold < 0:
-            raise ValueError(
-                "OptimConfig.adafactor_clipping_threshold="
-                f"{self.adafactor_clipping_threshold}; must be 0 (off) or > 0")
-        if not isinstance(self.freeze_patterns, tuple):
-            raise ValueError(
-                f"OptimConfig.freeze_patterns={self.freeze_patterns!r}; must be a "
-                "tuple of regex strings")
-        for pattern in self.freeze_patterns:
-            try:
-                re.compile(pattern)
-            except (re.error, TypeError) as e:
-                raise ValueError(
-                    f"OptimConfig.freeze_patterns: bad regex {pattern!r}: {e}") from e
-        if self.max_consecutive_nonfinite < 0:
-            raise ValueError(
-                "OptimConfig.max_consecutive_nonfinite="
-                f"{self.max_consecutive_nonfinite}; must be >= 0")
-        return self
 
 
 # ----------------------------------------------------------------- schedules

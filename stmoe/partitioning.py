@@ -65,7 +65,6 @@ Usage (the trainer):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -77,9 +76,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from stmoe.config import ConfigError, ModelConfig
-
-MESH_AXES = ("data", "expert", "model")
+from stmoe.config import MESH_AXES, MeshConfig, ModelConfig  # noqa: F401 - MeshConfig: partitioning.MeshConfig
+from stmoe.config import check
 BATCH_AXES = ("data", "expert")  # the data-parallel axes: a sequence lives on exactly one (data, expert) slot
 
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -96,54 +94,6 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("relpos_buckets", None),
     ("unmodeled", None),
 )
-
-
-def _check(condition: bool, field: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{field}: {message}")
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Sizes of the mesh axes; -1 (at most one axis) means "the rest of the devices"."""
-
-    data: int = -1  # data parallelism (experts replicated over it)
-    expert: int = 1  # expert parallelism; also data-parallel for the dense layers
-    model: int = 1  # tensor parallelism: mlp / heads / vocab / expert_mlp
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], prefix: str = "mesh.") -> "MeshConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            _check(key in known, f"{prefix}{key}", f"unknown field; allowed: {sorted(known)}")
-        return cls(**dict(values))
-
-    def validate(self, device_count: int | None = None, prefix: str = "mesh.") -> "MeshConfig":
-        """Checks the fields; with `device_count`, also that they fit it. Returns self."""
-        self.resolve(device_count, prefix)
-        return self
-
-    def resolve(self, device_count: int | None = None, prefix: str = "mesh.") -> tuple[int, int, int]:
-        """(data, expert, model) with -1 replaced; the product must equal device_count."""
-        sizes = {name: getattr(self, name) for name in MESH_AXES}
-        for name, size in sizes.items():
-            _check(isinstance(size, int) and (size >= 1 or size == -1), f"{prefix}{name}",
-                   f"must be a positive integer or -1 (the rest of the devices), got {size!r}")
-        rest = [name for name, size in sizes.items() if size == -1]
-        _check(len(rest) <= 1, f"{prefix}{rest[-1] if rest else 'data'}",
-               f"only one axis may be -1, got -1 for {rest}")
-        if device_count is None:
-            return tuple(sizes.values())  # type: ignore[return-value]
-        fixed = math.prod(size for size in sizes.values() if size != -1)
-        if rest:
-            _check(device_count % fixed == 0, f"{prefix}{rest[0]}",
-                   f"-1 needs the other axes ({fixed} devices) to divide the device count {device_count}")
-            sizes[rest[0]] = device_count // fixed
-        product = math.prod(sizes.values())
-        _check(product == device_count, prefix.rstrip("."),
-               f"data * expert * model = {sizes['data']} * {sizes['expert']} * {sizes['model']} = "
-               f"{product} must equal the device count {device_count}")
-        return sizes["data"], sizes["expert"], sizes["model"]
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -170,28 +120,28 @@ def validate_layout(mesh_cfg: MeshConfig, model_cfg: ModelConfig, batch_size: in
     """
     data, expert, model = mesh_cfg.resolve(device_count)
     num_experts = model_cfg.moe.num_experts
-    _check(num_experts % expert == 0, "model.moe.num_experts",
+    check(num_experts % expert == 0, "model.moe.num_experts",
            f"{num_experts} experts cannot be split evenly over mesh.expert = {expert}; "
            f"use a divisor of {num_experts} for mesh.expert")
     replicas = data * expert
-    _check(batch_size % replicas == 0, "batch_size",
+    check(batch_size % replicas == 0, "batch_size",
            f"{batch_size} is not divisible by the data-parallel size mesh.data * mesh.expert = "
            f"{data} * {expert} = {replicas}")
     if jax.process_count() > 1:
-        _check(batch_size % jax.process_count() == 0, "batch_size",
+        check(batch_size % jax.process_count() == 0, "batch_size",
                f"{batch_size} is not divisible by the process count {jax.process_count()}")
     for field, value in (("d_ff", model_cfg.d_ff), ("num_heads", model_cfg.num_heads),
                          ("vocab_size", model_cfg.vocab_size)):
-        _check(value % model == 0, f"model.{field}",
+        check(value % model == 0, f"model.{field}",
                f"{value} is not divisible by mesh.model = {model}")
     group_size = model_cfg.moe.group_size
     for length in sequence_lengths:
         if group_size is None:
             continue
-        _check(batch_size * length % group_size == 0, "model.moe.group_size",
+        check(batch_size * length % group_size == 0, "model.moe.group_size",
                f"{group_size} must divide batch_size * length = {batch_size} * {length}")
         groups = batch_size * length // group_size
-        _check(groups % replicas == 0, "model.moe.group_size",
+        check(groups % replicas == 0, "model.moe.group_size",
                f"{groups} groups (batch_size * length / group_size) are not divisible by "
                f"mesh.data * mesh.expert = {replicas}")
 

@@ -25,7 +25,7 @@ import math
 import os
 import re
 import sys
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Union
 
 import numpy as np
 from clu import metric_writers
@@ -105,24 +105,35 @@ def layer_stats(record: Mapping[str, float], prefix: str = "train") -> dict[str,
     return dict(sorted(layers.items()))
 
 
-def routing_report(path: str, prefix: str = "train") -> tuple[str, dict[str, dict[str, float]]]:
-    """(report, per-layer stats) of the last `prefix` record in the JSON-lines file at `path`; the
-    report is the routing table followed by the health check (`format_health`)."""
+Records = Union[str, Iterable[Mapping[str, float]]]
+
+
+def _records(source: Records, prefix: str) -> Iterator[Mapping[str, float]]:
+    """The `prefix` records of a JSON-lines file (a path) or of records already in memory."""
+    if isinstance(source, str):
+        return read_records(source, prefix)
+    return (r for r in source if any(k.startswith(prefix + "/") for k in r))
+
+
+def routing_report(source: Records, prefix: str = "train") -> tuple[str, dict[str, dict[str, float]]]:
+    """(report, per-layer stats) of the last `prefix` record (of a metrics.jsonl path, or of records in
+    memory: the trainer's); the report is the routing table followed by the health check (`format_health`)."""
     last = None
-    for record in read_records(path, prefix):
+    for record in _records(source, prefix):
         last = record
     if last is None:
-        return f"(no '{prefix}' metrics in {path})", {}
+        return f"(no '{prefix}' metrics in {source if isinstance(source, str) else 'the records'})", {}
     layers = layer_stats(last, prefix)
     if not layers:
         return "(no MoE layers)", {}
     return moe_metrics.format_table(layers) + "\n\n" + format_health(health_flags(layers), layers), layers
 
 
-def expert_load_history(path: str, prefix: str = "train") -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(steps [n], {layer: shares [n, experts]}): each expert's share of the layer's routed tokens."""
+def expert_load_history(source: Records, prefix: str = "train") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(steps [n], {layer: shares [n, experts]}): each expert's share of the layer's routed tokens, from
+    a metrics.jsonl path or records in memory."""
     steps, rows = [], []
-    for record in read_records(path, prefix):
+    for record in _records(source, prefix):
         layers = layer_stats(record, prefix)
         if not layers:
             continue
@@ -136,10 +147,10 @@ def expert_load_history(path: str, prefix: str = "train") -> tuple[np.ndarray, d
     return np.asarray(steps), history
 
 
-def plot_expert_load(path: str, png_path: str, prefix: str = "train") -> str | None:
-    """Writes one panel per MoE layer: expert shares over steps, the 1/E line dashed. Returns png_path
-    (None when there is nothing to plot)."""
-    steps, history = expert_load_history(path, prefix)
+def plot_expert_load(source: Records, png_path: str, prefix: str = "train") -> str | None:
+    """Writes one panel per MoE layer: expert shares over steps, the 1/E line dashed (from a
+    metrics.jsonl path or records in memory). Returns png_path (None when there is nothing to plot)."""
+    steps, history = expert_load_history(source, prefix)
     if not history:
         return None
     # A bare Figure, not pyplot: switching pyplot's backend to Agg here would stop a notebook's inline plots.

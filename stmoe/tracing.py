@@ -99,12 +99,12 @@ def resolve_task(loaded: inference.LoadedModel, task: str | None = None) -> str:
     from stmoe.data import tasks
 
     data = loaded.run_config.data
-    if task is None and data.get("text_files"):
-        vocab_path = data.get("vocab_path") or None
+    if task is None and data.text_files:
+        vocab_path = data.vocab_path or None
         return tasks.register_text_files_task(
             "stmoe_text_files", {"train": data.text_files, "validation": data.text_files}, vocab_path)
     family = task or data.task
-    return tasks.task_name_for(family, data.get("vocab_path") or tasks.families().get(family))
+    return tasks.task_name_for(family, data.vocab_path or tasks.families().get(family))
 
 
 def has_domains(task_name: str) -> bool:

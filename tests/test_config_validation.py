@@ -1,6 +1,6 @@
 """Every invalid config fails at start with a one-line message naming the field.
 
-The cases call `trainer.validate_config` in-process (8 simulated devices); one test runs
+The cases call `trainer.prepare` (RunConfig.validate + data.resolve_tasks) in-process (8 simulated devices); one test runs
 scripts/train.py in a subprocess to prove the exit status 2 and the single stderr line.
 """
 import os
@@ -56,7 +56,7 @@ def test_invalid_field_is_named(dotted, value, field):
     config = pretrain.get_config("tiny")
     _set(config, dotted, value)
     with pytest.raises(ConfigError) as info:
-        trainer.validate_config(config)
+        trainer.prepare(config)
     message = str(info.value)
     assert message.startswith(field), message
     assert "\n" not in message
@@ -67,7 +67,7 @@ def test_invalid_field_is_named(dotted, value, field):
 def test_presets_validate(module, preset):
     config = module.get_config(preset)
     config.mesh.expert = 1  # the large presets ask for one expert per device
-    run = trainer.validate_config(config)
+    run, _ = trainer.prepare(config)
     assert run.model.moe.num_experts == config.model.moe.num_experts
 
 

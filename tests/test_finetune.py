@@ -26,7 +26,7 @@ import pytest
 
 from configs import finetune, pretrain
 from stmoe import checkpoints, optim, steps, trainer
-from stmoe.config import ModelConfig
+from stmoe.config import FREEZE_PRESETS, ModelConfig
 from stmoe.models import EncoderDecoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,11 +97,11 @@ def small_model_gradients():
     return params, jax.jit(jax.grad(loss))
 
 
-@pytest.mark.parametrize("freeze", sorted(trainer.FREEZE_PRESETS))
+@pytest.mark.parametrize("freeze", sorted(FREEZE_PRESETS))
 def test_freeze_preset_keeps_frozen_params_bit_identical(freeze, small_model_gradients):
     params, grad_fn = small_model_gradients
     ocfg = optim.OptimConfig(optimizer="adafactor", schedule="constant", learning_rate=1e-2,
-                             freeze_patterns=trainer.FREEZE_PRESETS[freeze])
+                             freeze_patterns=FREEZE_PRESETS[freeze])
     tx = optim.make_optimizer(ocfg, params)
     update = jax.jit(tx.update)
     new_params, opt_state = params, tx.init(params)
@@ -110,7 +110,7 @@ def test_freeze_preset_keeps_frozen_params_bit_identical(freeze, small_model_gra
         new_params = optax.apply_updates(new_params, updates)
     new = trainer.TrainState(step=jnp.int32(2), params=new_params, opt_state=opt_state)
 
-    patterns = [re.compile(p) for p in trainer.FREEZE_PRESETS[freeze]]
+    patterns = [re.compile(p) for p in FREEZE_PRESETS[freeze]]
     before, after = _flat(params), _flat(jax.device_get(new.params))
     frozen = {name for name in before if any(p.search(name) for p in patterns)}
     # The paper's subsets, independently of the regexes: which names each preset must update.

@@ -113,9 +113,9 @@ def test_eval_cross_entropy_matches_numpy_on_the_final_params(base_run):
 
     _, result, params = base_run
     config = tiny_config()
-    run = trainer.validate_config(config)
+    run, tasks = trainer.prepare(config)
     lengths = {"inputs": config.data.inputs_length, "targets": config.data.targets_length}
-    batches = stmoe_data.get_batch_iterator(run.eval_task, config.data.eval_split, lengths,
+    batches = stmoe_data.get_batch_iterator(tasks.eval, config.data.eval_split, lengths,
                                             config.batch_size // config.microbatches, seed=config.data.seed,
                                             pack=config.data.pack, shuffle=False, repeat=False)
     batch = next(iter(batches))  # eval_steps = 1

@@ -196,25 +196,25 @@ def parse(*overrides: str, config: str = DEFAULT_CONFIG):
 
 
 def test_none_default_fields_take_values_from_the_command_line():
-    dense = trainer.validate_config(parse("--config.model.sparse_layers=()")).model
+    dense = trainer.prepare(parse("--config.model.sparse_layers=()"))[0].model
     assert dense.sparse_layers == () and not any(dense.is_sparse(i) for i in range(4))
 
-    explicit = trainer.validate_config(parse("--config.model.sparse_layers=(0, 2)")).model
+    explicit = trainer.prepare(parse("--config.model.sparse_layers=(0, 2)"))[0].model
     assert [i for i in range(4) if explicit.is_sparse(i)] == [0, 2]
 
-    offset = trainer.validate_config(parse("--config.model.sparse_offset=0")).model
+    offset = trainer.prepare(parse("--config.model.sparse_offset=0"))[0].model
     assert [i for i in range(4) if offset.is_sparse(i)] == [0, 2]  # tiny: interval 2
 
-    expert_choice = trainer.validate_config(parse("--config.model.moe.router_type=experts_choose",
-                                                  "--config.model.moe.decoder_router_type=tokens_choose")).model
+    expert_choice = trainer.prepare(parse("--config.model.moe.router_type=experts_choose",
+                                                  "--config.model.moe.decoder_router_type=tokens_choose"))[0].model
     assert expert_choice.moe.router_for(causal=False) == "experts_choose"
     assert expert_choice.moe.router_for(causal=True) == "tokens_choose"
 
-    hf_like = trainer.validate_config(parse("--config.model.moe.expert_capacity=96",
-                                            "--config.model.moe.group_size=4")).model
+    hf_like = trainer.prepare(parse("--config.model.moe.expert_capacity=96",
+                                            "--config.model.moe.group_size=4"))[0].model
     assert (hf_like.moe.expert_capacity, hf_like.moe.group_size) == (96, 4)
 
-    defaults = trainer.validate_config(parse()).model
+    defaults = trainer.prepare(parse())[0].model
     assert (defaults.sparse_layers, defaults.sparse_offset, defaults.moe.expert_capacity,
             defaults.moe.group_size, defaults.moe.decoder_router_type) == (None,) * 5
 
@@ -236,12 +236,12 @@ def test_field_errors_name_field_and_closest_match():
 def test_vocabulary_fits_embedding(files):
     config = parse(f"--config.data.vocab_path={files['spm']}")
     with pytest.raises(ConfigError, match=r"^model\.vocab_size: 384 is smaller than the 600 token ids"):
-        trainer.validate_config(config)
-    assert trainer.validate_config(parse(f"--config.data.vocab_path={files['spm']}",
-                                         "--config.model.vocab_size=640")).model.vocab_size == 640
+        trainer.prepare(config)
+    assert trainer.prepare(parse(f"--config.data.vocab_path={files['spm']}",
+                                         "--config.model.vocab_size=640"))[0].model.vocab_size == 640
     # Another task's default vocabulary: C4 uses T5's 32100 ids, the tiny embedding has 384.
     with pytest.raises(ConfigError, match=r"^model\.vocab_size: 384 .* 32100 token ids"):
-        trainer.validate_config(parse("--config.data.task=c4_span_corruption"))
+        trainer.prepare(parse("--config.data.task=c4_span_corruption"))
 
 
 # ---------------------------------------------------------------------- own text: held-out
@@ -276,8 +276,8 @@ def test_text_files_held_out_split_is_disjoint_and_deterministic(tmp_path):
     assert sorted(documents(train, "train")) == sorted(lines)
     assert documents(held_out, "validation") == ["held out one", "held out two"]
 
-    run = trainer.validate_config(parse(f"--config.data.text_files={pattern}"))
-    assert run.eval_task != run.task and run.eval_task.endswith(".held_out")
+    _, names = trainer.prepare(parse(f"--config.data.text_files={pattern}"))
+    assert names.eval != names.train and names.eval.endswith(".held_out")
 
 
 # ------------------------------------------------------------------------ batch prioritized

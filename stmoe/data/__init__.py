@@ -12,7 +12,8 @@ vocabulary (idempotent). Main entry points:
 from stmoe.data.corpus import majority_baseline, unigram_entropy
 from stmoe.data.pipeline import BatchIterator, get_batch_iterator
 from stmoe.data.preprocessors import corrupted_lengths, pre_corruption_length, span_corruption
-from stmoe.data.tasks import register_all, register_text_files_task, register_text_files_tasks, task_name_for
+from stmoe.data.tasks import (TaskNames, register_all, register_text_files_task, register_text_files_tasks,
+                               resolve_tasks, task_name_for)
 from stmoe.data.vocab import T5_SPM_PATH, get_vocabulary, num_ids
 
 register_all()

@@ -28,6 +28,7 @@ this module works offline; the TFDS tasks download on first use.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Mapping, Sequence
 
@@ -312,3 +313,65 @@ def register_text_files_tasks(
   held_out = register_text_files_task(f"{name}.held_out", {eval_split: file_patterns}, vocab_path, one_doc_per,
                                       documents="held_out", held_out_percent=held_out_percent)
   return train, held_out
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskNames:
+  """The registered seqio names a run reads (its vocabulary's variants)."""
+
+  train: str
+  eval: str
+  infer_eval: str = ""  # "" = no decoding evaluation
+
+
+def resolve_tasks(run) -> TaskNames:
+  """Registers the tasks of a validated `stmoe.config.RunConfig` and returns their names.
+
+  What only the registry can answer fails here, as a ConfigError naming the field: an unknown
+  task, a split the task does not declare, a vocabulary with more ids than `model.vocab_size`
+  (an id past the embedding table gives NaN losses, not an error). Reads no data.
+  """
+  from stmoe.config import ConfigError, check
+
+  d, infer = run.data, run.infer_eval
+  vocab_path = d.vocab_path or None
+
+  def name_for(field: str, family: str) -> str:
+    try:
+      return task_name_for(family, vocab_path or families().get(family))
+    except KeyError as e:
+      raise ConfigError(f"{field}: {e.args[0]}") from None
+
+  def check_split(field: str, task: str, split: str) -> None:
+    splits = sorted(seqio.get_mixture_or_task(task).splits)  # declared at registration: reads nothing
+    check(split in splits, field, f"{split!r} is not a split of {task}: {splits}")
+
+  if d.text_files:
+    train, held_out = register_text_files_tasks(
+        "stmoe_text_files", d.text_files, vocab_path, eval_file_patterns=d.eval_text_files or None,
+        held_out_percent=d.held_out_percent, eval_split=d.eval_split)
+  else:
+    train = name_for("data.task", d.task)
+    held_out = name_for("data.eval_task", d.eval_task) if d.eval_task else train
+  if run.eval_steps:
+    check_split("data.eval_split", held_out, d.eval_split)
+
+  vocabulary = seqio.get_mixture_or_task(train).output_features["targets"].vocabulary  # loads nothing
+  checked = getattr(vocabulary, "sentencepiece_model_file", None)  # None: bytes
+  try:
+    ids = vocab.num_ids(checked)
+  except ValueError as e:
+    raise ConfigError(f"data.vocab_path: {e}") from None
+  source = (f"data.vocab_path={vocab_path}" if vocab_path else
+            f"the vocabulary of data.{'text_files' if d.text_files else 'task'}, {checked or 'bytes'},")
+  pieces = f"{ids - vocab.NUM_EXTRA_IDS} pieces" if checked else f"{ids - vocab.NUM_EXTRA_IDS} bytes and specials"
+  check(ids <= run.model.vocab_size, "model.vocab_size",
+        f"{run.model.vocab_size} is smaller than the {ids} token ids of {source} ({pieces} + "
+        f"{vocab.NUM_EXTRA_IDS} sentinels); set --config.model.vocab_size={-(-ids // 128) * 128} (the next "
+        "multiple of 128)")
+
+  infer_eval = ""
+  if infer.task:
+    infer_eval = name_for("infer_eval.task", infer.task)
+    check_split("infer_eval.split", infer_eval, infer.split)
+  return TaskNames(train=train, eval=held_out, infer_eval=infer_eval)
