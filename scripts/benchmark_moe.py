@@ -15,8 +15,14 @@ around one call); otherwise (CPU) XLA's compiled memory analysis, temp + argumen
 bytes of the jitted forward+backward. `act_bytes` leaves out the parameters (arguments) and
 their gradients (outputs), i.e. activations and workspace only.
 
+One decoding step (`--decode B ...`): B sequences of one new token each, i.e. B routing groups of one
+token, the MoE layer as cached decoding runs it (eval mode: the grouped path, k experts per token,
+no capacity slots), against the dense FFN of the same active width (k * d_ff) on the same B tokens.
+Forward only; per generated token the two cost what one call costs / B.
+
     python scripts/benchmark_moe.py --out /tmp/benchmark_moe.json            # full table (~10 min, 2 cores)
     python scripts/benchmark_moe.py --tokens 2048 --experts 8 --rounds 3     # quick look
+    python scripts/benchmark_moe.py --decode 1 8 64 --experts 8 32 --out /tmp/benchmark_moe_decode.json
 """
 from __future__ import annotations
 
@@ -139,6 +145,41 @@ def run_shape(tokens, num_experts, impls, rounds, dense_cache, dtype="float32"):
     return rows, timed[0].peak_source if timed else dense[0].peak_source
 
 
+def time_decode(batch: int, num_experts: int, rounds: int, dtype: str = "float32") -> dict:
+    """One cached-decoding step's MoE layer (B groups of one token) vs the dense FFN of width k * d_ff."""
+    key = jax.random.key(batch)
+    x = jax.random.normal(key, (batch, 1, D_MODEL), jnp.float32)
+    mask = jnp.ones(x.shape[:2], jnp.float32)
+    layer = MoeLayer(resolve_model(ModelConfig(d_model=D_MODEL, d_ff=D_FF, num_decoder_layers=0, dtype=dtype, moe=MoeConfig(
+        num_experts=num_experts, top_k=TOP_K, second_expert_policy="all")).validate()))
+    moe_params = nn.meta.unbox(layer.init({"params": jax.random.key(0)}, x, mask)["params"])
+    mlp = Mlp(TOP_K * D_FF, dtype=jnp.dtype(dtype))
+    mlp_params = nn.meta.unbox(mlp.init({"params": jax.random.key(0)}, x)["params"])
+    moe_step = jax.jit(lambda p, x: layer.apply({"params": p}, x, mask, mutable=["moe"])[0])
+    dense_step = jax.jit(lambda p, x: mlp.apply({"params": p}, x))
+    calls = {"moe": (moe_step, moe_params), "dense": (dense_step, mlp_params)}
+    times = {name: [] for name in calls}
+    for fn, params in calls.values():
+        jax.block_until_ready(fn(params, x))
+    for _ in range(rounds):
+        for name, (fn, params) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(params, x))
+            times[name].append(time.perf_counter() - start)
+    moe_s, dense_s = float(np.median(times["moe"])), float(np.median(times["dense"]))
+    return dict(batch=batch, E=num_experts, top_k=TOP_K, moe_ms=moe_s * 1e3, dense_ms=dense_s * 1e3,
+                moe_vs_dense=moe_s / dense_s, moe_us_per_token=moe_s * 1e6 / batch,
+                distinct_experts_at_most=min(num_experts, TOP_K * batch))
+
+
+def format_decode(rows):
+    lines = ["| B (tokens) | E | MoE ms | dense (k x d_ff) ms | MoE / dense | MoE us per token |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['E']} | {r['moe_ms']:.2f} | {r['dense_ms']:.2f} | {r['moe_vs_dense']:.2f} | "
+              f"{r['moe_us_per_token']:.0f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def format_table(rows):
     header = ("impl", "T", "E", "fwd ms", "x dense", "fwd+bwd ms", "x dense", "peak MiB", "act MiB")
     lines = [header]
@@ -161,9 +202,24 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="activations and experts (bfloat16 on GPU/TPU); parameters and router stay float32")
+    parser.add_argument("--decode", type=int, nargs="+", default=None, metavar="B",
+                        help="time one decoding step of B sequences instead (forward only; see the docstring)")
     parser.add_argument("--out", default=None, help="write JSON here")
     args = parser.parse_args()
+    for name in ("tokens", "experts", "decode"):
+        if any(v < 1 for v in getattr(args, name) or ()):
+            parser.error(f"--{name} values must be >= 1")
     backend = jax.default_backend()
+    if args.decode:
+        load_before = os.getloadavg()
+        rows = [time_decode(b, e, args.rounds, args.dtype) for b in args.decode for e in args.experts]
+        print(format_decode(rows))
+        print(f"load average (1, 5, 15 min): before {load_before}, after {os.getloadavg()}")
+        cli.write_result(args.out, {"decode_rows": rows, "jax": jax.__version__, "backend": backend,
+                                    "setup": dict(d_model=D_MODEL, d_ff=D_FF, top_k=TOP_K, mlp="GEGLU",
+                                                  dtype=args.dtype, rounds=args.rounds, cpu_count=os.cpu_count()),
+                                    "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()}})
+        return
     impls = args.impls
     rows, dense_cache, source = [], {}, None
     load_before = os.getloadavg()

@@ -135,7 +135,7 @@ class Checkpointer:
             raise ValueError(f"Checkpointer.max_to_keep={max_to_keep}; must be >= 1")
         if save_interval_steps < 1:
             raise ValueError(f"Checkpointer.save_interval_steps={save_interval_steps}; must be >= 1")
-        self.directory = str(directory)
+        self.directory, self.max_to_keep = str(directory), max_to_keep
         self._unfinished = _unfinished_saves(self.directory)  # before orbax starts deleting them
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,

@@ -62,7 +62,7 @@ class LoadedModel:
 
     @property
     def data_parallel(self) -> int:
-        return self.mesh.shape["data"] * self.mesh.shape["expert"]
+        return partitioning.data_parallel_size(self.mesh)
 
 
 def find_run_config(path: str) -> tuple[RunConfig, str]:

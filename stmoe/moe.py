@@ -210,8 +210,7 @@ class MoeLayer(nn.Module):
         # 2. Router (float32 unless moe.router_dtype says otherwise) and routing decisions.
         logits = routing.Router(moe.num_experts, moe.router_init_std, moe.jitter_noise, jnp.dtype(moe.router_dtype),
                                 name="router")(x, deterministic)  # [g, t, e] router_dtype
-        # The softmax in the router's dtype too; the routing decisions and losses read float32 values.
-        probs = jax.nn.softmax(logits, axis=-1).astype(jnp.float32)
+        probs = routing.router_probabilities(logits)  # [g, t, e] float32
         capacity = self._capacity(group_size, deterministic)
         route = self._route(router_type, probs, mask, capacity, deterministic)
         wi, wo = self._expert_weights(d_model)

@@ -146,6 +146,11 @@ def validate_layout(mesh_cfg: MeshConfig, model_cfg: ModelConfig, batch_size: in
                f"mesh.data * mesh.expert = {replicas}")
 
 
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many batch shards the mesh has: the size of the data-parallel axes (BATCH_AXES) together."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
 def expert_split(mesh: Mesh) -> int:
     """How many ways `mesh` splits the experts: the size of the mesh axes the logical 'expert' axis maps to."""
     axes = dict(LOGICAL_RULES)["expert"]

@@ -265,6 +265,15 @@ def auxiliary_loss(loss_type: str, router_probs: Array, routing: Routing, token_
     raise ValueError(f"moe.aux_loss_type: unknown {loss_type!r}")
 
 
+def router_probabilities(router_logits: Array) -> Array:
+    """router_logits: [groups, tokens, experts] (router dtype) -> probabilities [groups, tokens, experts] float32.
+
+    The softmax runs in the router's dtype too (a bfloat16 router rounds its probabilities, ST-MoE
+    Table 4); the routing decisions and losses read float32 values.
+    """
+    return jax.nn.softmax(router_logits, axis=-1).astype(jnp.float32)
+
+
 class Router(nn.Module):
     """Linear router in float32 ("selective precision", ST-MoE sec. 3.2): no bias, small init.
 

@@ -9,16 +9,20 @@ One function in fixed sections (big_vision / flax examples style):
                 terminal, else one line per logging window (stmoe.reporting.Progress)
   3. mesh       (data, expert, model) over all devices or the first `num_devices`
   4. data       seqio train iterator (per-host shard), a fixed list of held-out batches
-  5. model     the model, its optimizer and the state's shardings: jax.eval_shape of the init ->
+  5. model      the model, its optimizer and the state's shardings: jax.eval_shape of the init ->
                 logical axes -> NamedShardings; nothing unsharded (stmoe.steps.state_layout)
   6. steps      stmoe.steps.make_train_step / make_eval_step: the pure step functions bound to their
                 settings, jitted with in/out shardings, the train state donated (the same factory
                 the sharding tests and scripts/benchmark_train.py use)
-  7. restore    own workdir > config.resume_from > config.init_checkpoint (params only) > scratch
+  7. restore    stmoe.restore.restore_or_init: own workdir > resume_from > init_checkpoint (params
+                only) > scratch; the state and its Origin
   8. loop       step, hooks, metrics every log_every_steps, eval every eval_every_steps (held-out
                 loss, and with `infer_eval.task` task metrics by decoding, stmoe.evaluation),
-                async checkpoints every checkpoint_every_steps, SIGTERM/SIGINT -> save and return
-  9. report     final losses, decoded task metrics, the routing table (stmoe.reporting), an expert-load PNG
+                async checkpoints every checkpoint_every_steps, SIGTERM/SIGINT -> save and return.
+                The host runs one step ahead: step s's divergence check waits for it while step s+1
+                computes, and is forced before every save, log line and the end
+  9. report     from the metrics kept in memory: final losses, decoded task metrics, the routing
+                table (stmoe.reporting), an expert-load PNG
 
 Determinism: the dropout / routing rng of step s is fold_in(key(seed), s) (and the microbatch
 index), and the data iterator's position is saved with the state, so a run stopped at step N
