@@ -240,13 +240,11 @@ def _to_hf(args) -> None:
     import jax
 
     from stmoe import checkpoints, inference
-    from stmoe.config import LossConfig, ModelConfig
     from stmoe.interop import hf_switch
     from stmoe.models import EncoderDecoder
 
     run_config, _ = inference.find_run_config(args.source[1])
-    cfg = ModelConfig.from_dict(run_config.model.to_dict()).validate()
-    loss = LossConfig.from_dict(run_config.loss.to_dict()).validate() if "loss" in run_config else LossConfig()
+    cfg, loss = run_config.model.validate(), run_config.loss.validate()
     hf_switch.config_to_hf(cfg, loss)  # refuses (ConfigError) what HF cannot express, before any array is read
     model = EncoderDecoder(cfg)
     tokens = jax.ShapeDtypeStruct((1, 2), "int32")
