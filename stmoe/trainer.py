@@ -142,8 +142,6 @@ def train_and_evaluate(config: RunConfig | ml_collections.ConfigDict, workdir: s
     """
     from clu import metric_writers, periodic_actions
 
-    from stmoe import data as stmoe_data
-
     # 1. Config: everything checked before any device work; from here on only the typed tree is read.
     partitioning.maybe_initialize_distributed()
     run, tasks = prepare(config)
@@ -170,19 +168,8 @@ def train_and_evaluate(config: RunConfig | ml_collections.ConfigDict, workdir: s
     mesh = partitioning.make_mesh(run.mesh, devices)
 
     # 4. Data: this process's share of the global batch; held-out batches fetched once.
-    shard_index, num_shards = partitioning.data_shard_info()
     lengths = {"inputs": run.data.inputs_length, "targets": run.data.targets_length}
-    train_iter = stmoe_data.get_batch_iterator(
-        tasks.train, "train", lengths, run.batch_size // num_shards, shard_index=shard_index,
-        num_shards=num_shards, seed=run.data.seed, pack=run.data.pack)
-    eval_batches = []
-    if run.eval_steps:
-        eval_iter = stmoe_data.get_batch_iterator(
-            tasks.eval, run.data.eval_split, lengths, run.batch_size // run.microbatches // num_shards,
-            shard_index=shard_index, num_shards=num_shards, seed=run.data.seed, pack=run.data.pack,
-            shuffle=False, repeat=False)
-        eval_batches = [batch for _, batch in zip(range(run.eval_steps), eval_iter)]
-        eval_iter.close()
+    train_iter, eval_batches, num_shards = _input_streams(run, tasks, lengths)
     infer_evaluation = None
     if tasks.infer_eval:  # task metrics by decoding (seqio Evaluator); its datasets are cached once
         infer = run.infer_eval
@@ -335,6 +322,26 @@ def train_and_evaluate(config: RunConfig | ml_collections.ConfigDict, workdir: s
         _report(workdir, history, step, train_metrics, eval_metrics, infer_metrics, run, tasks)
     return TrainResult(state=state, step=step, train_metrics=train_metrics, eval_metrics=eval_metrics,
                        infer_eval_metrics=infer_metrics, preempted=preempted, train_step_traces=traces["train"])
+
+
+def _input_streams(run: RunConfig, tasks: stmoe_tasks.TaskNames,
+                   lengths: Mapping[str, int]) -> tuple[Any, list[dict[str, np.ndarray]], int]:
+    """(this process's train iterator, the held-out batches, the number of data shards)."""
+    from stmoe import data as stmoe_data
+
+    shard_index, num_shards = partitioning.data_shard_info()
+    train_iter = stmoe_data.get_batch_iterator(
+        tasks.train, "train", lengths, run.batch_size // num_shards, shard_index=shard_index,
+        num_shards=num_shards, seed=run.data.seed, pack=run.data.pack)
+    eval_batches = []
+    if run.eval_steps:
+        eval_iter = stmoe_data.get_batch_iterator(
+            tasks.eval, run.data.eval_split, lengths, run.batch_size // run.microbatches // num_shards,
+            shard_index=shard_index, num_shards=num_shards, seed=run.data.seed, pack=run.data.pack,
+            shuffle=False, repeat=False)
+        eval_batches = [batch for _, batch in zip(range(run.eval_steps), eval_iter)]
+        eval_iter.close()
+    return train_iter, eval_batches, num_shards
 
 
 class _Diverged(Exception):
