@@ -26,6 +26,7 @@ EXTRAS = {
     "t5x": ["tensorstore>=0.1.86"],
     "test": [
         "pytest>=8.0",
+        "pytest-xdist>=3.8",  # the README's test command runs 2 workers (tests/conftest.py says how)
         "chex>=0.1.87",
         "safetensors>=0.4",
         "tensorstore>=0.1.86",
