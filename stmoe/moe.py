@@ -216,9 +216,13 @@ class MoeLayer(nn.Module):
         route = self._route(router_type, probs, mask, capacity, deterministic)
         wi, wo = self._expert_weights(d_model)
 
-        if moe.dispatch == "dropless" or (group_size == 1 and router_type == "tokens_choose"):
-            # 3-5 without capacity: rows sorted by expert, grouped matmuls, weighted unsort. A group of
-            # one token (capacity >= 1 always) drops nothing, so this is the same result at k rows' cost.
+        if (moe.dispatch == "dropless" or moe.expert_execution == "grouped"
+                or (group_size == 1 and router_type == "tokens_choose")):
+            # 3-5 as grouped matmuls over the kept (token, choice) rows only, sorted by expert, and a
+            # weighted unsort. Dropless: every choice is kept. "grouped": the capacity-limited routing
+            # above decided which are kept, so the result is the capacity dispatch's, without
+            # computing empty slots. A group of one token (capacity >= 1 always) drops nothing, so
+            # this is the same result at k rows' cost.
             use_dropout = moe.expert_dropout_rate > 0 and not deterministic
             outputs = grouped_experts(x.astype(dtype), route, wi, wo, cfg,
                                       dropout_rng=self.make_rng("dropout") if use_dropout else None)  # [g, t, d]
