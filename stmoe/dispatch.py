@@ -28,7 +28,9 @@ and give the same numbers (tests/test_dispatch.py, tests/test_moe.py):
 - cpu: "gather". On XLA:CPU it is the fastest of the three and the closest to the FLOP-matched
   dense FFN in time and activation memory (experts run one after another on CPU,
   moe.expert_mlps); einsum pays for its one-hot tensors (figures, dropless's tiled loop included:
-  README Performance, scripts/benchmark_moe.py).
+  README Performance, scripts/benchmark_moe.py). On one device with tokens-choose routing its
+  experts run "grouped" (`resolve_model`): the routing keeps the same choices, and only the
+  kept rows go through the tiled grouped matmul, so empty slots cost nothing.
 - gpu: "gather". Capacity-based, so shapes are static and expert parallelism uses plain
   all-to-all; gathers/scatters of d-wide rows are bandwidth-bound and cheap on GPU,
   while the one-hot einsum adds cf * group_size / d_ff of the useful FLOPs. Not

@@ -12,7 +12,8 @@ Algorithm (ST-MoE sec. 2; Switch sec. 2):
    makes XLA move tokens by all-to-all (partitioning.py).
 4. Every expert runs the same T5 MLP on its buffer (stacked weights [experts, ...],
    experts may run in bfloat16): one batched matmul, or one expert after another
-   (`expert_mlps`; moe.expert_execution).
+   (`expert_mlps`; moe.expert_execution). With expert_execution "grouped" (one CPU device)
+   3-5 compute only the kept rows (`grouped_experts`): same routing and results, no empty slot.
 5. Combine brings each slot's output back to its token, times its weight (with tokens-choose
    and "gather", every token gathers its k slots). A token that got no slot receives zero
    and is carried by the residual connection. With dispatch "dropless", 3-5 are one sorted,
@@ -91,7 +92,11 @@ def expert_mlps(x: Array, wi: list[Array], wo: Array, activation: str, dtype, *,
 
 def grouped_experts(x: Array, route: routing.Routing, wi: list[Array], wo: Array, cfg: ModelConfig,
                     dropout_rng: Array | None = None) -> Array:
-    """Steps 3-5 without capacity: every kept (token, choice) row through its expert, weighted sum back.
+    """Steps 3-5 as grouped matmuls: every kept (token, choice) row through its expert, weighted sum back.
+
+    Which rows are kept is `route.kept`: every choice with dispatch "dropless", the choices that
+    got a slot with expert_execution "grouped" (so the result equals the slot dispatch's; expert
+    dropout draws its masks per tile, a different draw from the slot loop's).
 
     x: [groups, tokens, d] -> [groups, tokens, d]. moe.grouped_kernel: "tiled" (grouped_matmul.py,
     CPU) or "ragged_dot" (dispatch.ragged_mlp, GPU/TPU), resolved per backend by
