@@ -25,6 +25,7 @@ same weights. Batch 8, inputs 256, targets 64, float32.
 
     python scripts/benchmark_peers.py --reps 3 --out /tmp/benchmark_peers.json
     python scripts/benchmark_peers.py --small --reps 2     # a tiny model: checks the script in a minute
+    python scripts/benchmark_peers.py --reps 3 --expert-execution sequential   # stmoe's slot loop (A/B)
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def parse_args(argv=None):
     parser.add_argument("--inputs", type=int, default=256, help="encoder length")
     parser.add_argument("--targets", type=int, default=64, help="decoder length and generated tokens")
     parser.add_argument("--small", action="store_true", help="a tiny model (d_model 64, 2 + 2 layers, vocab 512)")
+    parser.add_argument("--expert-execution", default="auto", choices=("auto", "sequential", "batched", "grouped"),
+                        help="stmoe's moe.expert_execution (auto: dispatch.resolve_model's choice for this backend)")
     parser.add_argument("--out", default=None, help="write JSON here")
     args = parser.parse_args(argv)
     for name in ("threads", "reps", "batch", "inputs", "targets"):
@@ -225,12 +228,13 @@ def main(args):
     data["decoder_inputs"] = np.pad(data["targets"][:, :-1], ((0, 0), (1, 0)))  # start token 0
     hf = HfSide(config, data)
     cfg = hf_switch.config_from_hf(config.to_dict())
-    model = EncoderDecoder(resolve_model(cfg))  # dispatch, expert execution, grouped kernel: per backend
+    cfg = resolve_model(cfg.replace(moe=cfg.moe.replace(expert_execution=args.expert_execution)))
+    model = EncoderDecoder(cfg)  # dispatch, expert execution, grouped kernel: per backend unless given
     params = hf_switch.params_from_hf(cfg, hf.state_dict())
     ours = StmoeSide(model, params, {k: jnp.asarray(v, jnp.int32) for k, v in data.items()})
     n_params = sum(p.numel() for p in hf.model.parameters())
     print(f"model: {n_params / 1e6:.1f}M parameters (HF count), {cfg.moe.num_experts} experts top-{cfg.moe.top_k}, "
-          f"capacity {cfg.moe.expert_capacity}; batch {args.batch}, inputs {args.inputs}, targets {args.targets}; "
+          f"capacity {cfg.moe.expert_capacity}, experts run {cfg.moe.expert_execution!r}; batch {args.batch}, inputs {args.inputs}, targets {args.targets}; "
           f"{args.threads} threads; jax {jax.__version__}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}", flush=True)
 

@@ -33,7 +33,7 @@ ROUTER_TYPES = ("tokens_choose", "experts_choose")
 SECOND_EXPERT_POLICIES = ("random", "all")
 AUX_LOSS_TYPES = ("switch_top1", "switch_all_k", "cv2")
 DISPATCH_IMPLS = ("einsum", "gather", "dropless", "auto")
-EXPERT_EXECUTIONS = ("auto", "sequential", "batched")
+EXPERT_EXECUTIONS = ("auto", "sequential", "batched", "grouped")
 GROUPED_KERNELS = ("tiled", "ragged_dot", "auto")
 REMAT_POLICIES = ("none", "full", "save_dots")
 MLP_ACTIVATIONS = ("gelu", "relu", "silu")
@@ -160,8 +160,10 @@ class MoeConfig(_Replaceable):
     router_dtype: str = "float32"
     # How the experts run: "sequential" (one after another, lax.map: XLA:CPU's cache-friendly choice),
     # "batched" (one batched matmul: GPU/TPU, and what the partitioner splits when the mesh shards the
-    # experts), or "auto": chosen from the backend and the mesh by dispatch.resolve_model when the model
-    # is built (a layer built from an unresolved config runs them one after another).
+    # experts), "grouped" (capacity-limited routing as `dispatch` decides it, then only the kept rows
+    # through the grouped kernel: no empty slot computed; tokens-choose routers), or "auto": chosen from
+    # the backend, router and mesh by dispatch.resolve_model when the model is built (a layer built
+    # from an unresolved config runs them one after another).
     expert_execution: str = "auto"
     # How dropless dispatch (and a group of one token, a decoding step) runs its grouped matmuls:
     # "tiled" (grouped_matmul.py: XLA:CPU), "ragged_dot" (jax.lax.ragged_dot: GPU/TPU) or "auto",
@@ -219,8 +221,10 @@ class MoeConfig(_Replaceable):
                "'dropless' needs router_type='tokens_choose': expert choice has a capacity by construction")
         check(self.expert_execution in EXPERT_EXECUTIONS, f"{p}expert_execution",
                f"must be one of {EXPERT_EXECUTIONS}, got {self.expert_execution!r}")
+        check(self.expert_execution != "grouped" or self.router_type == "tokens_choose", f"{p}expert_execution",
+              "'grouped' needs router_type='tokens_choose' (an expert-choice token may fill any number of slots)")
         check(self.grouped_kernel in GROUPED_KERNELS, f"{p}grouped_kernel",
-               f"must be one of {GROUPED_KERNELS}, got {self.grouped_kernel!r}")
+              f"must be one of {GROUPED_KERNELS}, got {self.grouped_kernel!r}")
         return self
 
 

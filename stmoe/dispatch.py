@@ -28,7 +28,9 @@ and give the same numbers (tests/test_dispatch.py, tests/test_moe.py):
 - cpu: "gather". On XLA:CPU it is the fastest of the three and the closest to the FLOP-matched
   dense FFN in time and activation memory (experts run one after another on CPU,
   moe.expert_mlps); einsum pays for its one-hot tensors (figures, dropless's tiled loop included:
-  README Performance, scripts/benchmark_moe.py).
+  README Performance, scripts/benchmark_moe.py). On one device with tokens-choose routing its
+  experts run "grouped" (`resolve_model`): the routing keeps the same choices, and only the
+  kept rows go through the tiled grouped matmul, so empty slots cost nothing.
 - gpu: "gather". Capacity-based, so shapes are static and expert parallelism uses plain
   all-to-all; gathers/scatters of d-wide rows are bandwidth-bound and cheap on GPU,
   while the one-hot einsum adds cf * group_size / d_ff of the useful FLOPs. Not
@@ -64,27 +66,44 @@ GROUPED_KERNEL = {"cpu": "tiled"}
 # Backends on which the experts run one after another when nothing splits them over devices
 # (moe.expert_mlps, sequential=True): there each expert's intermediates stay in cache.
 SEQUENTIAL_EXPERT_BACKENDS = ("cpu",)
+# Backends on which capacity-based (gather) dispatch runs only the kept (token, choice) rows through
+# the grouped kernel (moe.expert_execution "grouped"): routing and results as "gather", without the
+# empty slots' compute. On XLA:CPU a slot costs as much as a token, and capacity usually exceeds
+# what a group fills.
+GROUPED_EXPERT_BACKENDS = ("cpu",)
 
 
-def resolve_model(cfg: ModelConfig, *, backend: str | None = None, expert_split: int = 1) -> ModelConfig:
+def resolve_model(cfg: ModelConfig, *, backend: str | None = None, expert_split: int = 1,
+                  mesh_devices: int = 1) -> ModelConfig:
     """`cfg` with moe.dispatch, moe.expert_execution and moe.grouped_kernel chosen for `backend`
-    (default: jax.default_backend()) and a mesh that splits the experts `expert_split` ways
-    (partitioning.expert_split); called once where the model is built.
+    (default: jax.default_backend()) and a mesh of `mesh_devices` devices that splits the experts
+    `expert_split` ways (partitioning.expert_split); called once where the model is built.
 
-    dispatch: `resolve_dispatch`. expert_execution "auto": "sequential" on SEQUENTIAL_EXPERT_BACKENDS
-    when the experts are not split, else "batched" (the batched matmul is what the SPMD partitioner
-    splits over an expert-sharded mesh). grouped_kernel "auto": GROUPED_KERNEL's entry for the
-    backend, else "ragged_dot". Explicit values are kept.
+    dispatch: `resolve_dispatch`. expert_execution "auto": on one device, "grouped" on
+    GROUPED_EXPERT_BACKENDS for tokens-choose routing with gather dispatch (only the kept rows
+    are computed: with Switch's capacity 96 per 256-token group and 8 experts, 256 rows instead of
+    768 slots; README Performance; its sort spans all groups, which a data-parallel mesh would
+    gather), else, when the experts are not split, "sequential" on SEQUENTIAL_EXPERT_BACKENDS;
+    "batched" otherwise (the batched matmul is what the SPMD partitioner splits over an
+    expert-sharded mesh). grouped_kernel "auto": GROUPED_KERNEL's entry for the backend, else "ragged_dot".
+    Explicit values are kept.
     """
     backend = backend or jax.default_backend()
     moe = cfg.moe
+    dispatch = resolve_dispatch(moe.dispatch, backend)
     execution = moe.expert_execution
     if execution == "auto":
-        execution = "sequential" if backend in SEQUENTIAL_EXPERT_BACKENDS and expert_split == 1 else "batched"
+        if mesh_devices == 1 and backend in GROUPED_EXPERT_BACKENDS and dispatch == "gather" \
+                and moe.router_type == "tokens_choose":
+            execution = "grouped"
+        elif expert_split == 1 and backend in SEQUENTIAL_EXPERT_BACKENDS:
+            execution = "sequential"
+        else:
+            execution = "batched"
     kernel = moe.grouped_kernel
     if kernel == "auto":
         kernel = GROUPED_KERNEL.get(backend, "ragged_dot")
-    return cfg.replace(moe=moe.replace(dispatch=resolve_dispatch(moe.dispatch, backend), expert_execution=execution,
+    return cfg.replace(moe=moe.replace(dispatch=dispatch, expert_execution=execution,
                                        grouped_kernel=kernel))
 
 

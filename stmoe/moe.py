@@ -12,7 +12,8 @@ Algorithm (ST-MoE sec. 2; Switch sec. 2):
    makes XLA move tokens by all-to-all (partitioning.py).
 4. Every expert runs the same T5 MLP on its buffer (stacked weights [experts, ...],
    experts may run in bfloat16): one batched matmul, or one expert after another
-   (`expert_mlps`; moe.expert_execution).
+   (`expert_mlps`; moe.expert_execution). With expert_execution "grouped" (one CPU device)
+   3-5 compute only the kept rows (`grouped_experts`): same routing and results, no empty slot.
 5. Combine brings each slot's output back to its token, times its weight (with tokens-choose
    and "gather", every token gathers its k slots). A token that got no slot receives zero
    and is carried by the residual connection. With dispatch "dropless", 3-5 are one sorted,
@@ -91,7 +92,11 @@ def expert_mlps(x: Array, wi: list[Array], wo: Array, activation: str, dtype, *,
 
 def grouped_experts(x: Array, route: routing.Routing, wi: list[Array], wo: Array, cfg: ModelConfig,
                     dropout_rng: Array | None = None) -> Array:
-    """Steps 3-5 without capacity: every kept (token, choice) row through its expert, weighted sum back.
+    """Steps 3-5 as grouped matmuls: every kept (token, choice) row through its expert, weighted sum back.
+
+    Which rows are kept is `route.kept`: every choice with dispatch "dropless", the choices that
+    got a slot with expert_execution "grouped" (so the result equals the slot dispatch's; expert
+    dropout draws its masks per tile, a different draw from the slot loop's).
 
     x: [groups, tokens, d] -> [groups, tokens, d]. moe.grouped_kernel: "tiled" (grouped_matmul.py,
     CPU) or "ragged_dot" (dispatch.ragged_mlp, GPU/TPU), resolved per backend by
@@ -215,9 +220,13 @@ class MoeLayer(nn.Module):
         route = self._route(router_type, probs, mask, capacity, deterministic)
         wi, wo = self._expert_weights(d_model)
 
-        if moe.dispatch == "dropless" or (group_size == 1 and router_type == "tokens_choose"):
-            # 3-5 without capacity: rows sorted by expert, grouped matmuls, weighted unsort. A group of
-            # one token (capacity >= 1 always) drops nothing, so this is the same result at k rows' cost.
+        if (moe.dispatch == "dropless" or moe.expert_execution == "grouped"
+                or (group_size == 1 and router_type == "tokens_choose")):
+            # 3-5 as grouped matmuls over the kept (token, choice) rows only, sorted by expert, and a
+            # weighted unsort. Dropless: every choice is kept. "grouped": the capacity-limited routing
+            # above decided which are kept, so the result is the capacity dispatch's, without
+            # computing empty slots. A group of one token (capacity >= 1 always) drops nothing, so
+            # this is the same result at k rows' cost.
             use_dropout = moe.expert_dropout_rate > 0 and not deterministic
             outputs = grouped_experts(x.astype(dtype), route, wi, wo, cfg,
                                       dropout_rng=self.make_rng("dropout") if use_dropout else None)  # [g, t, d]

@@ -161,7 +161,7 @@ def resolve_model(cfg: ModelConfig, mesh: Mesh) -> ModelConfig:
     """`cfg` with its MoE dispatch and expert execution chosen for this backend and mesh
     (dispatch.resolve_model); what the model is built from."""
     from stmoe import dispatch
-    return dispatch.resolve_model(cfg, expert_split=expert_split(mesh))
+    return dispatch.resolve_model(cfg, expert_split=expert_split(mesh), mesh_devices=mesh.size)
 
 
 @contextlib.contextmanager

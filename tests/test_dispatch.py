@@ -167,16 +167,25 @@ def test_dispatch_field_is_validated():
 def test_dropless_refuses_expert_choice():
     with pytest.raises(ValueError, match="tokens_choose"):  # validated with the config, once
         layer_config(dispatch="dropless", router_type="experts_choose")
+    with pytest.raises(ConfigError, match="moe.expert_execution"):
+        layer_config(expert_execution="grouped", router_type="experts_choose")
 
 
 def test_expert_execution_is_resolved_from_backend_and_mesh():
-    """Chosen once where the model is built: one expert after another on CPU when nothing splits the
-    experts, else the batched matmul (what the partitioner splits); an explicit choice is kept."""
+    """Chosen once where the model is built: on one CPU device, tokens-choose gather dispatch runs only
+    its kept rows through the grouped kernel; one expert after another on CPU when the mesh has more
+    devices but does not split the experts (or with einsum / expert choice), else the batched matmul
+    (what the partitioner splits); an explicit choice is kept."""
     cfg = layer_config()
-    assert cfg.moe.expert_execution == "auto"
+    assert cfg.moe.expert_execution == "auto" and cfg.moe.dispatch == "gather"
     resolve = lambda c, **kw: dispatch.resolve_model(c, **kw).moe.expert_execution
-    assert resolve(cfg, backend="cpu") == "sequential"
-    assert resolve(cfg, backend="cpu", expert_split=8) == "batched"
+    assert resolve(cfg, backend="cpu") == "grouped"
+    assert resolve(cfg, backend="cpu", mesh_devices=8) == "sequential"
+    assert resolve(layer_config(dispatch="einsum"), backend="cpu") == "sequential"
+    assert resolve(layer_config(router_type="experts_choose"), backend="cpu") == "sequential"
+    assert resolve(layer_config(dispatch="auto"), backend="cpu") == "grouped"
+    assert resolve(cfg, backend="gpu") == "batched"
+    assert resolve(cfg, backend="cpu", expert_split=8, mesh_devices=8) == "batched"
     assert resolve(cfg, backend="gpu") == "batched" and resolve(cfg, backend="tpu") == "batched"
     assert resolve(layer_config(expert_execution="batched"), backend="cpu") == "batched"
     assert resolve(layer_config(expert_execution="sequential"), backend="tpu", expert_split=4) == "sequential"

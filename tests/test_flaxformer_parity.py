@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import pytest
 
-from stmoe import dispatch, inference
+from stmoe import inference, partitioning
 from stmoe.interop import t5x
 from stmoe.models import EncoderDecoder
 
@@ -142,8 +142,8 @@ def test_batch_prioritized_encoder_routing(converted, batch):
     """tokens_choose_base.gin's encoder batch-prioritized routing (decoder in token order)."""
     flat, _ = t5x.read_target(os.path.join(DATA, "st_moe"))
     cfg, _, _ = t5x.convert(flat, t5x.Options(num_heads=2, eval_capacity_factor=TIGHT, batch_prioritized_routing=True))
-    cfg = dispatch.resolve_model(cfg)  # as inference.load builds the model
     loaded = inference.load(converted["st_moe"], eval_capacity_factor=TIGHT)
+    cfg = partitioning.resolve_model(cfg, loaded.mesh)  # as inference.load builds the model
     assert cfg.moe == loaded.config.moe.replace(batch_prioritized=True)
     got = stmoe_logits(loaded, batch, model=EncoderDecoder(cfg))
     assert max_diff(got, "st_moe", "tight_bpr", batch) < TOL

@@ -54,23 +54,31 @@ CASES = [dict(top_k=1), dict(top_k=2, second_expert_policy="all"), dict(top_k=2,
 
 @pytest.mark.parametrize("fields", CASES, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
 def test_einsum_and_gather_dispatch_agree(fields):
+    """gather, and gather with only the kept rows through the grouped kernel (expert_execution
+    "grouped", tokens-choose only), against the einsum reference: outputs, stats and gradients."""
     x, mask = inputs()
     cfg_einsum = layer_config(dispatch="einsum", eval_capacity_factor=0.5, **fields)
-    cfg_gather = cfg_einsum.replace(moe=cfg_einsum.moe.replace(dispatch="gather"))
+    variants = {"gather": cfg_einsum.replace(moe=cfg_einsum.moe.replace(dispatch="gather"))}
+    if cfg_einsum.moe.router_type == "tokens_choose":
+        variants["grouped"] = cfg_einsum.replace(moe=cfg_einsum.moe.replace(dispatch="gather",
+                                                                            expert_execution="grouped"))
     params = init_params(cfg_einsum, x, mask)
 
     def loss(params, x, cfg):
         out, _ = apply(cfg, params, x, mask)
         return jnp.mean(jnp.square(out))  # needs the output values, unlike a linear loss
 
-    out_e, stats = apply(cfg_einsum, params, x, mask)
-    out_g, _ = apply(cfg_gather, params, x, mask)
-    np.testing.assert_allclose(out_g, out_e, atol=1e-5, rtol=1e-5)
-    assert float(stats["dropped_tokens"]) > 0, "the case should drop tokens"
+    out_e, stats_e = apply(cfg_einsum, params, x, mask)
+    assert float(stats_e["dropped_tokens"]) > 0, "the case should drop tokens"
     grads = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
-    grads_e, grads_g = grads(params, x, cfg_einsum), grads(params, x, cfg_gather)
-    for a, b in zip(jax.tree_util.tree_leaves(grads_g), jax.tree_util.tree_leaves(grads_e)):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    grads_e = grads(params, x, cfg_einsum)
+    for name, cfg in variants.items():
+        out, stats = apply(cfg, params, x, mask)
+        np.testing.assert_allclose(out, out_e, atol=1e-5, rtol=1e-5, err_msg=name)
+        for key in ("dropped_tokens", "expert_counts", "aux_loss"):
+            np.testing.assert_allclose(stats[key], stats_e[key], rtol=1e-6, err_msg=f"{name} {key}")
+        for a, b in zip(jax.tree_util.tree_leaves(grads(params, x, cfg)), jax.tree_util.tree_leaves(grads_e)):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=name)
 
 
 def test_dropped_tokens_and_padding_get_zero_output():

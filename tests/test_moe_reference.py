@@ -96,12 +96,20 @@ def reference_capacity(fields, deterministic, group_size, num_experts=4):
     return ref.capacity(group_size, num_experts, factor, fields.get("min_capacity", 4))
 
 
-@pytest.mark.parametrize("dispatch", ["gather", "einsum"])
+def dispatch_fields(dispatch: str) -> dict:
+    """"grouped": gather's capacity routing, then only the kept rows through the grouped kernel
+    (moe.expert_execution="grouped", the CPU default on one device)."""
+    return dict(dispatch="gather", expert_execution="grouped") if dispatch == "grouped" else dict(dispatch=dispatch)
+
+
+@pytest.mark.parametrize("dispatch", ["gather", "einsum", "grouped"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_moe_layer_matches_numpy_reference(case, dispatch):
     fields, deterministic, batch, length, padded = CASES[case]
+    if dispatch == "grouped" and fields.get("router_type") == "experts_choose":
+        pytest.skip("grouped execution is for tokens-choose routing (config validation refuses it)")
     x, mask = sample_inputs(list(CASES).index(case), batch, length, padded)
-    cfg = layer_config(dispatch=dispatch, **fields)
+    cfg = layer_config(**dispatch_fields(dispatch), **fields)
     params = init_params(cfg, x, mask)
     out, stats = apply(cfg, params, jnp.asarray(x), jnp.asarray(mask), deterministic)
     group_size = fields.get("group_size") or length
@@ -116,7 +124,7 @@ def test_moe_layer_matches_numpy_reference(case, dispatch):
     assert np.all(np.asarray(out)[mask == 0] == 0.0), "padding gets exactly zero"
 
 
-@pytest.mark.parametrize("dispatch", ["gather", "einsum"])
+@pytest.mark.parametrize("dispatch", ["gather", "einsum", "grouped"])
 def test_capacity_rounding_100_tokens_11_experts_cf_1p1(dispatch):
     # cf * T / E = 1.1 * 100 / 11 is exactly 10 slots; in floats it is 10.000000000000002, whose
     # ceiling is 11. With 15 tokens preferring expert 0, the 11th of them must be dropped.
@@ -127,7 +135,8 @@ def test_capacity_rounding_100_tokens_11_experts_cf_1p1(dispatch):
     x[0, :, 0] = -2.0
     x[0, favour, 0] = 4.0
     mask = np.ones((1, tokens), np.float32)
-    cfg = layer_config(dispatch=dispatch, num_experts=experts, top_k=1, eval_capacity_factor=1.1, min_capacity=4)
+    cfg = layer_config(**dispatch_fields(dispatch), num_experts=experts, top_k=1, eval_capacity_factor=1.1,
+                       min_capacity=4)
     params = init_params(cfg, x, mask)
     kernel = np.asarray(params["router"]["kernel"]).copy()
     kernel[0, :] = 0.0
