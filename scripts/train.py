@@ -36,13 +36,7 @@ def main(argv: list[str]) -> int:
     except cli.ExitStatus as done:
         return done.status
 
-    from stmoe import trainer
-    from stmoe.config import ConfigError
-
-    try:
-        trainer.prepare(config)
-    except ConfigError as e:
-        return cli.fail("train.py", "config", e)
+    # A bad field fails inside, before any device work, as one line with exit status 2 (cli.run_training).
     return cli.run_training("train.py", config, flags["workdir"])
 
 
