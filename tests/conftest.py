@@ -1,9 +1,9 @@
 """Every test sees 8 simulated CPU devices; this must run before JAX is imported."""
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+import xla_flags  # tests/xla_flags.py
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags.with_devices(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow (pulled in by seqio) must not grab threads or print banners during tests.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import xla_flags
 from configs import finetune, pretrain
 from stmoe import trainer
 from stmoe.config import ConfigError
@@ -87,7 +88,7 @@ def test_finetune_uses_smaller_batch_and_constant_lr():
 
 
 def test_script_exits_2_with_one_line(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags.with_devices(1), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--workdir", str(tmp_path),
          "--config.model.moe.top_k=9"],

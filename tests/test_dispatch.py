@@ -113,7 +113,12 @@ def test_expert_mlps_sequential_and_batched_match_numpy_and_each_other():
     # Dropout: the same units of the same experts are dropped in both modes, and some are.
     np.testing.assert_allclose(outs[True], outs[False], rtol=1e-5, atol=1e-5)
     assert not np.allclose(outs[True], want, atol=1e-3)
-    assert_close(grads[True], grads[False])
+    # The weight gradients reach ~3e3 and some entries are sums of such terms that cancel to ~1e-2:
+    # float32 sums in another order (the two modes, or XLA's optimization level) move those by
+    # ~1e-6 of the leaf's scale, so the tolerance is relative to it. A wrong mask or expert moves
+    # entries by the whole scale.
+    for u, v in zip(jax.tree_util.tree_leaves(grads[True]), jax.tree_util.tree_leaves(grads[False])):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5 * np.max(np.abs(v)))
 
 
 @pytest.mark.parametrize("top_k", [1, 2])

@@ -30,14 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import fault_worker as fw
 from configs import finetune, pretrain
 from stmoe import checkpoints, inference, partitioning, trainer
 from stmoe.config import ModelConfig
 from stmoe.data import pipeline
-from stmoe.models import EncoderDecoder, scan_params, unscan_params
+from stmoe.models import EncoderDecoder, unscan_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_worker.py")

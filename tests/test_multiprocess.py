@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import sharded_step as ss
+import xla_flags
 from stmoe.partitioning import MeshConfig
 
 WORKER = os.path.join(os.path.dirname(__file__), "sharded_step.py")
@@ -26,7 +27,7 @@ def test_two_processes_match_single_process(tmp_path):
     procs = []
     for index in range(2):
         env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(index), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+                   JAX_PROCESS_ID=str(index), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags.OPTIMIZATION)
         env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
         procs.append(subprocess.Popen([sys.executable, WORKER, str(tmp_path / f"out{index}.json")], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

@@ -16,6 +16,8 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CELL_TIMEOUT_S = 1800  # a generous bound for one cell on a loaded machine; fast-mode cells take seconds to a minute
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -26,7 +28,7 @@ def shared(tmp_path_factory):
     """The working directory and the kernel environment the three notebooks share."""
     cwd = tmp_path_factory.mktemp("notebooks")
     env = dict(os.environ, STMOE_NOTEBOOK_FAST="1", STMOE_RUNS_DIR=str(cwd / "runs"),
-               XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               XLA_FLAGS=xla_flags.with_devices(1), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     return cwd, env
 

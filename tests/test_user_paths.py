@@ -26,13 +26,14 @@ import numpy as np
 import pytest
 import seqio
 
+import xla_flags
 from stmoe import cli, reporting, routing, trainer
 from stmoe.config import ConfigError, ModelConfig, MoeConfig
 from stmoe.data import tasks, vocab
 from stmoe.models import EncoderDecoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+ENV = dict(os.environ, XLA_FLAGS=xla_flags.with_devices(1), JAX_PLATFORMS="cpu",
            PYTHONPATH=os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "pretrain.py") + ":tiny"
 
@@ -76,8 +77,11 @@ def files(tmp_path_factory):
 
 # --------------------------------------------------------------------------------- bad inputs
 
-# Every case runs the real script as a subprocess (exit status, the process's whole stderr). The ~7 s
-# of TensorFlow import each costs are paid in parallel: the module fixture runs the cases four at a time.
+# The cases in SUBPROCESS_CASES (at least one per script, and the one that needs a 1-device process)
+# run the real script as a subprocess: the exit status and the process's whole stderr, import-time
+# output included; the module fixture runs them four at a time (each pays ~5 s of TensorFlow import).
+# The other cases call the same script's main() in this process and read its stderr at the file
+# descriptor (capfd): the same assertions, without a new interpreter per case.
 BAD_INPUTS = [
     # (id, script, args ({spm}, {not_spm}, {work} filled in), substrings of the one stderr line)
     ("vocab_larger_than_embedding", "train.py", ["--config.data.vocab_path={spm}"],
@@ -112,6 +116,11 @@ BAD_INPUTS = [
      ["train_vocab.py: input error: sentencepiece: Vocabulary size too high (5000)"]),
 ]
 
+SUBPROCESS_CASES = {"vocab_larger_than_embedding", "mesh_not_device_count", "unknown_flag", "missing_output_folder",
+                    "non_positive_batch", "missing_vocab_input"}
+# main(argv) of train.py and finetune.py takes the program name first (absl); the argparse scripts do not.
+ABSL_SCRIPTS = ("train.py", "finetune.py")
+
 _SCRIPTS = {}
 
 
@@ -124,31 +133,20 @@ def script_main(script: str):
     return _SCRIPTS[script]
 
 
-@pytest.fixture(scope="module")
-def bad_input_runs(files, tmp_path_factory):
-    """{case id: (status, stderr, folder, its files before the run, its files after)}."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def run(case):
-        name, script, args, _ = case
-        folder = tmp_path_factory.mktemp(name)
-        work = folder / "work"
-        (work / "checkpoints" / "100").mkdir(parents=True)
-        (work / "checkpoints" / "100" / "state").write_text("a checkpoint that must survive")
-        (work / "tiny.txt").write_text("a b c\nd e f\n")
-        before = tree(folder)
-        values = {"spm": files["spm"], "not_spm": files["not_spm"], "work": str(work)}
-        workdir = [] if script not in ("train.py", "finetune.py") else ["--workdir", str(work)]
-        proc = run_script(script, [a.format(**values) for a in args] + workdir, cwd=ROOT)
-        return name, (proc.returncode, proc.stderr, before, tree(folder))
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(pool.map(run, BAD_INPUTS))
+def bad_input_case(case, folder, files) -> tuple[list[str], dict[str, bytes]]:
+    """The case's argv (after the script) in a fresh folder holding a checkpoint that must survive,
+    and the folder's files before the run."""
+    name, script, args, _ = case
+    work = folder / "work"
+    (work / "checkpoints" / "100").mkdir(parents=True)
+    (work / "checkpoints" / "100" / "state").write_text("a checkpoint that must survive")
+    (work / "tiny.txt").write_text("a b c\nd e f\n")
+    values = {"spm": files["spm"], "not_spm": files["not_spm"], "work": str(work)}
+    workdir = ["--workdir", str(work)] if script in ABSL_SCRIPTS else []
+    return [a.format(**values) for a in args] + workdir, tree(folder)
 
 
-@pytest.mark.parametrize("name,expected", [(c[0], c[3]) for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_exits_2_with_one_line(bad_input_runs, name, expected):
-    status, stderr, before, after = bad_input_runs[name]
+def assert_refused_in_one_line(status, stderr, expected, before, after):
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert status == 2, stderr
     assert len(lines) == 1, stderr
@@ -156,6 +154,39 @@ def test_bad_input_exits_2_with_one_line(bad_input_runs, name, expected):
     for part in expected:
         assert part in lines[0], lines[0]
     assert after == before  # nothing deleted, nothing written
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(files, tmp_path_factory):
+    """{case id: (status, stderr, its folder's files before the run, after)} of the subprocess cases."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(case):
+        folder = tmp_path_factory.mktemp(case[0])
+        argv, before = bad_input_case(case, folder, files)
+        proc = run_script(case[1], argv, cwd=ROOT)
+        return case[0], (proc.returncode, proc.stderr, before, tree(folder))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(pool.map(run, [c for c in BAD_INPUTS if c[0] in SUBPROCESS_CASES]))
+
+
+@pytest.mark.parametrize("case", [c for c in BAD_INPUTS if c[0] in SUBPROCESS_CASES], ids=lambda c: c[0])
+def test_bad_input_exits_2_with_one_line(bad_input_runs, case):
+    assert_refused_in_one_line(*bad_input_runs[case[0]][:2], case[3], *bad_input_runs[case[0]][2:])
+
+
+@pytest.mark.parametrize("case", [c for c in BAD_INPUTS if c[0] not in SUBPROCESS_CASES], ids=lambda c: c[0])
+def test_bad_input_in_process_returns_2_with_one_line(files, tmp_path, capfd, monkeypatch, case):
+    name, script, _, expected = case
+    argv, before = bad_input_case(case, tmp_path, files)
+    monkeypatch.chdir(ROOT)
+    capfd.readouterr()
+    try:
+        status = script_main(script)([script, *argv] if script in ABSL_SCRIPTS else argv)
+    except SystemExit as exit_:  # argparse's usage errors
+        status = exit_.code
+    assert_refused_in_one_line(status, capfd.readouterr().err, expected, before, tree(tmp_path))
 
 
 # ------------------------------------------------------------------------------------- --help
