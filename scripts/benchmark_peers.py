@@ -67,6 +67,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from stmoe import cli, decoding, losses  # noqa: E402
+from stmoe.flops import forward_macs, generation_macs  # noqa: E402
 from stmoe.config import LossConfig  # noqa: E402
 from stmoe.dispatch import resolve_model  # noqa: E402
 from stmoe.interop import hf_switch  # noqa: E402
@@ -88,30 +89,6 @@ def hf_config(small: bool) -> transformers.SwitchTransformersConfig:
 
 
 # ----------------------------------------------------------------------------- useful FLOPs
-
-def forward_macs(cfg, batch: int, enc_len: int, dec_len: int) -> float:
-    """Multiply-adds of one teacher-forced forward pass (top-k experts only, no capacity padding)."""
-    d, inner, ff, k = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, cfg.moe.top_k
-    mlp = (3 if cfg.mlp_gated else 2) * d * ff
-    ffn = lambda i: k * mlp + d * cfg.moe.num_experts if cfg.is_sparse(i) else mlp
-    enc = sum(4 * d * inner + 2 * enc_len * inner + ffn(i) for i in range(cfg.num_encoder_layers))
-    dec = sum(4 * d * inner + 2 * dec_len * inner + 2 * d * inner + 2 * enc_len * inner + ffn(i)
-              for i in range(cfg.num_decoder_layers))
-    cross_kv = cfg.num_decoder_layers * 2 * d * inner * enc_len
-    return batch * (enc_len * enc + dec_len * (dec + d * cfg.vocab_size) + cross_kv)
-
-
-def generation_macs(cfg, batch: int, enc_len: int, steps: int) -> float:
-    """Encoder once, cross-attention keys/values once, then each step's token against the t + 1 cached keys."""
-    d, inner, ff, k = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, cfg.moe.top_k
-    mlp = (3 if cfg.mlp_gated else 2) * d * ff
-    ffn = lambda i: k * mlp + d * cfg.moe.num_experts if cfg.is_sparse(i) else mlp
-    enc = enc_len * sum(4 * d * inner + 2 * enc_len * inner + ffn(i) for i in range(cfg.num_encoder_layers))
-    cross_kv = cfg.num_decoder_layers * 2 * d * inner * enc_len
-    per_step = lambda t: sum(4 * d * inner + 2 * (t + 1) * inner + 2 * d * inner + 2 * enc_len * inner + ffn(i)
-                             for i in range(cfg.num_decoder_layers)) + d * cfg.vocab_size
-    return batch * (enc + cross_kv + sum(per_step(t) for t in range(steps)))
-
 
 def matmul_peak(n: int = 4096, rounds: int = 7) -> dict:
     """Best float32 n^3 matmul rate (FLOP/s) in jax and in torch."""

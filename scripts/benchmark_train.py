@@ -13,7 +13,7 @@ the model comes from a configs/models.py preset.
 - MFU: model FLOPs per step / step time / a float32 matmul peak measured in the same
   process (best of 7 4096^3 matmuls, before and after the throughput runs). Model FLOPs =
   3 x forward matmul FLOPs of the useful work: projections, attention scores and values,
-  dense FFNs, top-k active experts (no capacity padding), router and logits.
+  dense FFNs, top-k active experts (no capacity padding), router and logits (stmoe/flops.py).
 - Compile time: lower + compile of the train step for the tiny preset at 4, 12 and 24 layers
   per stack, with and without model.scan_layers.
 
@@ -32,6 +32,7 @@ import optax
 
 from configs import models as presets
 from stmoe import cli, partitioning, steps
+from stmoe.flops import train_step_flops
 from stmoe.config import LossConfig, ModelConfig
 from stmoe.models import EncoderDecoder
 
@@ -57,25 +58,6 @@ def preset(name: str) -> tuple[ModelConfig, int, int, int]:
         cfg = presets.model_config("st_moe_base").replace(num_encoder_layers=4, num_decoder_layers=4)
         return cfg.validate(), 16, 128, 32
     raise ValueError(name)
-
-
-def model_flops(cfg: ModelConfig, batch: int, enc_len: int, dec_len: int) -> float:
-    """Useful matmul FLOPs of one train step (forward x 3)."""
-    d, h, dkv, ff, k = cfg.d_model, cfg.num_heads, cfg.d_kv, cfg.d_ff, cfg.moe.top_k
-    mlp = (3 if cfg.mlp_gated else 2) * d * ff  # MACs per token
-
-    def ffn(i):
-        if not cfg.is_sparse(i):
-            return mlp
-        return k * mlp + d * cfg.moe.num_experts + (mlp if cfg.sparse_dense else 0)
-
-    enc = sum(4 * d * h * dkv + 2 * enc_len * h * dkv + ffn(i) for i in range(cfg.num_encoder_layers))
-    dec = sum(4 * d * h * dkv + 2 * dec_len * h * dkv  # self-attention
-              + 2 * d * h * dkv + 2 * enc_len * h * dkv  # cross-attention: query and output projections, scores
-              + ffn(i) for i in range(cfg.num_decoder_layers))
-    cross_kv = cfg.num_decoder_layers * 2 * d * h * dkv * enc_len  # keys and values of the encoder output
-    macs = batch * (enc_len * enc + dec_len * (dec + d * cfg.vocab_size) + cross_kv)
-    return 3 * 2 * macs
 
 
 def setup(cfg: ModelConfig, batch: int, enc_len: int, dec_len: int):
@@ -130,7 +112,7 @@ def throughput(name, num_steps, peak):
         times.append(time.perf_counter() - start)
     step_s = float(np.median(times))
     loss = metrics["loss"]
-    flops = model_flops(cfg, batch, enc_len, dec_len)
+    flops = train_step_flops(cfg, batch, enc_len, dec_len)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     return dict(preset=name, params=int(n_params), batch=batch, enc_len=enc_len, dec_len=dec_len,
                 dispatch=cfg.moe.dispatch, step_s=step_s, tokens_per_s=batch * (enc_len + dec_len) / step_s,

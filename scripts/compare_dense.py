@@ -41,7 +41,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from stmoe import cli  # noqa: E402
+from stmoe import cli, flops  # noqa: E402
 
 PROGRAM = "compare_dense.py"
 
@@ -103,38 +103,25 @@ EVAL_POINTS = 8  # held-out evaluations per run (the curves' resolution)
 
 # ------------------------------------------------------------------------------------------- FLOPs
 
-def mlp_flops(d_model: int, d_ff: int, gated: bool) -> int:
-    """Forward FLOPs per token of one dense FFN: 2 per multiply-add; GEGLU has two input matrices."""
-    return 2 * d_model * d_ff * (3 if gated else 2)
-
-
 def flops_per_token(model_cfg) -> dict[str, int]:
     """Forward FFN FLOPs per token of a stmoe.config.ModelConfig, summed over the encoder's and decoder's
-    blocks: {'ffn': all FFNs (experts counted top_k times, plus the router), 'router': the routers' part}.
+    blocks: {'ffn': all FFNs (experts counted top_k times, plus the router), 'router': the routers' part}
+    (stmoe.flops, 2 FLOPs per multiply-add).
 
-    An MoE block costs top_k expert FFNs (each d_ff wide) plus its router (2 * d_model * num_experts);
-    with the 'random' second-expert policy the second expert runs for only part of the tokens in
+    With the 'random' second-expert policy the second expert runs for only part of the tokens in
     training, so this is an upper bound there.
     """
-    ffn = router = 0
-    for num_layers in (model_cfg.num_encoder_layers, model_cfg.num_decoder_layers):
-        for i in range(num_layers):
-            width = model_cfg.ffn_width(i)
-            if model_cfg.is_sparse(i):
-                moe = model_cfg.moe
-                routing = 2 * model_cfg.d_model * moe.num_experts
-                ffn += moe.top_k * mlp_flops(model_cfg.d_model, width, model_cfg.mlp_gated) + routing
-                router += routing
-            else:
-                ffn += mlp_flops(model_cfg.d_model, width, model_cfg.mlp_gated)
-    return {"ffn": ffn, "router": router}
+    blocks = [i for num_layers in (model_cfg.num_encoder_layers, model_cfg.num_decoder_layers)
+              for i in range(num_layers)]
+    return {"ffn": 2 * sum(flops.ffn_macs(model_cfg, i) for i in blocks),
+            "router": 2 * sum(flops.router_macs(model_cfg, i) for i in blocks)}
 
 
 def matched_dense_d_ff(model_cfg) -> int:
     """Width of the dense FFN at a sparse position with the MoE layer's FLOPs: top_k * d_ff, plus the
     router's 2 * d_model * E FLOPs turned into width (rounded to the nearest unit)."""
     moe = model_cfg.moe
-    per_unit = mlp_flops(model_cfg.d_model, 1, model_cfg.mlp_gated)
+    per_unit = 2 * flops.mlp_macs(model_cfg.d_model, 1, model_cfg.mlp_gated)
     return moe.top_k * model_cfg.d_ff + round(2 * model_cfg.d_model * moe.num_experts / per_unit)
 
 
@@ -316,13 +303,13 @@ def summarize(runs: dict[str, dict[int, dict]], model_cfgs: dict[str, object], d
     rows = []
     for name, seeds in runs.items():
         cfg = ModelConfig.from_dict(model_cfgs[name].model).validate()
-        flops = flops_per_token(cfg)
+        ffn_flops = flops_per_token(cfg)
         final = [r["curve"][-1][2] for r in seeds.values()]
         at_time = [interpolate([(t, ce) for _, t, ce, _ in r["curve"]], budget) for r in seeds.values()]
         entropies = [r["curve"][-1][3] for r in seeds.values() if r["curve"][-1][3] is not None]
         rows.append({
             "dataset": dataset, "model": name, "params": param_count(cfg),
-            "ffn_flops_per_token": flops["ffn"], "router_flops_per_token": flops["router"],
+            "ffn_flops_per_token": ffn_flops["ffn"], "router_flops_per_token": ffn_flops["router"],
             "seeds": sorted(seeds), "steps": runs[name][min(seeds)]["curve"][-1][0],
             "loss_at_steps_mean": statistics.fmean(final), "loss_at_steps_std": _std(final),
             "wallclock_budget_s": budget,
