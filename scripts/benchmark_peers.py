@@ -67,9 +67,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from stmoe import cli, decoding, losses  # noqa: E402
-from stmoe.flops import forward_macs, generation_macs  # noqa: E402
 from stmoe.config import LossConfig  # noqa: E402
 from stmoe.dispatch import resolve_model  # noqa: E402
+from stmoe.flops import forward_macs, generation_macs  # noqa: E402
 from stmoe.interop import hf_switch  # noqa: E402
 from stmoe.models import EncoderDecoder  # noqa: E402
 
@@ -88,7 +88,7 @@ def hf_config(small: bool) -> transformers.SwitchTransformersConfig:
                                                  pad_token_id=0, eos_token_id=1)
 
 
-# ----------------------------------------------------------------------------- useful FLOPs
+# ------------------------------------------------- the matmul peak (useful FLOPs: stmoe/flops.py)
 
 def matmul_peak(n: int = 4096, rounds: int = 7) -> dict:
     """Best float32 n^3 matmul rate (FLOP/s) in jax and in torch."""

@@ -32,8 +32,8 @@ import optax
 
 from configs import models as presets
 from stmoe import cli, partitioning, steps
-from stmoe.flops import train_step_flops
 from stmoe.config import LossConfig, ModelConfig
+from stmoe.flops import train_step_flops
 from stmoe.models import EncoderDecoder
 
 

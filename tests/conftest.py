@@ -1,4 +1,5 @@
-"""Every test sees 8 simulated CPU devices; this must run before JAX is imported."""
+"""Every test sees 8 simulated CPU devices and XLA's flags of tests/xla_flags.py; this must run before
+JAX is imported."""
 import os
 
 import xla_flags  # tests/xla_flags.py
