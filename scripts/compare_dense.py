@@ -121,8 +121,8 @@ def matched_dense_d_ff(model_cfg) -> int:
     """Width of the dense FFN at a sparse position with the MoE layer's FLOPs: top_k * d_ff, plus the
     router's 2 * d_model * E FLOPs turned into width (rounded to the nearest unit)."""
     moe = model_cfg.moe
-    per_unit = 2 * flops.mlp_macs(model_cfg.d_model, 1, model_cfg.mlp_gated)
-    return moe.top_k * model_cfg.d_ff + round(2 * model_cfg.d_model * moe.num_experts / per_unit)
+    per_unit = flops.mlp_macs(model_cfg.d_model, 1, model_cfg.mlp_gated)
+    return moe.top_k * model_cfg.d_ff + round(model_cfg.d_model * moe.num_experts / per_unit)
 
 
 # ------------------------------------------------------------------------------------------ configs

@@ -136,7 +136,7 @@ def script_main(script: str):
 def bad_input_case(case, folder, files) -> tuple[list[str], dict[str, bytes]]:
     """The case's argv (after the script) in a fresh folder holding a checkpoint that must survive,
     and the folder's files before the run."""
-    name, script, args, _ = case
+    _, script, args, _ = case
     work = folder / "work"
     (work / "checkpoints" / "100").mkdir(parents=True)
     (work / "checkpoints" / "100" / "state").write_text("a checkpoint that must survive")
@@ -173,12 +173,13 @@ def bad_input_runs(files, tmp_path_factory):
 
 @pytest.mark.parametrize("case", [c for c in BAD_INPUTS if c[0] in SUBPROCESS_CASES], ids=lambda c: c[0])
 def test_bad_input_exits_2_with_one_line(bad_input_runs, case):
-    assert_refused_in_one_line(*bad_input_runs[case[0]][:2], case[3], *bad_input_runs[case[0]][2:])
+    status, stderr, before, after = bad_input_runs[case[0]]
+    assert_refused_in_one_line(status, stderr, case[3], before, after)
 
 
 @pytest.mark.parametrize("case", [c for c in BAD_INPUTS if c[0] not in SUBPROCESS_CASES], ids=lambda c: c[0])
 def test_bad_input_in_process_returns_2_with_one_line(files, tmp_path, capfd, monkeypatch, case):
-    name, script, _, expected = case
+    _, script, _, expected = case
     argv, before = bad_input_case(case, tmp_path, files)
     monkeypatch.chdir(ROOT)
     capfd.readouterr()
