@@ -7,8 +7,10 @@ Every decoder runs the same loop (`jax.lax.while_loop` over at most
 2. Step t feeds the token chosen at t - 1 (the pad id 0 at t = 0: it is also the decoder
    start token) and reads the logits of position t. With the KV cache that is one
    position, [batch, 1], whose self-attention reads the keys / values of earlier steps
-   from the 'cache' collection (layers.MultiHeadAttention); with `use_cache=False` the
-   whole prefix [batch, max_decode_length] is recomputed, positions > t marked as padding.
+   from the 'cache' collection (layers.MultiHeadAttention); its cross-attention reads the
+   keys / values of `encoded`, projected once before the loop (init_cache). With
+   `use_cache=False` the whole prefix [batch, max_decode_length] is recomputed, positions
+   > t marked as padding.
 3. Choose the next token(s): argmax, a sample, or the beam update below.
 4. Stop at max_decode_length or when every sequence is done (EOS, id 1).
 
@@ -79,27 +81,27 @@ def _encode(model: nn.Module, params: PyTree, encoder_input_tokens: Array) -> tu
     return encoded, segments
 
 
-def init_cache(model: nn.Module, params: PyTree, batch_size: int, max_decode_length: int,
-               encoder_length: int) -> PyTree:
-    """Zeros for the 'cache' collection of a decoder that runs `max_decode_length` steps.
+def init_cache(model: nn.Module, params: PyTree, encoded: Array, encoder_segments: Array,
+               max_decode_length: int) -> PyTree:
+    """The 'cache' collection of a decoder that runs `max_decode_length` steps over `encoded`.
 
-    Per self-attention layer: `cached_key`, `cached_value` [batch_size, max_decode_length,
-    heads, d_kv] and `cache_index` []. The shapes come from an abstract (jax.eval_shape)
-    decode-mode call with full-length inputs: nothing but the zeros is computed; `params`
-    only contributes shapes.
+    Per decoder layer: self-attention `cached_key` [batch, heads, d_kv, max_decode_length] and
+    `cached_value` [batch, heads, max_decode_length, d_kv] (zeros), `cache_index` [] (0);
+    cross-attention `encoded_key` [batch, heads, d_kv, enc_len] and `encoded_value`
+    [batch, heads, enc_len, d_kv], the projections of `encoded` [batch, enc_len, d_model].
+    A decode-mode call with full-length inputs creates them; under jit nothing but these
+    projections is computed (the call's logits are dead code), so it is jitted here too.
     """
-    cfg = model.config
+    return jit_static(_allocate_cache, model=model, max_decode_length=max_decode_length)(
+        params, encoded, encoder_segments)
 
-    def allocate(params):
-        encoded = jnp.zeros((batch_size, encoder_length, cfg.d_model), jnp.dtype(cfg.dtype))
-        encoder_segments = jnp.ones((batch_size, encoder_length), jnp.int32)
-        tokens = jnp.ones((batch_size, max_decode_length), jnp.int32)
-        _, variables = model.apply({"params": params}, encoded, encoder_segments, tokens, decode=True,
-                                   max_decode_length=max_decode_length, mutable=["cache"], method="decode")
-        return variables["cache"]
 
-    shapes = jax.eval_shape(allocate, _unbox(params))
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+def _allocate_cache(params: PyTree, encoded: Array, encoder_segments: Array, *, model: nn.Module,
+                    max_decode_length: int) -> PyTree:
+    tokens = jnp.ones((encoded.shape[0], max_decode_length), jnp.int32)
+    _, variables = model.apply({"params": _unbox(params)}, encoded, encoder_segments, tokens, decode=True,
+                               max_decode_length=max_decode_length, mutable=["cache"], method="decode")
+    return variables["cache"]
 
 
 def _step_logits(model: nn.Module, params: PyTree, encoded: Array, encoder_segments: Array, inputs: Array,
@@ -140,8 +142,7 @@ def _autoregressive(params: PyTree, encoder_input_tokens: Array, rng: Array, tem
     """The greedy / sampling loop. Returns tokens [batch, max_decode_length]."""
     batch = encoder_input_tokens.shape[0]
     encoded, encoder_segments = _encode(model, params, encoder_input_tokens)
-    cache = init_cache(model, params, batch, max_decode_length, encoder_input_tokens.shape[1]) \
-        if use_cache else None
+    cache = init_cache(model, params, encoded, encoder_segments, max_decode_length) if use_cache else None
 
     def choose(logits: Array, key: Array) -> Array:  # [batch, vocab] -> [batch]
         if greedy:
@@ -156,21 +157,21 @@ def _autoregressive(params: PyTree, encoder_input_tokens: Array, rng: Array, tem
     # sequences [batch, 1 + max_decode_length]: column 0 is the start token, column t + 1 the
     # token chosen at step t; the decoder inputs are the first max_decode_length columns.
     def body(state):
-        step, sequences, done, cache, rng = state
+        step, sequences, done, cache, rng, params = state
         logits, cache = _step_logits(model, params, encoded, encoder_segments,
                                      sequences[:, :max_decode_length], cache, step)
         rng, key = jax.random.split(rng)
         token = jnp.where(done, PAD_ID, choose(logits, key)).astype(jnp.int32)
         sequences = jax.lax.dynamic_update_slice_in_dim(sequences, token[:, None], step + 1, axis=1)
-        return step + 1, sequences, done | (token == eos_id), cache, rng
+        return step + 1, sequences, done | (token == eos_id), cache, rng, params
 
     def cond(state):
-        step, _, done, _, _ = state
+        step, _, done, _, _, _ = state
         return (step < max_decode_length) & ~jnp.all(done)
 
     state = (jnp.array(0, jnp.int32), jnp.zeros((batch, max_decode_length + 1), jnp.int32),
-             jnp.zeros((batch,), bool), cache, rng)
-    _, sequences, _, _, _ = jax.lax.while_loop(cond, body, state)
+             jnp.zeros((batch,), bool), cache, rng, params)
+    _, sequences, _, _, _, _ = jax.lax.while_loop(cond, body, state)
     return sequences[:, 1:]
 
 
@@ -209,10 +210,19 @@ def _gather_beams(tree: PyTree, index: Array) -> PyTree:
 
 
 def _gather_cache(cache: PyTree, index: Array) -> PyTree:
-    """Cache rows [batch * beams, ...] of the parent beams index [batch, beams]; scalars (cache_index) kept."""
+    """Cache rows [batch * beams, ...] of the parent beams index [batch, beams].
+
+    Kept as they are: scalars (cache_index) and the encoder keys / values, which are the same
+    for every beam of an example (copying them would cost a full cache copy per step).
+    """
     batch, beams = index.shape
     flat = (jnp.arange(batch)[:, None] * beams + index).reshape(-1)  # [batch * beams]
-    return jax.tree.map(lambda x: x[flat] if x.ndim else x, cache)
+
+    def gather(path, x):
+        per_beam = x.ndim and path[-1].key not in ("encoded_key", "encoded_value")
+        return x[flat] if per_beam else x
+
+    return jax.tree_util.tree_map_with_path(gather, cache)
 
 
 def _beam_search(params: PyTree, encoder_input_tokens: Array, alpha: Array, *, model: nn.Module, beam_size: int,
@@ -230,13 +240,13 @@ def _beam_search(params: PyTree, encoder_input_tokens: Array, alpha: Array, *, m
        could still reach: log p(alive) / length_penalty(max_decode_length) (log p only falls,
        and for alpha >= 0 the penalty is largest at the maximum length).
     """
-    batch, encoder_length = encoder_input_tokens.shape
+    batch = encoder_input_tokens.shape[0]
     beams, length = beam_size, max_decode_length
     encoded, encoder_segments = _encode(model, params, encoder_input_tokens)
     # Beams share the encoder pass: rows b * beams + j all read example b.
     encoded = jnp.repeat(encoded, beams, axis=0)  # [batch * beams, enc_len, d_model]
     encoder_segments = jnp.repeat(encoder_segments, beams, axis=0)
-    cache = init_cache(model, params, batch * beams, length, encoder_length) if use_cache else None
+    cache = init_cache(model, params, encoded, encoder_segments, length) if use_cache else None
     neg_inf = jnp.float32(-jnp.inf)
 
     def body(state):

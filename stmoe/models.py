@@ -93,8 +93,9 @@ class DecoderLayer(nn.Module):
             normed, normed, position_bias, self_mask, deterministic, decode=decode)
         x = x + dropout(y, deterministic)
         normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale, name="pre_cross_attention_norm")(x)
-        y = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, _dtype(cfg),
-                               name="encoder_decoder_attention")(normed, encoded, None, cross_mask, deterministic)
+        y = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, _dtype(cfg), cross_attention=True,
+                               name="encoder_decoder_attention")(normed, encoded, None, cross_mask, deterministic,
+                                                                 decode=decode)
         x = x + dropout(y, deterministic)
         x = constrain(x, ("batch", "length", "embed"))
         return FeedForward(cfg, self.layer, causal=True, name="ffn")(x, token_mask, deterministic)

@@ -213,16 +213,27 @@ def test_beam_search_under_a_mesh_with_sharded_params(model, params, encoder_inp
     np.testing.assert_allclose(scores, beams[1], rtol=1e-5)
 
 
-def test_init_cache_shapes(model, params):
-    cache = decoding.init_cache(model, params, batch_size=5, max_decode_length=DECODE_LENGTH,
-                                encoder_length=ENCODER_LENGTH)
+def test_init_cache(model, params):
+    """Self-attention caches start empty; cross-attention holds the encoded sequence's keys and
+    values in the dot layouts, checked against numpy projections of a random `encoded`."""
+    cfg = model.config
+    encoded = np.random.default_rng(1).standard_normal((5, ENCODER_LENGTH, cfg.d_model)).astype(np.float32)
+    cache = decoding.init_cache(model, params, jnp.asarray(encoded), jnp.ones((5, ENCODER_LENGTH), jnp.int32),
+                                max_decode_length=DECODE_LENGTH)
     layers = cache["decoder"]
-    assert sorted(layers) == [f"layers_{i}" for i in range(model.config.num_decoder_layers)]
-    attention = layers["layers_0"]["self_attention"]
-    assert attention["cached_key"].shape == (5, DECODE_LENGTH, model.config.num_heads, model.config.d_kv)
-    assert attention["cached_value"].shape == attention["cached_key"].shape
-    assert attention["cache_index"].shape == ()
-    assert all(not np.any(x) for x in jax.tree.leaves(cache))
+    assert sorted(layers) == [f"layers_{i}" for i in range(cfg.num_decoder_layers)]
+    for name, layer in layers.items():
+        attention = layer["self_attention"]
+        assert attention["cached_key"].shape == (5, cfg.num_heads, cfg.d_kv, DECODE_LENGTH)
+        assert attention["cached_value"].shape == (5, cfg.num_heads, DECODE_LENGTH, cfg.d_kv)
+        assert attention["cache_index"].shape == ()
+        assert all(not np.any(x) for x in jax.tree.leaves(attention))
+        cross = layer["encoder_decoder_attention"]
+        kernels = params["decoder"][name]["encoder_decoder_attention"]
+        key = np.einsum("bld,dhk->bhkl", encoded, np.asarray(kernels["key"]))
+        value = np.einsum("bld,dhk->bhlk", encoded, np.asarray(kernels["value"]))
+        np.testing.assert_allclose(cross["encoded_key"], key, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(cross["encoded_value"], value, rtol=1e-5, atol=1e-5)
 
 
 def test_invalid_arguments(model, params, encoder_inputs):
