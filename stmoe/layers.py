@@ -182,13 +182,17 @@ class MultiHeadAttention(nn.Module):
         # dot-product attention (`layers.py:210-211`): std 1/sqrt(d_model * d_kv).
         kv_init = fan_in_init(1.0, (-3,), (-2, -1), distribution="normal")
         query_init = fan_in_init(1.0 / self.d_kv, (-3,), (-2, -1), distribution="normal")
-        project = lambda name, init, x, layout: jnp.einsum(
-            f"bld,dhk->{layout}", x,
+        # Every projection is the plain [b*l, d] @ [d, heads*d_kv] matmul; keys and values are
+        # transposed after it. Asked for in the attention layouts directly, XLA:CPU computed a
+        # one-token decoding step's projection as kernel^T @ x^T and transposed each kernel at
+        # every step (a tenth of greedy generation).
+        project = lambda name, init, x: jnp.einsum(
+            "bld,dhk->blhk", x,
             self.param(name, nn.with_logical_partitioning(init, head_names),
                        (d_model, self.num_heads, self.d_kv), jnp.float32).astype(self.dtype))
-        query = project("query", query_init, inputs_q, "blhk")  # [b, q, heads, d_kv]
-        project_kv = lambda: (project("key", kv_init, inputs_kv, "bhkl"),  # [b, heads, d_kv, k]
-                              project("value", kv_init, inputs_kv, "bhlk"))  # [b, heads, k, d_kv]
+        query = project("query", query_init, inputs_q)  # [b, q, heads, d_kv]
+        project_kv = lambda: (project("key", kv_init, inputs_kv).transpose(0, 2, 3, 1),  # [b, heads, d_kv, k]
+                              project("value", kv_init, inputs_kv).transpose(0, 2, 1, 3))  # [b, heads, k, d_kv]
         if decode and self.cross_attention:
             key, value = self._encoded_cache(project_kv)
         else:
