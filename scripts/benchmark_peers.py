@@ -39,6 +39,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="cores for both frameworks")
     parser.add_argument("--reps", type=int, default=5, help="interleaved timing rounds (median)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed interleaved rounds first (each side's heap grows to fit both)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--inputs", type=int, default=256, help="encoder length")
     parser.add_argument("--targets", type=int, default=64, help="decoder length and generated tokens")
@@ -47,6 +49,8 @@ def parse_args(argv=None):
                         help="stmoe's moe.expert_execution (auto: dispatch.resolve_model's choice for this backend)")
     parser.add_argument("--out", default=None, help="write JSON here")
     args = parser.parse_args(argv)
+    if args.warmup < 0:
+        parser.exit(2, f"benchmark_peers.py: --warmup must be >= 0, got {args.warmup}\n")
     for name in ("threads", "reps", "batch", "inputs", "targets"):
         if getattr(args, name) < 1:
             parser.exit(2, f"benchmark_peers.py: --{name} must be >= 1, got {getattr(args, name)}\n")
@@ -212,7 +216,7 @@ def main(args):
     n_params = sum(p.numel() for p in hf.model.parameters())
     print(f"model: {n_params / 1e6:.1f}M parameters (HF count), {cfg.moe.num_experts} experts top-{cfg.moe.top_k}, "
           f"capacity {cfg.moe.expert_capacity}, experts run {cfg.moe.expert_execution!r}; batch {args.batch}, inputs {args.inputs}, targets {args.targets}; "
-          f"{args.threads} threads; jax {jax.__version__}, torch {torch.__version__}, "
+          f"{args.threads} threads, {cli.memory_allocator()} malloc; jax {jax.__version__}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}", flush=True)
 
     # 1-2. Parity and token agreement, on the shared initial weights (also the warm-up / compilation).
@@ -244,12 +248,16 @@ def main(args):
              f"greedy generation of {args.targets} tokens, KV cache": lambda side: side.generate(args.targets),
              "forward scoring": lambda side: side.score()}
     times = {(task, side): [] for task in tasks for side in ("hf", "stmoe")}
-    for rep in range(args.reps):
+    for rep in range(-args.warmup, args.reps):
         for task, fn in tasks.items():
             for name, side in (("hf", hf), ("stmoe", ours)):
                 start = time.perf_counter()
                 fn(side)
                 times[task, name].append(time.perf_counter() - start)
+        if rep < 0:  # a warm-up round: timed to show it, then dropped
+            print("warm-up round: " + ", ".join(f"{t.split(' (')[0].split(',')[0]} HF {times[t, 'hf'].pop():.2f} s / "
+                                                f"stmoe {times[t, 'stmoe'].pop():.2f} s" for t in tasks), flush=True)
+            continue
         print(f"round {rep + 1}/{args.reps}: " + ", ".join(f"{t.split(' (')[0].split(',')[0]} HF "
               f"{times[t, 'hf'][-1]:.2f} s / stmoe {times[t, 'stmoe'][-1]:.2f} s" for t in tasks), flush=True)
         # A run killed later (it holds both models: ~7 GiB) keeps the rounds it finished.
@@ -283,12 +291,13 @@ def main(args):
     table.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     print()
     print("\n".join(table))
-    print(f"median of {args.reps} interleaved rounds; float32 matmul peak {peak / 1e9:.0f} GFLOP/s "
+    print(f"median of {args.reps} interleaved rounds after {args.warmup} warm-up; float32 matmul peak {peak / 1e9:.0f} GFLOP/s "
           f"(jax {peaks['jax'] / 1e9:.0f}, torch {peaks['torch'] / 1e9:.0f}); load average (1, 5, 15 min) "
           f"before {load_before}, after {load_after}")
     result = dict(rows=rows, logits_max_abs_diff=parity, token_agreement=agreement,
                   first_difference_per_row=first_diff.tolist(), params=n_params, threads=args.threads,
-                  reps=args.reps, batch=args.batch, inputs=args.inputs, targets=args.targets, small=args.small,
+                  reps=args.reps, warmup_rounds=args.warmup, batch=args.batch, inputs=args.inputs,
+                  targets=args.targets, small=args.small,
                   matmul_peak_flops=peaks, stmoe_compile_s=dict(train=compile_train, generate=compile_generate,
                                                                 score=compile_score),
                   load_average_1_5_15=dict(before=load_before, after=load_after), jax=jax.__version__,

@@ -192,11 +192,29 @@ def _value_of(config: ml_collections.ConfigDict, path: str):
     return node
 
 
+def memory_allocator() -> str:
+    """The malloc this process runs on: 'tcmalloc' or 'jemalloc' when one is preloaded, else 'glibc'.
+
+    It matters to CPU timings: XLA:CPU allocates each execution's temporaries afresh (1.8 GB per
+    train step of the peers model), and glibc hands allocations that large back to the kernel on
+    free, so every step pays page faults that zero them again; tcmalloc keeps and reuses them
+    (README, "Benchmarks on CPU").
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "unknown"
+    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in maps), "glibc")
+
+
 def write_result(path: str | None, result: dict, announce: bool = True) -> None:
     """A benchmark's JSON result to `path` (nothing when None), and a line saying where. Written to
-    a temporary file and renamed, so a run killed mid-write leaves the previous result whole."""
+    a temporary file and renamed, so a run killed mid-write leaves the previous result whole. The
+    result records the process's malloc (`memory_allocator`), which moves CPU timings."""
     if path:
         import json
+        result = {**result, "malloc": memory_allocator()}
         with open(path + ".tmp", "w") as f:
             json.dump(result, f, indent=1, default=str)
         os.replace(path + ".tmp", path)
