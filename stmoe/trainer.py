@@ -47,6 +47,7 @@ import numpy as np
 
 from stmoe import checkpoints, evaluation, inference, optim, partitioning, reporting, restore, steps
 from stmoe import config as config_lib
+from stmoe.cli import memory_allocator
 from stmoe.config import ConfigError, RunConfig
 from stmoe.models import EncoderDecoder
 from stmoe.steps import TrainState
@@ -214,6 +215,9 @@ def train_and_evaluate(config: RunConfig | ml_collections.ConfigDict, workdir: s
          f"{devices[0].platform} device(s), MoE dispatch {model_cfg.moe.dispatch!r} with experts "
          f"{model_cfg.moe.expert_execution!r}; starting at step {start.step} from {start.describe()}; "
          f"workdir {workdir}")
+    if devices[0].platform == "cpu" and memory_allocator() == "glibc":
+        _say("stmoe: on CPU, glibc's malloc hands XLA's per-step temporaries back to the kernel and every step "
+             "faults them in again; preload tcmalloc for a faster step (README, Performance)")
 
     # 8. The loop. A step's metrics stay on the device until something needs them: its divergence check
     # runs while the next step computes, and is forced before a save, a log line or the end, so no
