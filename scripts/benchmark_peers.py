@@ -291,7 +291,8 @@ def main(args):
     table.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     print()
     print("\n".join(table))
-    print(f"median of {args.reps} interleaved rounds after {args.warmup} warm-up; float32 matmul peak {peak / 1e9:.0f} GFLOP/s "
+    print(f"median of {args.reps} interleaved rounds after {args.warmup} warm-up; "
+          f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s "
           f"(jax {peaks['jax'] / 1e9:.0f}, torch {peaks['torch'] / 1e9:.0f}); load average (1, 5, 15 min) "
           f"before {load_before}, after {load_after}")
     result = dict(rows=rows, logits_max_abs_diff=parity, token_agreement=agreement,

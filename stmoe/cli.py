@@ -198,7 +198,7 @@ def memory_allocator() -> str:
     It matters to CPU timings: XLA:CPU allocates each execution's temporaries afresh (1.8 GB per
     train step of the peers model), and glibc hands allocations that large back to the kernel on
     free, so every step pays page faults that zero them again; tcmalloc keeps and reuses them
-    (README, "Benchmarks on CPU").
+    (README, Performance).
     """
     try:
         with open("/proc/self/maps") as f:
