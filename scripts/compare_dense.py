@@ -75,7 +75,7 @@ CONFIG_FIELDS = (F_SPARSE_LAYERS, F_SPARSE_DENSE_D_FF, F_D_MODEL, F_D_FF, F_NUM_
                  F_LR, F_TOTAL_STEPS, F_BATCH, F_SEED, F_TEXT_FILES, F_INPUTS_LEN, F_TARGETS_LEN, F_EVAL_EVERY,
                  F_LOG_EVERY, F_CKPT_EVERY, F_KEEP_CKPT)
 
-# The setting every model shares (on top of configs/pretrain.py:tiny); see the README's "MoE vs dense".
+# The setting every model shares (on top of configs/pretrain.py:tiny); see docs/experiments.md, "MoE vs dense".
 SETTING = {
     F_NUM_ENC: 2,
     F_NUM_DEC: 2,  # with tiny's sparse_interval 2: block 1 of each stack is the MoE block

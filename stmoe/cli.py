@@ -172,7 +172,7 @@ def _help_text(program: str, doc: str, spec: str, config: ml_collections.ConfigD
                   "  --gin_file FILE          t5x style: gin bindings over the package defaults (configs/gin/*.gin;",
                   "                           repeatable; with --config, over that config instead)",
                   "  --gin.SECTION.FIELD=V    one gin binding, e.g. --gin.MoeConfig.num_experts=64 "
-                  "(README: gin names)"]
+                  "(docs/usage.md, gin)"]
     for name in extra:
         flag = flag_values[name]
         flags_help.append(f"  --{name:<22} {flag.help} (default: {flag.default})")
@@ -198,7 +198,7 @@ def memory_allocator() -> str:
     It matters to CPU timings: XLA:CPU allocates each execution's temporaries afresh (1.8 GB per
     train step of the peers model), and glibc hands allocations that large back to the kernel on
     free, so every step pays page faults that zero them again; tcmalloc keeps and reuses them
-    (README, Performance).
+    (docs/performance.md).
     """
     try:
         with open("/proc/self/maps") as f:

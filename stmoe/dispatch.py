@@ -28,7 +28,7 @@ and give the same numbers (tests/test_dispatch.py, tests/test_moe.py):
 - cpu: "gather". On XLA:CPU it is the fastest of the three and the closest to the FLOP-matched
   dense FFN in time and activation memory (experts run one after another on CPU,
   moe.expert_mlps); einsum pays for its one-hot tensors (figures, dropless's tiled loop included:
-  README Performance, scripts/benchmark_moe.py). On one device with tokens-choose routing its
+  docs/performance.md, scripts/benchmark_moe.py). On one device with tokens-choose routing its
   experts run "grouped" (`resolve_model`): the routing keeps the same choices, and only the
   kept rows go through the tiled grouped matmul, so empty slots cost nothing.
 - gpu: "gather". Capacity-based, so shapes are static and expert parallelism uses plain
@@ -82,7 +82,7 @@ def resolve_model(cfg: ModelConfig, *, backend: str | None = None, expert_split:
     dispatch: `resolve_dispatch`. expert_execution "auto": on one device, "grouped" on
     GROUPED_EXPERT_BACKENDS for tokens-choose routing with gather dispatch (only the kept rows
     are computed: with Switch's capacity 96 per 256-token group and 8 experts, 256 rows instead of
-    768 slots; README Performance; its sort spans all groups, which a data-parallel mesh would
+    768 slots; docs/performance.md; its sort spans all groups, which a data-parallel mesh would
     gather), else, when the experts are not split, "sequential" on SEQUENTIAL_EXPERT_BACKENDS;
     "batched" otherwise (the batched matmul is what the SPMD partitioner splits over an
     expert-sharded mesh). grouped_kernel "auto": GROUPED_KERNEL's entry for the backend, else "ragged_dot".
@@ -176,7 +176,7 @@ def combine_gather_tokens(group_out: Array, choice_slot: Array, choice_weight: A
     choice without a slot); choice_weight: [groups, tokens, k] (0 without a slot) ->
     [groups, tokens, d]. Same numbers as combine_gather, which scatter-adds every slot (empty
     ones too) into a zeroed [groups, tokens + 1, d] and slices it: several times slower on
-    XLA:CPU at large groups (README Performance). Batched over groups: each group reads only its
+    XLA:CPU at large groups (docs/performance.md). Batched over groups: each group reads only its
     own slots.
     """
     groups, experts, capacity, d = group_out.shape

@@ -70,7 +70,7 @@ def expert_mlps(x: Array, wi: list[Array], wo: Array, activation: str, dtype, *,
       [experts, rows, d_ff]. The backward keeps only each expert's matmul outputs
       (jax.checkpoint, dots saveable) and recomputes the activation, so the loop saves less
       activation memory than the batched form instead of more. With few rows per expert the
-      loop's fixed per-expert costs show in the backward. Figures: README Performance
+      loop's fixed per-expert costs show in the backward. Figures: docs/performance.md
       (scripts/benchmark_moe.py).
     Which one a model runs is moe.expert_execution, resolved when the model is built
     (dispatch.resolve_model).

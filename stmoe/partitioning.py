@@ -35,7 +35,7 @@ their transposes in the backward pass). The compiled train step of the tests
 (tests/test_partitioning.py::test_train_step_hlo_has_all_to_all).
 
 Measured alternative: `shard_map` with `jax.lax.all_to_all` written by hand
-(scripts/bench_all_to_all.py; the table is in README Performance, "Expert parallelism").
+(scripts/bench_all_to_all.py; the table is in docs/performance.md, "Expert parallelism").
 Neither gathers the experts; the hand-written version was faster on simulated CPU
 devices (GSPMD emits two more all-to-alls than the hand-written version; which tensors
 they move was not analysed). We still take the constraint route, for now: it is the same

@@ -103,7 +103,7 @@ def small_top_k(values: Array, k: int) -> tuple[Array, Array]:
 
     values: [..., n] finite -> (values [..., k], indices [..., k] int32), largest first; equal
     values in index order, as lax.top_k. XLA:CPU lowers lax.top_k to a full sort of the last axis,
-    which costs far more than k passes over the same array (README Performance). The values are read back at the indices, so gradients flow to the
+    which costs far more than k passes over the same array (docs/performance.md). The values are read back at the indices, so gradients flow to the
     chosen entries only, as with lax.top_k.
     """
     if k > 4:  # k sweeps stop paying off against one sort

@@ -217,7 +217,7 @@ def train_and_evaluate(config: RunConfig | ml_collections.ConfigDict, workdir: s
          f"workdir {workdir}")
     if devices[0].platform == "cpu" and memory_allocator() == "glibc":
         _say("stmoe: on CPU, glibc's malloc hands XLA's per-step temporaries back to the kernel and every step "
-             "faults them in again; preload tcmalloc for a faster step (README, Performance)")
+             "faults them in again; preload tcmalloc for a faster step (docs/performance.md)")
 
     # 8. The loop. A step's metrics stay on the device until something needs them: its divergence check
     # runs while the next step computes, and is forced before a save, a log line or the end, so no

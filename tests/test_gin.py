@@ -85,7 +85,7 @@ def test_bad_gin_input_is_one_line(capsys, monkeypatch, tmp_path, args, message)
 
 
 def test_gin_launch_trains(capsys, monkeypatch, tmp_path):
-    """The README's gin command line, shrunk: a tiny gin preset trains, and config.json records the
+    """The gin command line of docs/usage.md, shrunk: a tiny gin preset trains, and config.json records the
     bindings' values."""
     import json
 
