@@ -10,7 +10,8 @@ only then is recomputing the prefix the same function as stepping with the cache
 
 Independent checks: cached vs recomputed prefixes, greedy vs a beam of one, beam scores vs a
 teacher-forced rescoring of the beams, `score` vs numpy on the model's logits, sampling in its
-greedy limits, top-k sampling's drawn set vs numpy's top-k of the first-step logits, and beam search under a mesh with sharded params.
+greedy limits, top-k sampling's drawn set vs numpy's top-k of the first-step logits, and beam
+search under a mesh with sharded params.
 """
 import flax.linen as nn
 import jax
