@@ -1,9 +1,11 @@
-"""scripts/stability_sweep.py: the stability criterion on hand-made loss curves, and a real 2 x 1 sweep."""
+"""scripts/stability_sweep.py: the stability criterion on hand-made loss curves, the bf16_router variant's
+router (its config and its logits vs numpy), and a real 2 x 1 sweep."""
 import importlib.util
 import json
 import math
 import os
 
+import jax.numpy as jnp
 import pytest
 
 from stmoe.data import preprocessors
@@ -45,6 +47,60 @@ def test_classify_threshold_is_strict_and_uses_the_running_minimum():
 def test_setting_targets_length_fits_its_inputs_length():
     assert sweep.SETTING["data.targets_length"] == preprocessors.pre_corruption_length(
         sweep.SETTING["data.inputs_length"])[1]
+
+
+def _variant_model(variant):
+    from stmoe import config as config_lib
+    return config_lib.run_config(sweep.make_config(sweep.run_overrides(variant, 0, 3, {}))).validate().model
+
+
+def _router_logits(model_cfg, x, kernel):
+    """The logits of the model's own Router inside a MoeLayer built from `model_cfg` (flax
+    capture_intermediates), for inputs x [batch, length, d_model] and a given router kernel."""
+    import flax.linen as nn
+    import jax
+
+    from stmoe import routing
+    from stmoe.moe import MoeLayer
+
+    layer = MoeLayer(model_cfg)
+    mask = jnp.ones(x.shape[:2], jnp.float32)
+    shapes = nn.meta.unbox(jax.eval_shape(lambda: layer.init({"params": jax.random.key(0)}, x, mask))["params"])
+    params = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)  # only the router matters
+    params["router"]["kernel"] = kernel
+    _, variables = jax.jit(lambda p: layer.apply(
+        {"params": p}, x, mask, True, mutable=["moe", "intermediates"],
+        capture_intermediates=lambda module, _: isinstance(module, routing.Router)))(params)
+    return variables["intermediates"]["router"]["__call__"][0]
+
+
+def test_bf16_router_variant_runs_its_router_in_bfloat16_and_only_it():
+    """Table 4's row: the bf16_router variant's config has router dtype bfloat16 (every other
+    variant float32), and the router it builds gives bfloat16 logits that equal numpy's rounded
+    bfloat16 matmul and differ from the float32 router's on the same inputs and kernel."""
+    import ml_dtypes
+    import numpy as np
+
+    for variant in sweep.VARIANTS:
+        got, want = _variant_model(variant).moe.router_dtype, "bfloat16" if variant == "bf16_router" else "float32"
+        assert got == want, f"variant {variant}: model.moe.router_dtype {got!r}, want {want!r}"
+    bf16_cfg, f32_cfg = _variant_model("bf16_router"), _variant_model("baseline")
+    assert bf16_cfg.dtype == f32_cfg.dtype == "bfloat16"  # the setting's activations; only the router differs
+    rng = np.random.default_rng(0)
+    d_model, experts = bf16_cfg.d_model, bf16_cfg.moe.num_experts
+    x = jnp.asarray(rng.standard_normal((2, 8, d_model)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.standard_normal((d_model, experts)) * 0.5, jnp.float32)
+    got16, got32 = _router_logits(bf16_cfg, x, kernel), _router_logits(f32_cfg, x, kernel)
+    assert (got16.dtype, got32.dtype) == (jnp.bfloat16, jnp.float32)
+    bf16 = lambda a: np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float64)
+    x64 = np.asarray(x, np.float64).reshape(-1, d_model)  # one group per sequence: [2, 8] -> 16 rows in order
+    got16, got32 = np.asarray(got16, np.float64).reshape(-1, experts), np.asarray(got32, np.float64).reshape(-1, experts)
+    # float32 router: the float32 matmul of the (already bfloat16) activations.
+    np.testing.assert_allclose(got32, x64 @ np.asarray(kernel, np.float64), rtol=1e-5, atol=1e-5)
+    # bfloat16 router: kernel rounded to bfloat16, the sum rounded to bfloat16 (one ulp: 2^-7 relative).
+    expected = bf16(x64 @ bf16(kernel))
+    np.testing.assert_allclose(got16, expected, rtol=2 ** -7, atol=2 ** -7)
+    assert np.max(np.abs(got16 - got32)) > 1e-3, "bf16_router's logits equal the float32 router's"
 
 
 INPUTS = 32
