@@ -1,5 +1,6 @@
-"""scripts/stability_sweep.py: the stability criterion on hand-made loss curves, the bf16_router variant's
-router (its config and its logits vs numpy), and a real 2 x 1 sweep."""
+"""scripts/stability_sweep.py: the stability criterion on hand-made loss curves, the table's quality
+(mean and ddof-1 std over stable seeds) on hand-made results, the bf16_router variant's router (its
+config and its logits vs numpy), and a real 2 x 1 sweep."""
 import importlib.util
 import json
 import math
@@ -47,6 +48,28 @@ def test_classify_threshold_is_strict_and_uses_the_running_minimum():
 def test_setting_targets_length_fits_its_inputs_length():
     assert sweep.SETTING["data.targets_length"] == preprocessors.pre_corruption_length(
         sweep.SETTING["data.inputs_length"])[1]
+
+
+def _result(variant, seed, stable, neg_log_perplexity):
+    return {"variant": variant, "seed": seed, "stable": stable, "reason": "" if stable else "loss spike at step 30",
+            "step": None if stable else 30, "steps_run": 50, "nonfinite_skips": 0,
+            "eval_cross_entropy": -neg_log_perplexity, "neg_log_perplexity": neg_log_perplexity,
+            "final_train_loss": 3.0, "min_train_loss": 2.9, "wall_s": 1.0}
+
+
+def test_summarize_and_markdown_quality_over_the_stable_seeds_only():
+    results = [_result("baseline", 0, True, -3.0), _result("baseline", 1, False, -2.0),
+               _result("baseline", 2, True, -3.5), _result("dropout", 0, True, -4.0)]
+    baseline, dropout = sweep.summarize(results, ["baseline", "dropout"])
+    assert (baseline["seeds"], baseline["stable"]) == (3, 2) and baseline["fraction_stable"] == pytest.approx(2 / 3)
+    # Stable seeds' qualities -3.0 and -3.5 (the unstable seed's -2.0 is left out): mean -3.25, sample
+    # std (ddof=1) sqrt(2 * 0.25^2 / 1) = 0.25 sqrt(2) = 0.354 (the population std would be 0.25).
+    assert baseline["quality_mean"] == pytest.approx(-3.25)
+    assert baseline["quality_std"] == pytest.approx(0.25 * math.sqrt(2))
+    assert dropout["quality_mean"] == -4.0 and dropout["quality_std"] is None  # one seed: no std
+    table = sweep.markdown([baseline, dropout], sweep.SETTING, 50)
+    assert "| baseline | (the setting) | 2/3 | -3.250 +/- 0.354 | seed 1: loss spike at step 30 |" in table
+    assert "| dropout | model.dropout_rate=0.1 | 1/1 | -4.000 | - |" in table
 
 
 def _variant_model(variant):
