@@ -10,7 +10,8 @@ only then is recomputing the prefix the same function as stepping with the cache
 
 Independent checks: cached vs recomputed prefixes, greedy vs a beam of one, beam scores vs a
 teacher-forced rescoring of the beams, `score` vs numpy on the model's logits, sampling in its
-greedy limits, and beam search under a mesh with sharded params.
+greedy limits, top-k sampling's drawn set vs numpy's top-k of the first-step logits, and beam
+search under a mesh with sharded params.
 """
 import flax.linen as nn
 import jax
@@ -185,6 +186,34 @@ def test_sampling_limits_equal_greedy(model, params, encoder_inputs, greedy, tem
         tokens = decoding.sample(model, params, encoder_inputs, jax.random.key(seed),
                                  max_decode_length=DECODE_LENGTH, temperature=temperature, top_k=top_k)
         np.testing.assert_array_equal(tokens, greedy)
+
+
+def test_top_k_sampling_draws_exactly_the_k_highest_logit_first_tokens(model, params, encoder_inputs):
+    """The first decoded token depends only on the encoder input and the start token, so 128 copies
+    of each input row are 128 independent draws from the same first-step distribution. At a high
+    temperature the top_k set (from numpy on the teacher-forced logits of position 0, pad excluded)
+    is hit in full and nothing outside it, while plain sampling at that temperature would leave it."""
+    copies, temperature = 128, 4.0
+    tiled = jnp.repeat(encoder_inputs, copies, axis=0)  # rows 0..127: input 0, 128..255: input 1
+    start = jnp.zeros((BATCH, 1), jnp.int32)
+    logits = np.asarray(jax.jit(lambda p: model.apply({"params": p}, encoder_inputs, start, start + 1,
+                                                      enable_dropout=False))(params)[:, 0], np.float64)
+    logits[:, 0] = -np.inf  # decoding never emits the pad id
+    for top_k in (2, 3, 5):
+        first = np.asarray(decoding.sample(model, params, tiled, jax.random.key(7), max_decode_length=1,
+                                           temperature=temperature, top_k=top_k))[:, 0].reshape(BATCH, copies)
+        for row in range(BATCH):
+            order = np.argsort(-logits[row])
+            assert logits[row, order[top_k - 1]] > logits[row, order[top_k]]  # no tie at the k-th place
+            want = set(order[:top_k].tolist())
+            # Guards the check: within the top k every token has probability > 5% (so 128 draws miss
+            # one with probability < 1e-2), and outside it the softmax keeps > 30% of the mass.
+            p = np.exp((logits[row] - logits[row].max()) / temperature)
+            p /= p.sum()
+            restricted = p[order[:top_k]] / p[order[:top_k]].sum()
+            assert restricted.min() > 0.05 and p[order[top_k:]].sum() > 0.3, (restricted, p[order[top_k:]].sum())
+            drawn = sorted(set(first[row].tolist()))
+            assert drawn == sorted(want), f"top_k={top_k}, row {row}: drew {drawn}, numpy top-k {sorted(want)}"
 
 
 def test_sampling_at_temperature_one_is_well_formed_and_random(model, params, encoder_inputs, greedy):

@@ -1,9 +1,12 @@
-"""scripts/stability_sweep.py: the stability criterion on hand-made loss curves, and a real 2 x 1 sweep."""
+"""scripts/stability_sweep.py: the stability criterion on hand-made loss curves, the table's quality
+(mean and ddof-1 std over stable seeds) on hand-made results, the bf16_router variant's router (its
+config and its logits vs numpy), and a real 2 x 1 sweep."""
 import importlib.util
 import json
 import math
 import os
 
+import jax.numpy as jnp
 import pytest
 
 from stmoe.data import preprocessors
@@ -45,6 +48,82 @@ def test_classify_threshold_is_strict_and_uses_the_running_minimum():
 def test_setting_targets_length_fits_its_inputs_length():
     assert sweep.SETTING["data.targets_length"] == preprocessors.pre_corruption_length(
         sweep.SETTING["data.inputs_length"])[1]
+
+
+def _result(variant, seed, stable, neg_log_perplexity):
+    return {"variant": variant, "seed": seed, "stable": stable, "reason": "" if stable else "loss spike at step 30",
+            "step": None if stable else 30, "steps_run": 50, "nonfinite_skips": 0,
+            "eval_cross_entropy": -neg_log_perplexity, "neg_log_perplexity": neg_log_perplexity,
+            "final_train_loss": 3.0, "min_train_loss": 2.9, "wall_s": 1.0}
+
+
+def test_summarize_and_markdown_quality_over_the_stable_seeds_only():
+    results = [_result("baseline", 0, True, -3.0), _result("baseline", 1, False, -2.0),
+               _result("baseline", 2, True, -3.5), _result("dropout", 0, True, -4.0)]
+    baseline, dropout = sweep.summarize(results, ["baseline", "dropout"])
+    assert (baseline["seeds"], baseline["stable"]) == (3, 2) and baseline["fraction_stable"] == pytest.approx(2 / 3)
+    # Stable seeds' qualities -3.0 and -3.5 (the unstable seed's -2.0 is left out): mean -3.25, sample
+    # std (ddof=1) sqrt(2 * 0.25^2 / 1) = 0.25 sqrt(2) = 0.354 (the population std would be 0.25).
+    assert baseline["quality_mean"] == pytest.approx(-3.25)
+    assert baseline["quality_std"] == pytest.approx(0.25 * math.sqrt(2))
+    assert dropout["quality_mean"] == -4.0 and dropout["quality_std"] is None  # one seed: no std
+    table = sweep.markdown([baseline, dropout], sweep.SETTING, 50)
+    assert "| baseline | (the setting) | 2/3 | -3.250 +/- 0.354 | seed 1: loss spike at step 30 |" in table
+    assert "| dropout | model.dropout_rate=0.1 | 1/1 | -4.000 | - |" in table
+
+
+def _variant_model(variant):
+    from stmoe import config as config_lib
+    return config_lib.run_config(sweep.make_config(sweep.run_overrides(variant, 0, 3, {}))).validate().model
+
+
+def _router_logits(model_cfg, x, kernel):
+    """The logits of the model's own Router inside a MoeLayer built from `model_cfg` (flax
+    capture_intermediates), for inputs x [batch, length, d_model] and a given router kernel."""
+    import flax.linen as nn
+    import jax
+
+    from stmoe import routing
+    from stmoe.moe import MoeLayer
+
+    layer = MoeLayer(model_cfg)
+    mask = jnp.ones(x.shape[:2], jnp.float32)
+    shapes = nn.meta.unbox(jax.eval_shape(lambda: layer.init({"params": jax.random.key(0)}, x, mask))["params"])
+    params = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)  # only the router matters
+    params["router"]["kernel"] = kernel
+    _, variables = jax.jit(lambda p: layer.apply(
+        {"params": p}, x, mask, True, mutable=["moe", "intermediates"],
+        capture_intermediates=lambda module, _: isinstance(module, routing.Router)))(params)
+    return variables["intermediates"]["router"]["__call__"][0]
+
+
+def test_bf16_router_variant_runs_its_router_in_bfloat16_and_only_it():
+    """Table 4's row: the bf16_router variant's config has router dtype bfloat16 (every other
+    variant float32), and the router it builds gives bfloat16 logits that equal numpy's rounded
+    bfloat16 matmul and differ from the float32 router's on the same inputs and kernel."""
+    import ml_dtypes
+    import numpy as np
+
+    for variant in sweep.VARIANTS:
+        got, want = _variant_model(variant).moe.router_dtype, "bfloat16" if variant == "bf16_router" else "float32"
+        assert got == want, f"variant {variant}: model.moe.router_dtype {got!r}, want {want!r}"
+    bf16_cfg, f32_cfg = _variant_model("bf16_router"), _variant_model("baseline")
+    assert bf16_cfg.dtype == f32_cfg.dtype == "bfloat16"  # the setting's activations; only the router differs
+    rng = np.random.default_rng(0)
+    d_model, experts = bf16_cfg.d_model, bf16_cfg.moe.num_experts
+    x = jnp.asarray(rng.standard_normal((2, 8, d_model)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.standard_normal((d_model, experts)) * 0.5, jnp.float32)
+    got16, got32 = _router_logits(bf16_cfg, x, kernel), _router_logits(f32_cfg, x, kernel)
+    assert (got16.dtype, got32.dtype) == (jnp.bfloat16, jnp.float32)
+    bf16 = lambda a: np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float64)
+    x64 = np.asarray(x, np.float64).reshape(-1, d_model)  # one group per sequence: [2, 8] -> 16 rows in order
+    got16, got32 = np.asarray(got16, np.float64).reshape(-1, experts), np.asarray(got32, np.float64).reshape(-1, experts)
+    # float32 router: the float32 matmul of the (already bfloat16) activations.
+    np.testing.assert_allclose(got32, x64 @ np.asarray(kernel, np.float64), rtol=1e-5, atol=1e-5)
+    # bfloat16 router: kernel rounded to bfloat16, the sum rounded to bfloat16 (one ulp: 2^-7 relative).
+    expected = bf16(x64 @ bf16(kernel))
+    np.testing.assert_allclose(got16, expected, rtol=2 ** -7, atol=2 ** -7)
+    assert np.max(np.abs(got16 - got32)) > 1e-3, "bf16_router's logits equal the float32 router's"
 
 
 INPUTS = 32

@@ -9,6 +9,9 @@
   Router module; dropped first choices equal inference.routing_stats (the sown metrics); domain matrix
   rows sum to 1, one per domain; every expert with tokens lists its top tokens; pair matrix sums
   to 1 with a zero diagonal;
+- on hand-built routing of 6 tokens (no model): every per-layer statistic, the domain matrix (first
+  choice, not second), the (first, second) pair matrix (not transposed), mutual information and
+  the sentinel boundary equal hand-computed values;
 - the script: writes report.md, trace.json and the PNGs; bad inputs exit 2 with one stderr line;
 - the capture under nn.scan gives the unscanned layer names, each layer's choices matching its sown counts.
 """
@@ -199,6 +202,100 @@ def test_domain_matrix_top_tokens_and_pairs(run):
         assert 0.0 <= f["second_kept"] <= f["second_wanted"]
         assert f["second_kept"] == pytest.approx(1.0 - s["health"]["dropped_fraction_rank2"])
         assert 0.0 <= f["mutual_information"] <= f["entropy_second"] + 1e-9
+
+
+def _hand_routing(vocabulary):
+    """Six real tokens, E = 4 experts, top-2, two domains of three tokens (hand-built, no model).
+
+    token   id    domain  first second  wanted  kept
+      0     10      0       0     1      T T    T T
+      1     N       0       0     1      T T    T F
+      2     10      0       0     2      T F    F F
+      3     S0      1       1     0      T T    T T
+      4     10      1       2     3      T T    T F
+      5     S1      1       2     3      T T    T T
+    S0, S1: the vocabulary's highest and lowest extra id (sentinels); N: the id just below S1 (not one).
+    """
+    s0, s1 = vocabulary.vocab_size - 1, vocabulary.vocab_size - vocabulary.extra_ids
+    return {
+        "tokens": np.array([10, s1 - 1, 10, s0, 10, s1]),
+        "expert_index": np.array([[0, 1], [0, 1], [0, 2], [1, 0], [2, 3], [2, 3]], np.int32),
+        "wanted": np.array([[1, 1], [1, 1], [1, 0], [1, 1], [1, 1], [1, 1]], bool),
+        "kept": np.array([[1, 1], [1, 0], [0, 0], [1, 1], [1, 0], [1, 1]], bool),
+        "domains": np.array([0, 0, 0, 1, 1, 1]),
+    }
+
+
+def test_layer_summary_and_domain_matrix_match_hand_values():
+    """Every statistic of one layer's trace on the hand-built routing above; golden values by hand."""
+    from stmoe.data import vocab
+    v = vocab.get_vocabulary(None)
+    a = _hand_routing(v)
+    ln2, ln3 = math.log(2), math.log(3)
+    # router = [token-weighted entropy sum, confidence sum, tokens] as _run accumulates them.
+    s = tracing._layer_summary(a, 4, v, False, [3.0, 1.5, 6.0])
+    assert (s["tokens"], s["sentinel_tokens"]) == (6, 2)
+    # First choices 0,0,0,1,2,2: p = (1/2, 1/6, 1/3, 0); H = 1/2 ln 2 + 1/6 ln 6 + 1/3 ln 3 = 2/3 ln 2 + 1/2 ln 3.
+    assert s["top1_share_all"] == pytest.approx([1 / 2, 1 / 6, 1 / 3, 0])
+    assert s["entropy_all"] == pytest.approx(2 / 3 * ln2 + 1 / 2 * ln3, abs=1e-12)
+    assert s["entropy_sentinel"] == pytest.approx(ln2, abs=1e-12)  # sentinels' first choices 1 and 2
+    assert s["top1_share_sentinel"] == pytest.approx([0, 1 / 2, 1 / 2, 0])
+    # Top tokens by first choice: expert 0 takes ids 10, N, 10; expert 2 takes 10 and S1; expert 3 none.
+    tops = {e: [(t["id"], t["count"]) for t in s["top_tokens"][str(e)]] for e in range(4)}
+    s1 = v.vocab_size - v.extra_ids
+    assert tops[0] == [(10, 2), (s1 - 1, 1)] and tops[1] == [(v.vocab_size - 1, 1)] and tops[3] == []
+    assert sorted(tops[2]) == [(10, 1), (s1, 1)]
+
+    h = s["health"]
+    # rank 1 dropped: token 2; rank 2 wanted and dropped: tokens 1 and 4 (token 2's is not wanted);
+    # no expert at all: token 2.
+    assert h["dropped_fraction_rank1"] == pytest.approx(1 / 6)
+    assert h["dropped_fraction_rank2"] == pytest.approx(2 / 6)
+    assert h["dropped_tokens"] == pytest.approx(1 / 6)
+    # Kept assignments per expert: e0 tokens 0, 1, 3 (second); e1 tokens 0 (second), 3; e2 tokens 4, 5;
+    # e3 token 5 (second) -> load (3, 2, 2, 1), mean 2, std sqrt((1 + 0 + 0 + 1) / 4) = 1 / sqrt(2).
+    assert [h[f"expert_{e}_tokens"] for e in range(4)] == [3.0, 2.0, 2.0, 1.0]
+    assert h["load_cv"] == pytest.approx(1 / (2 * math.sqrt(2)))
+    assert (h["router_entropy"], h["router_confidence"]) == (0.5, 0.25)
+
+    f = s["first_second"]
+    assert (f["first_kept"], f["second_wanted"], f["second_kept"]) == pytest.approx((5 / 6, 5 / 6, 3 / 6))
+    # (first, second) pairs: (0,1) x2, (0,2), (1,0), (2,3) x2 of 6 tokens; not symmetric.
+    want_pairs = np.zeros((4, 4))
+    want_pairs[0, 1], want_pairs[0, 2], want_pairs[1, 0], want_pairs[2, 3] = 2 / 6, 1 / 6, 1 / 6, 2 / 6
+    np.testing.assert_allclose(np.asarray(f["pairs"]), want_pairs, atol=1e-12,
+                               err_msg="pairs[i, j] = share of tokens with first choice i, second choice j")
+    # Second choices 1,1,2,0,3,3: p = (1/6, 1/3, 1/6, 1/3); H(second) = 1/3 ln 6 + 2/3 ln 3.
+    assert f["entropy_second"] == pytest.approx(ln3 / 3 + ln2 / 3 + 2 / 3 * ln3, abs=1e-12)
+    # The second choice fixes the first here, so I(first; second) = H(first) = 2/3 ln 2 + 1/2 ln 3
+    # (= H(second) - H(second | first) = H(second) - 1/2 (ln 3 - 2/3 ln 2), first = 0 giving 1, 1, 2).
+    assert f["mutual_information"] == pytest.approx(2 / 3 * ln2 + 1 / 2 * ln3, abs=1e-12)
+    top_pairs = [(p["first"], p["second"], p["share"]) for p in f["top_pairs"]]
+    assert [share for *_, share in top_pairs] == pytest.approx([1 / 3, 1 / 3, 1 / 6, 1 / 6])
+    assert sorted(top_pairs) == pytest.approx(sorted([(0, 1, 1 / 3), (2, 3, 1 / 3), (0, 2, 1 / 6), (1, 0, 1 / 6)]))
+
+    matrix, counts = tracing.domain_matrix(a, 2, 4)
+    # Domain 0's first choices 0, 0, 0; domain 1's 1, 2, 2 (the second choices would give 1, 1, 2 and 0, 3, 3).
+    np.testing.assert_allclose(np.asarray(matrix), [[1, 0, 0, 0], [0, 1 / 3, 2 / 3, 0]], atol=1e-12,
+                               err_msg="domain_matrix[d, e] = share of domain d's tokens whose FIRST choice is e")
+    assert counts == [3, 3]
+
+
+def test_mutual_information_and_top1_entropy_hand_values():
+    # Independent first and second choice: I = 0. Second choice a function of the first, uniform
+    # over 2 values: I = H(second) = ln 2.
+    assert tracing.mutual_information(np.full((2, 2), 0.25)) == pytest.approx(0.0, abs=1e-12)
+    assert tracing.mutual_information(np.array([[0.0, 0.5], [0.5, 0.0]])) == pytest.approx(math.log(2))
+    # Joint [[1/2, 1/4], [0, 1/4]]: px = (3/4, 1/4), py = (1/2, 1/2);
+    # I = sum p ln(p / (px py)) = 1/2 ln(4/3) + 1/4 ln(2/3) + 1/4 ln 2.
+    joint = np.array([[0.5, 0.25], [0.0, 0.25]])
+    want = 0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3) + 0.25 * math.log(2)
+    assert tracing.mutual_information(joint) == pytest.approx(want, abs=1e-12)
+    assert tracing.mutual_information(2 * joint) == pytest.approx(want, abs=1e-12)  # normalizes counts
+    assert math.isnan(tracing.mutual_information(np.zeros((3, 3))))
+    # top1_entropy: choices 0, 0, 1, 3 of 4 experts: p = (1/2, 1/4, 0, 1/4), H = 1/2 ln 2 + 1/2 ln 4 = 3/2 ln 2.
+    assert tracing.top1_entropy(np.array([0, 0, 1, 3]), 4) == pytest.approx(1.5 * math.log(2), abs=1e-12)
+    assert math.isnan(tracing.top1_entropy(np.zeros(0, np.int64), 4))
 
 
 def test_token_text():
