@@ -258,3 +258,29 @@ def test_state_sharded_like_the_params():
     assert get("v_col", "['encoder']['layers_0']['attention']['query']") == P(None, "model", None)
     state = layout.init(jax.random.key(0))  # the sharded init allocates with these shardings
     assert jax.tree.structure(state.opt_state) == jax.tree.structure(layout.shardings.opt_state)
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("field,value", [
+    ("adafactor_style", "mesh_tf"), ("adafactor_epsilon1", 0.0), ("adafactor_epsilon2", -1.0),
+    ("adafactor_min_dim_size_to_factor", 0), ("adafactor_factored", 1), ("adafactor_multiply_by_parameter_scale", "yes"),
+    ("adafactor_beta1", 1.0), ("adafactor_max_parameter_scale", 0.0), ("adafactor_step_offset", -1),
+    ("adafactor_weight_decay_rate", 1.0)])
+def test_validate_names_the_adafactor_field(field, value):
+    with pytest.raises(ValueError, match=f"optim.{field}"):
+        OptimConfig(**{field: value}).validate()
+
+
+@pytest.mark.parametrize("field,value", [("adafactor_epsilon2", 0.1), ("adafactor_max_parameter_scale", 1.0),
+                                         ("adafactor_weight_decay_rate", 0.01)])
+def test_t5x_only_fields_are_refused_with_optax_style(field, value):
+    with pytest.raises(ValueError, match=f"optim.{field}"):
+        OptimConfig(adafactor_style="optax", **{field: value}).validate()
+
+
+def test_older_run_configs_keep_optax_adafactor():
+    from stmoe.config import RunConfig, upgrade_run_config
+    assert upgrade_run_config({"optim": {"optimizer": "adafactor"}})["optim"]["adafactor_style"] == "optax"
+    assert RunConfig.from_dict(upgrade_run_config(RunConfig().to_dict())).optim.adafactor_style == "t5x"
