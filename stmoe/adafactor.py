@@ -17,7 +17,7 @@ dimensions. On stmoe's parameters the two differ in three places:
   batch axis falls back to t5x's heuristic (`adafactor.py:384-393`): factored over its smaller
   and larger dimension once the smaller is >= min_dim_size_to_factor (`:397-417`). stmoe's
   kernels keep their 3-D shape and are factored as that 2-D view;
-- scanned stacks: the `layers` axis is a batch axis (`adafactor.py:116`).
+- scanned stacks: the `layers` axis is a batch axis (`adafactor.py:113`).
 
 `factor_plan` turns one parameter's shape and logical axis names into those decisions, and
 `t5x_adafactor` applies t5x's update (`adafactor.py:464-578`) with them. The factored moments are

@@ -282,7 +282,7 @@ def attention_mask(query_segments: Array, key_segments: Array, causal: bool = Fa
 
 def decoder_input_token_mask(decoder_input_tokens: Array) -> Array:
     """flaxformer's decoder padding mask, read from the decoder's inputs (flaxformer
-    `components/attention/dense_attention.py:2319-2373`, applied to every decoder layer's output by
+    `components/attention/dense_attention.py:2319-2377`, applied to every decoder layer's output by
     `architectures/t5/t5_architecture.py:1215-1225`): [batch, length] int32 -> [batch, length] bool.
 
     A position is real when its input is not 0, when the next input is not 0 (the 0-BOS starting
