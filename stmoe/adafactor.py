@@ -181,7 +181,9 @@ def logical_axes(params: Any) -> dict[str, tuple[str, ...]]:
 
 
 def _unbox(x: Any) -> Any:
-    return x.unbox() if _is_box(x) else x
+    if not _is_box(x):
+        return x
+    return x.value if hasattr(x, "value") else x.unbox()  # the value, no sharding constraint
 
 
 def shape_of(x: Any) -> tuple[int, ...]:
@@ -257,7 +259,7 @@ def t5x_adafactor(
         lr = learning_rate(step) if callable(learning_rate) else learning_rate
         out = {"u": [], "v_row": [], "v_col": [], "v": [], "m": []}
         for path, g_leaf, p_leaf, v_row, v_col, v, m in zip(paths, grads, param_leaves, *states):
-            plan = plan_of(path, g_leaf if p_leaf is None else p_leaf)
+            plan = plan_of(path, p_leaf if _is_box(p_leaf) else g_leaf)
             grad = _unbox(g_leaf).astype(jnp.float32)
             param = None if p_leaf is None else _unbox(p_leaf).astype(jnp.float32)
             scale = lr
