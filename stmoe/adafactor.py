@@ -19,7 +19,9 @@ dimensions. On stmoe's parameters the two differ in three places:
   kernels keep their 3-D shape and are factored as that 2-D view;
 - scanned stacks: the `layers` axis is a batch axis (`adafactor.py:113`).
 
-`factor_plan` turns one parameter's shape and logical axis names into those decisions, and
+t5x hands the optimizer the model's logical axis names when it creates the train state
+(`t5x/train_state.py:148-159`, `adafactor.py:629-660`); here they come from the parameters'
+nn.Partitioned boxes. `factor_plan` turns one parameter's shape and logical axis names into those decisions, and
 `t5x_adafactor` applies t5x's update (`adafactor.py:464-578`) with them. The factored moments are
 stored with the reduced dimensions kept as size 1 (`v_row`: [.., 1 for each column dim],
 `v_col`: [1 for each row dim, ..]), so every state array has its parameter's rank and is sharded
