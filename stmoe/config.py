@@ -41,6 +41,9 @@ DTYPES = ("float32", "bfloat16")
 CAPACITY_ROUNDINGS = ("ceil", "round")
 BALANCE_SCHEDULES = ("constant", "linear_decay")
 OPTIMIZERS = ("adamw", "adafactor")
+ADAFACTOR_STYLES = ("t5x", "optax")
+LOSS_NORMALIZING_FACTORS = ("num_real_target_tokens", "num_total_target_tokens", "average_per_sequence", "none")
+DECODER_PADDING_SOURCES = ("targets", "decoder_input_tokens")
 LR_SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "rsqrt")
 MESH_AXES = ("data", "expert", "model")  # the mesh's logical axes (stmoe.partitioning names the physical ones)
 DECODINGS = ("greedy", "beam")
@@ -73,6 +76,8 @@ def upgrade_run_config(values: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(holder, dict) and leaf in holder:
             section, name = new.split(".")
             out.setdefault(section, {})[name] = holder.pop(leaf)
+    if isinstance(out.get("optim"), dict) and "adafactor_style" not in out["optim"]:
+        out["optim"]["adafactor_style"] = "optax"  # written before t5x's Adafactor existed: optax's is what it ran
     if out.get("aux_loss_schedule") == {}:
         del out["aux_loss_schedule"]
     return out
@@ -82,6 +87,13 @@ def check(condition: bool, field: str, message: str) -> None:
     """Raises ConfigError("field: message") unless `condition`: the one way config checks fail."""
     if not condition:
         raise ConfigError(f"{field}: {message}")
+
+
+def _positive_number(text: Any) -> bool:
+    try:
+        return isinstance(text, str) and math.isfinite(float(text)) and float(text) > 0
+    except ValueError:
+        return False
 
 
 class _Replaceable:
@@ -148,6 +160,10 @@ class MoeConfig(_Replaceable):
     # router as zero vectors (uniform probabilities: experts 0..k-1) and takes their slots; converted
     # t5x models set this to route it the same way (stmoe.interop.t5x).
     zero_padding_inputs: bool = False
+    # Which decoder positions are padding for routing and the MoE losses: "targets" (decoder_target_tokens
+    # == 0, or the segment ids) or "decoder_input_tokens", flaxformer's mask from the inputs
+    # (layers.decoder_input_token_mask), which also counts the position whose input is the EOS.
+    decoder_padding_from: str = "targets"
     # transformers 4.x Switch kept a dropped token's (normed) input x router prob; 5.x (and Mesh TF) give zero.
     dropped_token_passthrough: bool = False
     aux_loss_type: str = "switch_top1"  # which balance loss the layer computes (its weight: LossConfig)
@@ -211,6 +227,8 @@ class MoeConfig(_Replaceable):
                f"={self.num_groups_multiple} needs max_group_size (it shapes flaxformer's batch-wide groups)")
         check(self.aux_loss_type in AUX_LOSS_TYPES, f"{p}aux_loss_type",
                f"must be one of {AUX_LOSS_TYPES}, got {self.aux_loss_type!r}")
+        check(self.decoder_padding_from in DECODER_PADDING_SOURCES, f"{p}decoder_padding_from",
+              f"must be one of {DECODER_PADDING_SOURCES}, got {self.decoder_padding_from!r}")
         check(self.jitter_noise >= 0, f"{p}jitter_noise", f"must be >= 0, got {self.jitter_noise}")
         check(0 <= self.expert_dropout_rate < 1, f"{p}expert_dropout_rate",
                f"must be in [0, 1), got {self.expert_dropout_rate}")
@@ -335,6 +353,14 @@ class LossConfig(_Replaceable):
     balance_schedule: str = "constant"
     balance_warmup_multiplier: float = 1.0
     balance_decay_steps: int = 1
+    # t5x's cross-entropy (t5x/losses.py:132-190): label smoothing puts 1 - s on the target and
+    # s / (vocab - 1) on every other id, minus the entropy of those soft targets; 0 = off.
+    label_smoothing: float = 0.0
+    # What the cross-entropy sum (+ output z-loss) is divided by (t5x's loss_normalizing_factor,
+    # t5x/losses.py:193-353); the MoE terms are added after (t5x/contrib/moe/models.py:278-293):
+    # "num_real_target_tokens" (the loss weights' sum), "num_total_target_tokens" (batch x length),
+    # "average_per_sequence" (each sequence's mean, averaged), "none" (the sum), or a number, e.g. "1024".
+    loss_normalizing_factor: str = "num_real_target_tokens"
 
 
     def validate(self, prefix: str = "loss.") -> "LossConfig":
@@ -345,6 +371,10 @@ class LossConfig(_Replaceable):
                f"must be one of {BALANCE_SCHEDULES}, got {self.balance_schedule!r}")
         check(isinstance(self.balance_decay_steps, int) and self.balance_decay_steps >= 1,
                f"{p}balance_decay_steps", f"must be an integer >= 1, got {self.balance_decay_steps!r}")
+        check(0.0 <= self.label_smoothing < 1.0, f"{p}label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        factor = self.loss_normalizing_factor
+        check(factor in LOSS_NORMALIZING_FACTORS or _positive_number(factor), f"{p}loss_normalizing_factor",
+              f"must be one of {LOSS_NORMALIZING_FACTORS} or a positive number as a string, got {factor!r}")
         return self
 
 
@@ -408,6 +438,21 @@ class OptimConfig(_Replaceable):
     # Adafactor update clipping (paper: 1.0; sec. 3.1 lowers it to 0.1 for stability); 0 = off. Any
     # threshold > 0 works (optax.clip_by_block_rms divides by max(1, RMS / threshold)).
     adafactor_clipping_threshold: float = 1.0
+    # Adafactor's semantics (docs/design.md, "Optimization"): "t5x" (stmoe/adafactor.py: t5x's
+    # factoring by logical axes, one second moment, parameter scale and update clipping per expert,
+    # attention kernels factored as flaxformer's 2-D kernels) or "optax" (optax.adafactor: each array one block).
+    adafactor_style: str = "t5x"
+    adafactor_epsilon1: float = 1e-30  # added to the squared gradients (t5x epsilon1)
+    adafactor_epsilon2: float = 1e-3  # floor of the parameter-RMS step scale (t5x epsilon2; "t5x" style only)
+    adafactor_min_dim_size_to_factor: int = 128  # a 2-D parameter is factored once both dims are >= this
+    adafactor_factored: bool = True  # factored second moments; False: a full second moment for every parameter
+    adafactor_multiply_by_parameter_scale: bool = True  # relative step: lr x max(RMS(param), epsilon2)
+    adafactor_beta1: float | None = None  # momentum of the update; None = none (t5x's default, no memory)
+    adafactor_max_parameter_scale: float | None = None  # cap on the parameter-RMS scale; None = none ("t5x" only)
+    adafactor_step_offset: int = 0  # the second-moment decay restarts at this step (t5x step_offset; fine-tuning)
+    # t5x's weight decay (t5x/adafactor.py:561-562): param *= 1 - rate at every step, not times the
+    # learning rate, on every parameter; None = off ("t5x" only; optim.weight_decay is the AdamW convention).
+    adafactor_weight_decay_rate: float | None = None
     grad_clip_norm: float = 1.0  # global-norm gradient clipping; 0 = off
     router_lr_multiplier: float = 1.0  # scales the updates of params with 'router' in their path
     # Regexes searched in '/'-joined param paths; matching params are frozen (see also RunConfig.freeze).
@@ -436,6 +481,28 @@ class OptimConfig(_Replaceable):
             check(getattr(self, name) >= 0, f"{p}{name}", f"must be >= 0, got {getattr(self, name)}")
         check(self.adafactor_clipping_threshold >= 0, f"{p}adafactor_clipping_threshold",
                f"must be 0 (off) or > 0, got {self.adafactor_clipping_threshold}")
+        check(self.adafactor_style in ADAFACTOR_STYLES, f"{p}adafactor_style",
+              f"must be one of {ADAFACTOR_STYLES}, got {self.adafactor_style!r}")
+        check(self.adafactor_epsilon1 > 0, f"{p}adafactor_epsilon1", f"must be > 0, got {self.adafactor_epsilon1}")
+        check(self.adafactor_epsilon2 >= 0, f"{p}adafactor_epsilon2", f"must be >= 0, got {self.adafactor_epsilon2}")
+        check(isinstance(self.adafactor_min_dim_size_to_factor, int) and self.adafactor_min_dim_size_to_factor >= 1,
+              f"{p}adafactor_min_dim_size_to_factor",
+              f"must be an integer >= 1, got {self.adafactor_min_dim_size_to_factor!r}")
+        for name in ("adafactor_factored", "adafactor_multiply_by_parameter_scale"):
+            check(isinstance(getattr(self, name), bool), f"{p}{name}", f"must be True or False, got {getattr(self, name)!r}")
+        check(self.adafactor_beta1 is None or 0.0 <= self.adafactor_beta1 < 1.0, f"{p}adafactor_beta1",
+              f"must be None (no momentum) or in [0, 1), got {self.adafactor_beta1}")
+        check(self.adafactor_max_parameter_scale is None or self.adafactor_max_parameter_scale > 0,
+              f"{p}adafactor_max_parameter_scale", f"must be None or > 0, got {self.adafactor_max_parameter_scale}")
+        check(isinstance(self.adafactor_step_offset, int) and self.adafactor_step_offset >= 0,
+              f"{p}adafactor_step_offset", f"must be an integer >= 0, got {self.adafactor_step_offset!r}")
+        check(self.adafactor_weight_decay_rate is None or 0.0 <= self.adafactor_weight_decay_rate < 1.0,
+              f"{p}adafactor_weight_decay_rate", f"must be None or in [0, 1), got {self.adafactor_weight_decay_rate}")
+        if self.adafactor_style == "optax":  # what optax.adafactor has no argument for
+            for name, default in (("adafactor_epsilon2", 1e-3), ("adafactor_max_parameter_scale", None),
+                                  ("adafactor_weight_decay_rate", None)):
+                check(getattr(self, name) == default, f"{p}{name}",
+                      f"is t5x's; set adafactor_style='t5x' or leave it at {default}")
         check(isinstance(self.freeze_patterns, tuple), f"{p}freeze_patterns",
                f"must be a tuple of regex strings, got {self.freeze_patterns!r}")
         for pattern in self.freeze_patterns:

@@ -278,3 +278,17 @@ def attention_mask(query_segments: Array, key_segments: Array, causal: bool = Fa
         q, k = query_segments.shape[1], key_segments.shape[1]
         mask = mask & (np.arange(q)[:, None] >= np.arange(k)[None, :])
     return mask[:, None]
+
+
+def decoder_input_token_mask(decoder_input_tokens: Array) -> Array:
+    """flaxformer's decoder padding mask, read from the decoder's inputs (flaxformer
+    `components/attention/dense_attention.py:2319-2377`, applied to every decoder layer's output by
+    `architectures/t5/t5_architecture.py:1215-1225`): [batch, length] int32 -> [batch, length] bool.
+
+    A position is real when its input is not 0, when the next input is not 0 (the 0-BOS starting
+    the next packed sequence), or it is position 0. Unlike `decoder_target_tokens > 0` this also
+    counts the position after a sequence's EOS target (its input is the EOS).
+    """
+    next_input = jnp.pad(decoder_input_tokens[:, 1:], ((0, 0), (0, 1)))
+    first = jnp.arange(decoder_input_tokens.shape[1])[None, :] == 0
+    return (decoder_input_tokens > 0) | (next_input > 0) | first

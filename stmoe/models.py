@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from stmoe.config import ModelConfig
 from stmoe.layers import (Embed, Mlp, MultiHeadAttention, RelativePositionBias, RMSNorm,
-                          attention_mask, constrain)
+                          attention_mask, constrain, decoder_input_token_mask)
 from stmoe.moe import MoeLayer
 
 Array = jax.Array
@@ -217,7 +217,8 @@ class Decoder(nn.Module):
                  max_decode_length: int | None = None) -> Array:
         """encoded: [batch, enc_len, d]; tokens: [batch, dec_len] (shifted targets). Returns logits.
 
-        Padding is read from `target_tokens` (the input at position 0 is the pad id).
+        Padding is read from `target_tokens` (the input at position 0 is the pad id); the MoE
+        layers' padding from `tokens` instead with moe.decoder_padding_from="decoder_input_tokens".
         With `decode=True`, `tokens` is one step [batch, 1] at `positions` [batch, 1] and the
         self-attention keys come from the cache (allocated by an init call with the full length).
         """
@@ -235,6 +236,9 @@ class Decoder(nn.Module):
             key_positions = jnp.arange(length)
             query_positions = key_positions
         cross_mask = attention_mask(segments, encoder_segment_ids)
+        token_mask = segments > 0  # which positions the MoE layers route and count in their losses
+        if not decode and cfg.moe.decoder_padding_from == "decoder_input_tokens":
+            token_mask = decoder_input_token_mask(tokens)  # flaxformer's: also the position after each EOS
         bias, x, dropout = _stack_inputs(cfg, self.embed, tokens, query_positions, key_positions, False,
                                          deterministic)
         if cfg.scan_layers:
@@ -242,12 +246,12 @@ class Decoder(nn.Module):
                 raise ValueError("model.scan_layers: the KV-cache decode path is not supported with scanned "
                                  "layers; decode with scan_layers=False and models.unscan_params(params).")
             x, _ = _scan_stack(cfg, DecoderLayer, cfg.num_decoder_layers, (7, 8), (deterministic, decode), 5)(
-                x, encoded, bias, self_mask, cross_mask, segments > 0)
+                x, encoded, bias, self_mask, cross_mask, token_mask)
         else:
             layer_cls = _block(DecoderLayer, cfg, static_argnums=(7, 8))  # deterministic, decode
             for i in range(cfg.num_decoder_layers):
                 x = layer_cls(cfg, i, name=f"layers_{i}")(x, encoded, bias, self_mask, cross_mask,
-                                                          segments > 0, deterministic, decode)
+                                                          token_mask, deterministic, decode)
         x = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale, name="final_norm")(x)
         x = dropout(x, deterministic)
         if cfg.tie_embeddings:

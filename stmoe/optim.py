@@ -4,14 +4,16 @@ The ST-MoE recipe (Zoph et al. 2022, arXiv 2202.08906; see docs/design.md,
 "Optimization") trains with Adafactor (factored second moments, decay 0.8,
 update clipping 1.0, whose stability role is discussed in sec. 3.3) on T5's
 inverse-square-root schedule; AdamW is offered for comparison and
-fine-tuning. Everything is built from optax's own transformations:
+fine-tuning. Adafactor is t5x's (stmoe/adafactor.py, `optim.adafactor_style="t5x"`:
+factored per expert and by logical axis, as the ST-MoE release trained) or optax's
+(`"optax"`). Everything else is built from optax's own transformations:
 
     masked(set_to_zero, frozen)         # frozen grads leave the norm and the NaN check
     -> apply_if_finite(                 # skip steps with Inf/NaN grads, count them; never apply one
          clip_by_global_norm            # one global norm over trainable params
          -> multi_transform({           # parameter groups
               'frozen':  set_to_zero,   # no optimizer state at all
-              'default': adamw | adafactor,
+              'default': adamw | adafactor (t5x | optax),
               'router':  adamw | adafactor -> scale(router_lr_multiplier)}))
 
 Parameter paths are the '/'-joined dict keys of the params tree (flax
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from stmoe import adafactor
 from stmoe.config import OptimConfig  # noqa: F401 - the settings every builder here takes
 
 FROZEN = "frozen"
@@ -142,7 +145,8 @@ def _frozen_mask(params: Any, cfg: OptimConfig) -> Any:
 # ------------------------------------------------------------------ optimizer
 
 
-def _base_optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+def _base_optimizer(cfg: OptimConfig, schedule: optax.Schedule,
+                    axis_names: dict[str, tuple[str, ...]]) -> optax.GradientTransformation:
     decay = None
     if cfg.weight_decay > 0:
         decay = lambda step: cfg.weight_decay * schedule(step)  # noqa: E731
@@ -152,24 +156,47 @@ def _base_optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.Gradien
         return optax.adamw(
             schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
             weight_decay=cfg.weight_decay, mask=weight_decay_mask)
+    if cfg.adafactor_style == "t5x":
+        tx = adafactor.t5x_adafactor(
+            schedule, axis_names,
+            factored=cfg.adafactor_factored,
+            multiply_by_parameter_scale=cfg.adafactor_multiply_by_parameter_scale,
+            beta1=cfg.adafactor_beta1,
+            decay_rate=cfg.adafactor_decay_rate,
+            step_offset=cfg.adafactor_step_offset,
+            clipping_threshold=cfg.adafactor_clipping_threshold or None,
+            weight_decay_rate=cfg.adafactor_weight_decay_rate,
+            min_dim_size_to_factor=cfg.adafactor_min_dim_size_to_factor,
+            epsilon1=cfg.adafactor_epsilon1,
+            epsilon2=cfg.adafactor_epsilon2,
+            max_parameter_scale=cfg.adafactor_max_parameter_scale)
+        if decay is None:
+            return tx
+        # The AdamW-convention decay on top: update -= weight_decay * lr(step) * param (masked).
+        return optax.chain(tx, optax.add_decayed_weights(lambda step: -decay(step), mask=weight_decay_mask))
     # optax.adafactor adds `weight_decay_rate * param` AFTER the LR scaling,
     # so pass `wd * lr(step)` to keep the AdamW meaning of `weight_decay`.
     return optax.adafactor(
         learning_rate=schedule,
+        min_dim_size_to_factor=cfg.adafactor_min_dim_size_to_factor,
         decay_rate=cfg.adafactor_decay_rate,
+        decay_offset=cfg.adafactor_step_offset,
+        multiply_by_parameter_scale=cfg.adafactor_multiply_by_parameter_scale,
         clipping_threshold=cfg.adafactor_clipping_threshold or None,
-        multiply_by_parameter_scale=True,  # Relative step size, as in T5's Adafactor.
-        momentum=None,  # No first moment (T5 / t5x default; saves memory).
+        momentum=cfg.adafactor_beta1,
         weight_decay_rate=decay,
+        eps=cfg.adafactor_epsilon1,
+        factored=cfg.adafactor_factored,
         weight_decay_mask=weight_decay_mask)
 
 
 def make_optimizer(cfg: OptimConfig, params: Any) -> optax.GradientTransformation:
     """Builds the full optimizer (see the module docstring for the chain).
 
-    `params` is used only for its paths: arrays, `jax.ShapeDtypeStruct`s or
-    `nn.Partitioned` boxes of either. It fails fast when a freeze pattern
-    matches no parameter, or everything is frozen.
+    `params` is used only for its paths and, with t5x-style Adafactor, its logical axis
+    names: arrays, `jax.ShapeDtypeStruct`s or `nn.Partitioned` boxes of either (boxes are
+    needed for t5x-style Adafactor on parameters of rank > 2; steps.state_layout passes
+    them). It fails fast when a freeze pattern matches no parameter, or everything is frozen.
 
     Notes:
     - Frozen params get no optimizer state and an exactly-zero update.
@@ -190,14 +217,22 @@ def make_optimizer(cfg: OptimConfig, params: Any) -> optax.GradientTransformatio
         raise ValueError("OptimConfig.freeze_patterns freeze every parameter")
 
     schedule = learning_rate_schedule(cfg)
-    router_tx = _base_optimizer(cfg, schedule)
+    axis_names = adafactor.logical_axes(params)  # t5x-style Adafactor factors by them
+    if cfg.optimizer == "adafactor" and cfg.adafactor_style == "t5x":
+        # Fail here, not at the first step, on a parameter t5x could not factor (rank > 2, no names).
+        for (path, leaf), label in zip(jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0], labels):
+            if label != FROZEN:
+                adafactor.factor_plan(adafactor.shape_of(leaf), axis_names.get(param_path(path)),
+                                      factored=cfg.adafactor_factored, path=param_path(path),
+                                      min_dim_size_to_factor=cfg.adafactor_min_dim_size_to_factor)
+    router_tx = _base_optimizer(cfg, schedule, axis_names)
     if cfg.router_lr_multiplier != 1.0:
         # Scaling the final update == scaling the LR (incl. the LR-coupled decay).
         router_tx = optax.chain(router_tx, optax.scale(cfg.router_lr_multiplier))
     groups = optax.multi_transform(
         {
             FROZEN: optax.set_to_zero(),
-            DEFAULT: _base_optimizer(cfg, schedule),
+            DEFAULT: _base_optimizer(cfg, schedule, axis_names),
             ROUTER: router_tx,
         },
         lambda tree: param_labels(tree, cfg))

@@ -206,12 +206,13 @@ def _model_inputs(sample_batch_shapes: Mapping[str, Any]) -> dict[str, jax.Shape
 
 
 def abstract_params_and_shardings(model: nn.Module, mesh: Mesh, sample_batch_shapes: Mapping[str, Any],
-                                  rng: jax.Array) -> tuple[Any, Any]:
+                                  rng: jax.Array, boxed: bool = False) -> tuple[Any, Any]:
     """Shapes of the 'params' collection (unboxed ShapeDtypeStructs) and their NamedShardings.
 
     sample_batch_shapes: keyword arguments of `model.__call__` -> shapes (or arrays /
     ShapeDtypeStructs), e.g. {'encoder_input_tokens': (8, 512), 'decoder_input_tokens': (8, 114),
-    'decoder_target_tokens': (8, 114)}. Nothing is allocated (jax.eval_shape).
+    'decoder_target_tokens': (8, 114)}. Nothing is allocated (jax.eval_shape). With `boxed` the
+    shapes stay in their nn.Partitioned boxes (logical axis names: what t5x-style Adafactor reads).
     """
     inputs = _model_inputs(sample_batch_shapes)
 
@@ -219,9 +220,9 @@ def abstract_params_and_shardings(model: nn.Module, mesh: Mesh, sample_batch_sha
         return model.init(rng, **inputs, enable_dropout=False)["params"]
 
     with activate(mesh):
-        boxed = jax.eval_shape(init, rng, inputs)
-    shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh)
-    return nn.unbox(boxed), shardings
+        boxed_params = jax.eval_shape(init, rng, inputs)
+    shardings = logical_to_sharding(nn.get_partition_spec(boxed_params), mesh)
+    return (boxed_params if boxed else nn.unbox(boxed_params)), shardings
 
 
 def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, out_shardings: Any, *args, **kwargs) -> Any:
@@ -255,8 +256,10 @@ def opt_state_shardings(optimizer: Any, abstract_params: Any, param_shardings: A
     suffix of the leaf's path (optax keeps param-shaped trees inside its states: mu, nu,
     Adafactor's v_row / v_col / v, masked and chained states alike):
     - same shape as the parameter: the parameter's sharding;
-    - the parameter's shape with one dimension dropped (Adafactor's factored moments):
+    - the parameter's shape with one dimension dropped (optax Adafactor's factored moments):
       the parameter's spec without that dimension;
+    - the parameter's rank with some dimensions reduced to 1 (t5x-style Adafactor's factored
+      moments, stmoe.adafactor): the parameter's spec, replicated along the reduced dimensions;
     - anything else (step counts, scalars, placeholders): replicated.
     """
     abstract_state = jax.eval_shape(optimizer.init, abstract_params)
@@ -277,6 +280,10 @@ def opt_state_shardings(optimizer: Any, abstract_params: Any, param_shardings: A
             spec = tuple(spec) + (None,) * (len(param_shape) - len(spec))
             if shape == param_shape:
                 return NamedSharding(mesh, P(*spec))
+            if len(shape) == len(param_shape) and all(n in (1, m) for n, m in zip(shape, param_shape)):
+                # A moment reduced with keepdims (stmoe.adafactor's factored v_row / v_col).
+                return NamedSharding(mesh, P(*(None if n != m else axis for n, m, axis in
+                                               zip(shape, param_shape, spec))))
             if len(shape) == len(param_shape) - 1:
                 for dim in range(len(param_shape)):
                     if shape == param_shape[:dim] + param_shape[dim + 1:]:

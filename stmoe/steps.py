@@ -48,14 +48,19 @@ def _model_kwargs(batch: Mapping[str, Array]) -> dict[str, Array]:
     return {k: batch[k] for k in keys if k in batch}
 
 
-def forward(params, batch, rng, *, model, output_z_coef, enable_dropout):
-    """-> (cross-entropy sums (output z-loss weighted by `output_z_coef`), the unweighted MoE loss terms
-    {aux_loss, router_z_loss} averaged over layers, flat per-layer metrics)."""
+OBJECTIVE_WEIGHTS = "objective_weights"  # batch key: losses.loss_weights_and_normalizer's per-token weights
+
+
+def forward(params, batch, rng, *, model, output_z_coef, enable_dropout, label_smoothing=0.0):
+    """-> (cross-entropy sums (output z-loss weighted by `output_z_coef`; with batch[OBJECTIVE_WEIGHTS]
+    also the objective's sum), the unweighted MoE loss terms {aux_loss, router_z_loss} averaged over
+    layers, flat per-layer metrics)."""
     rngs = {"dropout": rng} if rng is not None else {}
     logits, variables = model.apply({"params": params}, **_model_kwargs(batch), enable_dropout=enable_dropout,
                                     rngs=rngs, mutable=["moe"])
     ce = losses.cross_entropy_sums(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-                                   z_loss_coef=output_z_coef)
+                                   z_loss_coef=output_z_coef, label_smoothing=label_smoothing,
+                                   objective_weights=batch.get(OBJECTIVE_WEIGHTS))
     moe_collection = variables.get("moe", {})
     return ce, losses.moe_losses(moe_collection), moe_metrics.summarize(moe_metrics.collect_layers(moe_collection))
 
@@ -75,21 +80,26 @@ def train_step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Modul
                return_grads: bool = False):
     """One optimizer step on `batch` [batch, length] (gradients accumulated over microbatches).
 
-    The objective (losses.py, `loss_cfg`) is the full batch's mean cross-entropy (+ output z-loss) per
-    target token plus c_B(step) * L_B + c_z * L_z averaged over microbatches: each microbatch's
-    cross-entropy SUM is divided by the whole batch's token count, so accumulating equals one big
-    batch exactly. `balance_coef_fn` = losses.balance_coef_schedule(loss_cfg).
+    The objective (losses.py, `loss_cfg`) is the full batch's cross-entropy (+ output z-loss) sum
+    divided by its normalizer (loss.loss_normalizing_factor; default the real target tokens) plus
+    c_B(step) * L_B + c_z * L_z averaged over microbatches: each microbatch's cross-entropy SUM is
+    divided by the whole batch's normalizer, so accumulating equals one big batch exactly. The
+    logged cross-entropy is per real target token, label-smoothed as the objective is. `balance_coef_fn` = losses.balance_coef_schedule(loss_cfg).
     Returns (new state, metrics), and the gradients third with `return_grads`.
     """
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     balance_coef = balance_coef_fn(state.step)
-    total_weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
+    # The whole batch's weights and normalizer (loss.loss_normalizing_factor), so that each
+    # microbatch's weighted sum divided by it adds up to the big batch's objective.
+    objective_weights, normalizer = losses.loss_weights_and_normalizer(batch, loss_cfg.loss_normalizing_factor)
+    batch = {**batch, OBJECTIVE_WEIGHTS: objective_weights}
 
     def loss_fn(params, micro, micro_rng):
-        ce, moe, layer_metrics = forward(params, micro, micro_rng, model=model,
-                                         output_z_coef=loss_cfg.output_z_coef, enable_dropout=True)
-        loss = losses.total_loss({**ce, "weight": total_weight}, moe, balance_coef / microbatches,
-                                 loss_cfg.router_z_coef / microbatches)
+        ce, moe, layer_metrics = forward(params, micro, micro_rng, model=model, output_z_coef=loss_cfg.output_z_coef,
+                                         enable_dropout=True, label_smoothing=loss_cfg.label_smoothing)
+        loss = losses.total_loss(ce, moe, balance_coef / microbatches, loss_cfg.router_z_coef / microbatches,
+                                 normalizer=normalizer)
+        ce = {k: v for k, v in ce.items() if k != "objective"}
         return loss, (ce, moe, layer_metrics)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -156,10 +166,12 @@ class StateLayout:
 def state_layout(model: nn.Module, optimizer_for: Callable[[Any], optax.GradientTransformation], mesh: Mesh,
                  shapes: Mapping[str, tuple[int, ...]], rng: Array) -> StateLayout:
     """Abstract params -> logical axes -> NamedShardings; the optimizer is built on the abstract
-    params (`optimizer_for(abstract_params)`: its labels follow parameter paths) and its state
+    params in their nn.Partitioned boxes (`optimizer_for(boxed_params)`: its labels follow
+    parameter paths, t5x-style Adafactor's factoring their logical axis names) and its state
     sharded like the params it tracks. `shapes`: model input name -> shape (any batch size)."""
-    abstract_params, param_shardings = partitioning.abstract_params_and_shardings(model, mesh, shapes, rng)
-    optimizer = optimizer_for(abstract_params)
+    boxed_params, param_shardings = partitioning.abstract_params_and_shardings(model, mesh, shapes, rng, boxed=True)
+    abstract_params = nn.unbox(boxed_params)
+    optimizer = optimizer_for(boxed_params)  # boxed: t5x-style Adafactor factors by the logical axis names
     opt_shardings = partitioning.opt_state_shardings(optimizer, abstract_params, param_shardings, mesh)
     shardings = TrainState(step=partitioning.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
 

@@ -76,7 +76,8 @@ def _flat(tree):
 
 @pytest.fixture(scope="module")
 def small_model_gradients():
-    """(params, grad_fn): the small model's initial params and one jitted gradient function of the
+    """(params, boxed params, grad_fn): the small model's initial params (and in their nn.Partitioned
+    boxes, what the optimizer is built from, as steps.state_layout does) and one jitted gradient function of the
     training loss (cross-entropy + MoE losses, dropout on), shared by every freeze preset."""
     cfg = ModelConfig.from_dict(_small(pretrain.get_config("tiny")).model.to_dict())
     model = EncoderDecoder(cfg)
@@ -86,23 +87,24 @@ def small_model_gradients():
              "decoder_input_tokens": np.pad(targets[:, :-1], [(0, 0), (1, 0)]),
              "decoder_loss_weights": np.ones((4, 8), np.float32)}
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    params = nn.unbox(model.init(jax.random.key(0), batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-                                 batch["decoder_target_tokens"])["params"])
+    boxed = model.init(jax.random.key(0), batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                       batch["decoder_target_tokens"])["params"]
+    params = nn.unbox(boxed)
 
     def loss(params, step):
         ce, moe, _ = steps.forward(params, batch, jax.random.fold_in(jax.random.key(1), step), model=model,
                                       output_z_coef=0.0, enable_dropout=True)
         return ce["cross_entropy"] / jnp.sum(batch["decoder_loss_weights"]) + moe["aux_loss"] + moe["router_z_loss"]
 
-    return params, jax.jit(jax.grad(loss))
+    return params, boxed, jax.jit(jax.grad(loss))
 
 
 @pytest.mark.parametrize("freeze", sorted(FREEZE_PRESETS))
 def test_freeze_preset_keeps_frozen_params_bit_identical(freeze, small_model_gradients):
-    params, grad_fn = small_model_gradients
+    params, boxed, grad_fn = small_model_gradients
     ocfg = optim.OptimConfig(optimizer="adafactor", schedule="constant", learning_rate=1e-2,
                              freeze_patterns=FREEZE_PRESETS[freeze])
-    tx = optim.make_optimizer(ocfg, params)
+    tx = optim.make_optimizer(ocfg, boxed)
     update = jax.jit(tx.update)
     new_params, opt_state = params, tx.init(params)
     for step in range(2):  # two fine-tuning steps through the full optimizer chain
@@ -130,7 +132,7 @@ def test_freeze_preset_keeps_frozen_params_bit_identical(freeze, small_model_gra
     state_paths = [p for p, leaf in _flat(new.opt_state).items() if hasattr(leaf, "shape") and leaf.size > 1]
     for name in frozen:
         assert not any(p.endswith(name) or f"{name}/" in p for p in state_paths), (freeze, name)
-    unfrozen_state = optim.make_optimizer(ocfg.replace(freeze_patterns=()), params).init(params)
+    unfrozen_state = optim.make_optimizer(ocfg.replace(freeze_patterns=()), boxed).init(params)
     state_size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
     assert (state_size(new.opt_state) < state_size(unfrozen_state)) == (freeze != "none")
 
