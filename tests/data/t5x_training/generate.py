@@ -11,7 +11,7 @@ For each model (st_moe, switch) it parses flaxformer's gin files into t5x's MoeE
 t5x's TrainStateInitializer.from_scratch from a fixed PRNG key, builds t5x's MoeTrainer
 (t5x/contrib/moe/trainer.py) with a constant learning rate, and runs STEPS train steps through the
 trainer's own partitioned train step (the function t5x's BaseTrainer.train calls each step,
-t5x/trainer.py:548, 596), one different batch per step. It writes, per model:
+t5x/trainer.py:548, 564), one different batch per step. It writes, per model:
   params_step{0,1,5,20}.npz  flaxformer parameter names ('/'-joined, unscanned) -> float32 array
   metrics.json               every scalar metric the trainer returned, for steps 1..STEPS
   adafactor_state.json       per parameter: the shapes of Adafactor's v_row / v_col / v and the
@@ -55,7 +55,7 @@ MODELS = {
         # min_dim_size_to_factor 16 (default 128) so that the tiny 2-D kernels (attention
         # [d_model, heads * d_kv], embedding, MLPs) get factored second moments here; with the
         # default only the expert kernels are factored (their rule has a BATCH axis, which
-        # skips the size check, t5x/adafactor.py:390-412).
+        # skips the size check: t5x/adafactor.py:384-395; only the heuristic checks it, :397-412).
         "bindings": {**COMMON, "NUM_ENCODER_LAYERS": 2, "NUM_DECODER_LAYERS": 2,
                      "NUM_ENCODER_SPARSE_LAYERS": 1, "NUM_DECODER_SPARSE_LAYERS": 1,
                      "adafactor.Adafactor.min_dim_size_to_factor": 16},
@@ -64,9 +64,13 @@ MODELS = {
 
 
 def make_batches(seed: int = BATCH_SEED) -> dict[str, np.ndarray]:
-    """STEPS padded batches as in tests/data/flaxformer_reference/batch.npz: random ids in [2, VOCAB),
-    each sequence ends in EOS (1) and is padded with 0; decoder inputs are the targets shifted right
-    with 0 first (and 0 at padded positions); loss weights = targets > 0. Returns [STEPS, ...] int32."""
+    """STEPS padded batches like tests/data/flaxformer_reference/batch.npz (random ids in [2, VOCAB),
+    each sequence ends in EOS (1) and is padded with 0; loss weights = targets > 0), except that the
+    decoder inputs are the PADDED targets shifted right with 0 first, as seqio's
+    EncDecFeatureConverter makes them (seqio 0.0.19 feature_converters.py:679 pads, then :631
+    shifts, utils.py:1274): a short target's EOS reappears as the input of its first padded
+    position, which flaxformer's decoder mask then counts as real (dense_attention.py:2360-2375).
+    Returns [STEPS, ...] int32."""
     rng = np.random.default_rng(seed)
     out = {k: [] for k in ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
                            "decoder_loss_weights")}
@@ -84,7 +88,6 @@ def make_batches(seed: int = BATCH_SEED) -> dict[str, np.ndarray]:
             tgt[row, m - 1] = 1
         dec_in = np.zeros_like(tgt)
         dec_in[:, 1:] = tgt[:, :-1]
-        dec_in[tgt == 0] = 0
         out["encoder_input_tokens"].append(enc)
         out["decoder_target_tokens"].append(tgt)
         out["decoder_input_tokens"].append(dec_in)
@@ -176,7 +179,7 @@ def run(name: str, batches: dict[str, np.ndarray], out_dir: str) -> None:
     state = train_state
     for step in range(STEPS):
         batch = {k: v[step] for k, v in batches.items()}
-        state, metrics = trainer._partitioned_train_step(state, batch)  # BaseTrainer.train's step (trainer.py:596)
+        state, metrics = trainer._partitioned_train_step(state, batch)  # BaseTrainer.train's step (t5x/trainer.py:564)
         history.append({"step": step + 1, **scalar_metrics(metrics)})
         if step + 1 in SNAPSHOT_STEPS:
             np.savez_compressed(os.path.join(out_dir, f"params_step{step + 1}.npz"), **flat_params(state.params))
