@@ -83,13 +83,13 @@ class MissingOption(Exception):
     """A RunConfig field that t5x parity needs and this stmoe does not have."""
 
 
-def override(config, dotted: str, value):
+def override(config, dotted: str, value, prefix: str = ""):
     """`config` (a config dataclass) with the field at `dotted` ('optim.adafactor_beta1') set."""
     head, _, rest = dotted.partition(".")
     if head not in {f.name for f in dataclasses.fields(config)}:
-        raise MissingOption(dotted)
+        raise MissingOption(f"{prefix}{dotted}")
     if rest:
-        return dataclasses.replace(config, **{head: override(getattr(config, head), rest, value)})
+        return dataclasses.replace(config, **{head: override(getattr(config, head), rest, value, f"{prefix}{head}.")})
     return dataclasses.replace(config, **{head: value})
 
 
