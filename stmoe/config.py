@@ -266,6 +266,11 @@ class ModelConfig(_Replaceable):
     layer_norm_epsilon: float = 1e-6
     layer_norm_scale: bool = True  # RMSNorm's learned per-channel scale (T5); False: x / rms(x) only
     dtype: str = "float32"  # activations and experts; the router's precision is moe.router_dtype
+    # flaxformer zeroes every sublayer's normed input at padding, and the encoder's output
+    # (t5_architecture.py:319-320, 342-343, 596-604, 645, 669, 872-873; moe_architecture.py:93-94): only
+    # the positions the mask calls padding change, and through attention the position after an EOS that
+    # moe.decoder_padding_from="decoder_input_tokens" counts as real. True for t5x training parity.
+    zero_padding_activations: bool = False
     # Sparse blocks: i % sparse_interval == sparse_offset (default interval - 1), or an explicit list.
     sparse_interval: int = 4
     sparse_offset: int | None = None

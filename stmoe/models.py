@@ -38,6 +38,12 @@ def _dtype(cfg: ModelConfig):
     return jnp.dtype(cfg.dtype)
 
 
+def _zero_padding(cfg: ModelConfig, x: Array, token_mask: Array) -> Array:
+    """x: [batch, length, d] zeroed where token_mask [batch, length] is False, with
+    model.zero_padding_activations (flaxformer's logit_mask); x unchanged otherwise."""
+    return x * token_mask[..., None].astype(x.dtype) if cfg.zero_padding_activations else x
+
+
 class FeedForward(nn.Module):
     """The FFN sublayer of block `layer`: pre-norm, dense or MoE (+ optional dense), dropout, residual."""
 
@@ -51,14 +57,16 @@ class FeedForward(nn.Module):
         dense = lambda name: Mlp(cfg.ffn_width(self.layer), cfg.mlp_activation, cfg.mlp_gated, cfg.dropout_rate,
                                  _dtype(cfg), name=name)
         residual_dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
-        normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale, name="pre_mlp_norm")(x)
+        normed = _zero_padding(cfg, RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale,
+                                            name="pre_mlp_norm")(x), token_mask)
         if cfg.is_sparse(self.layer):
             y = MoeLayer(cfg, causal=self.causal, name="moe")(normed, token_mask, deterministic)
         else:
             y = dense("mlp")(normed, deterministic)
         x = x + residual_dropout(y, deterministic)
         if cfg.is_sparse(self.layer) and cfg.sparse_dense:
-            normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale, name="pre_extra_mlp_norm")(x)
+            normed = _zero_padding(cfg, RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale,
+                                                name="pre_extra_mlp_norm")(x), token_mask)
             x = x + residual_dropout(dense("extra_mlp")(normed, deterministic), deterministic)
         return x
 
@@ -71,7 +79,8 @@ class EncoderLayer(nn.Module):
     def __call__(self, x: Array, position_bias: Array, mask: Array, token_mask: Array,
                  deterministic: bool) -> Array:
         cfg = self.config
-        normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale, name="pre_attention_norm")(x)
+        normed = _zero_padding(cfg, RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale,
+                                            name="pre_attention_norm")(x), token_mask)
         y = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, _dtype(cfg), name="attention")(
             normed, normed, position_bias, mask, deterministic)
         x = x + nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic)
@@ -88,11 +97,13 @@ class DecoderLayer(nn.Module):
                  cross_mask: Array, token_mask: Array, deterministic: bool, decode: bool) -> Array:
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
-        normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale, name="pre_self_attention_norm")(x)
+        normed = _zero_padding(cfg, RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale,
+                                            name="pre_self_attention_norm")(x), token_mask)
         y = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, _dtype(cfg), name="self_attention")(
             normed, normed, position_bias, self_mask, deterministic, decode=decode)
         x = x + dropout(y, deterministic)
-        normed = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale, name="pre_cross_attention_norm")(x)
+        normed = _zero_padding(cfg, RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale,
+                                            name="pre_cross_attention_norm")(x), token_mask)
         y = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, _dtype(cfg), cross_attention=True,
                                name="encoder_decoder_attention")(normed, encoded, None, cross_mask, deterministic,
                                                                  decode=decode)
@@ -203,7 +214,7 @@ class Encoder(nn.Module):
             for i in range(cfg.num_encoder_layers):
                 x = layer_cls(cfg, i, name=f"layers_{i}")(x, bias, mask, token_mask, deterministic)
         x = RMSNorm(cfg.layer_norm_epsilon, _dtype(cfg), cfg.layer_norm_scale, name="final_norm")(x)
-        return dropout(x, deterministic)
+        return _zero_padding(cfg, dropout(x, deterministic), token_mask)
 
 
 class Decoder(nn.Module):

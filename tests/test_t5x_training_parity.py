@@ -77,6 +77,7 @@ T5X_OVERRIDES = {
     "loss.loss_normalizing_factor": "num_real_target_tokens",
     "loss.output_z_coef": 1e-4,
     "model.moe.decoder_padding_from": "decoder_input_tokens",
+    "model.zero_padding_activations": True,  # flaxformer's logit_mask on every sublayer input
 }
 MODEL_OVERRIDES = {
     "st_moe": {"loss.balance_coef": 0.01, "loss.router_z_coef": 1e-4},
