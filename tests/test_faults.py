@@ -12,7 +12,11 @@ at 2, 4, 6) is shared: every restart below must end bitwise equal to it.
   stops it with one line naming the step, and the previous checkpoint restores;
 - a checkpoint of another model stops train.py / finetune.py / infer.py / evaluate.py with one
   line listing what differs; a scanned checkpoint loads into an unscanned model (and back) with
-  the same logits.
+  the same logits;
+- finite gradients whose update is not finite (an infinite learning rate, a subprocess): the steps
+  are skipped, exit status 3, every leaf of every saved step finite; adamw with eps=0 is refused;
+- one run per workdir: a lock of a live process refuses train.py in one line, a dead one's is
+  taken over; SIGINT / SIGTERM (sent by the worker to itself) save and exit 130 / 143.
 """
 import errno
 import glob
@@ -29,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import fault_worker as fw
@@ -188,6 +193,7 @@ def test_changed_input_stream_or_model_stops_train_py_with_one_line(reference, t
     assert line.startswith("train.py: checkpoint error: ") and "model.d_ff: checkpoint's run 64 vs config 128" in line
     assert (tmp_path / "config.json").read_text() == config_json  # the run's record is not overwritten
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    assert not os.path.exists(tmp_path / checkpoints.LOCK_FILE)  # released after the refused restore
 
 
 # ------------------------------------------------------------------ 2. damaged newest checkpoints
@@ -442,6 +448,40 @@ def test_infinite_learning_rate_update_is_skipped_and_every_saved_leaf_is_finite
              if "total_notfinite" in jax.tree_util.keystr(path)]
     assert [int(x) for x in skips] == [1]
     assert not os.path.exists(os.path.join(workdir, checkpoints.LOCK_FILE))  # released on the error path
+
+
+def test_save_refuses_a_nonfinite_state_even_when_the_step_lets_it_through(tmp_path, capsys, monkeypatch):
+    """The save's own check, with the step's guard replaced by optax.apply_if_finite (gradients only,
+    the guard before this fix): the infinite learning rate's NaN update of step 4 is applied, and the
+    save of step 4 refuses it (exit status 3, step 3 the last good checkpoint, all saved leaves
+    finite). With that check off too, NaN checkpoints are written (the failure this prevents); a
+    rerun on them stops at start, naming the checkpoint, instead of training from NaN."""
+    from stmoe import optim
+    schedule = optim.learning_rate_schedule
+    monkeypatch.setattr(optim, "learning_rate_schedule", lambda cfg: (
+        lambda count: jnp.where(count >= 3, jnp.inf, schedule(cfg)(count))))
+    monkeypatch.setattr(optim, "skip_nonfinite_steps", lambda inner: optax.apply_if_finite(inner, 2**31 - 1))
+    train = _script("train").main
+    flags = fw.flags(total_steps=5, checkpoint_every_steps=1, keep_checkpoints=10, optim__max_consecutive_nonfinite=2)
+    capsys.readouterr()
+    assert train(["train.py", "--workdir", str(tmp_path / "a")] + flags) == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py:")]
+    assert len(err) == 1 and "the state after step 4 holds non-finite values" in err[0], err
+    assert "last good checkpoint: step 3 in " in err[0], err[0]
+    assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["1", "2", "3"]
+    for step in (1, 2, 3):
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_saved_state(str(tmp_path / "a"), step))
+                   if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+    monkeypatch.setattr(optim, "all_finite", lambda tree: jnp.array(True))  # no check anywhere: the old trainer
+    assert train(["train.py", "--workdir", str(tmp_path / "b")] + flags) == 0
+    assert not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_saved_state(str(tmp_path / "b"), 5)["params"]))
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert train(["train.py", "--workdir", str(tmp_path / "b")] + fw.flags(total_steps=6)) == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py:")]
+    assert len(err) == 1 and err[0].startswith("train.py: training error: training diverged: the starting state "
+                                               "(its own checkpoint at step 5) holds non-finite values"), err
 
 
 def test_adamw_with_eps_zero_is_refused_before_anything_is_written(tmp_path):
