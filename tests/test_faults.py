@@ -416,8 +416,12 @@ def _worker(mode_args, cache_dir, cwd=ROOT, timeout=600):
 
 
 def _saved_state(workdir, step):
+    """Every array of a saved step, as numpy (read back on the devices it was saved from)."""
+    import warnings
+
     import orbax.checkpoint as ocp
-    with ocp.PyTreeCheckpointer() as reader:
+    with ocp.PyTreeCheckpointer() as reader, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sharding info not provided")  # the same 8 devices
         return jax.device_get(reader.restore(checkpoints.state_dir(os.path.join(workdir, "checkpoints", str(step)))))
 
 
