@@ -473,6 +473,7 @@ def test_save_refuses_a_nonfinite_state_even_when_the_step_lets_it_through(tmp_p
     assert len(err) == 1 and "the state after step 4 holds non-finite values" in err[0], err
     assert "last good checkpoint: step 3 in " in err[0], err[0]
     assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["1", "2", "3"]
+    assert not os.path.exists(tmp_path / "a" / checkpoints.LOCK_FILE)  # released on the error path
     for step in (1, 2, 3):
         assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_saved_state(str(tmp_path / "a"), step))
                    if np.issubdtype(np.asarray(x).dtype, np.inexact))
