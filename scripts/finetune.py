@@ -12,6 +12,8 @@ dir; it overrides `config.init_checkpoint`. Only the model parameters are read u
 against the config: a missing checkpoint, or parameters whose names or shapes differ (the message
 lists them), a bad config field or an unknown task end the run with one line on stderr and exit
 status 2. Rerunning the same command resumes the fine-tuning run from its own newest checkpoint.
+Exit status: as scripts/train.py (0 finished, 2 bad input, 3 diverged, 130 / 143 stopped by SIGINT /
+SIGTERM after saving).
 """
 from __future__ import annotations
 

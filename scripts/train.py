@@ -8,9 +8,13 @@ r"""Pretrain or fine-tune: parse flags, call stmoe.trainer.train_and_evaluate.
 A bad config (unknown field, impossible value, missing file or preset) prints one line on
 stderr naming the field and exits with status 2; so do a workdir that cannot be written (checked
 before any step), a workdir whose checkpoints are of another model, and a checkpoint that could
-not be saved (e.g. a full disk; the previous one stays intact). Rerunning the same command resumes
-from the newest complete checkpoint in --workdir (damaged or unfinished steps are skipped and
-named); SIGTERM / Ctrl-C saves a checkpoint before exiting.
+not be saved (e.g. a full disk; the previous one stays intact), and a workdir another run is using
+(its lock file stmoe.lock names the host and pid). Rerunning the same command resumes from the
+newest complete checkpoint in --workdir (damaged or unfinished steps are skipped and named);
+SIGTERM / Ctrl-C saves a checkpoint before exiting.
+
+Exit status: 0 finished; 2 bad input (one line on stderr); 3 training diverged (non-finite steps,
+nothing non-finite saved); 130 (SIGINT) / 143 (SIGTERM) stopped early, checkpoint saved.
 """
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ what it skipped in `Checkpointer.skipped`.
 A save that fails (a full disk, a read-only bucket) raises CheckpointSaveError
 naming the step and the newest complete step, which the failed save never
 touches; `check_writable` probes a directory at start so that an unwritable
-workdir is reported before any training step.
+workdir is reported before any training step, and `WorkdirLock` keeps a second
+run off a workdir in use (two would write the same steps and metrics).
 
 Fine-tuning and inference read params only (`restore_params`); a checkpoint in
 the other layer layout (scanned `scan_{interval}/layers_{j}` with a leading
@@ -38,8 +39,10 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import threading
+import time
 import uuid
 from typing import Any, Callable, Iterable, Mapping
 
@@ -65,6 +68,10 @@ class CheckpointSaveError(OSError):
 
 class WorkdirError(OSError):
     """A run's directory cannot be created or written (the message names it and the reason)."""
+
+
+class WorkdirInUseError(WorkdirError):
+    """Another run holds the workdir's lock (the message names its host and pid)."""
 
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -115,6 +122,116 @@ def check_writable(directory: str) -> None:
         filename = str(getattr(e, "filename", None) or "")
         where = f" ({filename})" if filename and filename not in (str(path), str(probe)) else ""
         raise WorkdirError(f"cannot write to {directory}: {reason}{where}") from None
+
+
+LOCK_FILE = "stmoe.lock"
+
+
+def _process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+class WorkdirLock:
+    """One run per workdir: the file `<workdir>/stmoe.lock`, created exclusively (O_CREAT | O_EXCL),
+    holding the holder's host, pid and start time as JSON.
+
+    `acquire` raises WorkdirInUseError naming the holder when the file exists and its process may be
+    running: a live pid on this host, or any pid on another host (which cannot be checked from here).
+    A lock of a process on this host that is gone (SIGKILL, a crash, a lost terminal) is stale and is
+    taken over; `acquire` then returns a note saying so. The takeover renames the stale file aside
+    first, so of two runs taking over at once only one wins the exclusive create.
+    On non-local paths (gs://...) no lock is taken: etils epath and tf.io.gfile have no exclusive
+    create there; `acquire` returns a note saying that.
+    `release` removes the file if it is still this lock's (the trainer calls it in a `finally`).
+    """
+
+    def __init__(self, workdir: str):
+        self.workdir = str(workdir)
+        self.path = os.path.join(self.workdir, LOCK_FILE)
+        self._holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": uuid.uuid4().hex}
+        self._held = False
+
+    def _read(self, path: str) -> dict | None:
+        try:
+            with open(path) as f:
+                holder = json.load(f)
+            valid = isinstance(holder, dict) and isinstance(holder.get("pid"), int) and "host" in holder
+            return holder if valid else None
+        except (OSError, ValueError):
+            return None
+
+    def _in_use(self, holder: dict | None) -> WorkdirInUseError:
+        if holder is None:
+            return WorkdirInUseError(f"workdir {self.workdir} is locked by {self.path}, which cannot be read; "
+                                     f"delete it if no run uses this workdir")
+        where = "this host" if holder["host"] == self._holder["host"] else f"host {holder['host']}"
+        return WorkdirInUseError(
+            f"workdir {self.workdir} is in use by another run: pid {holder['pid']} on {where} (since "
+            f"{holder.get('started', '?')}); delete {self.path} if that run is gone")
+
+    def _is_stale(self, holder: dict) -> bool:
+        return holder["host"] == self._holder["host"] and not _process_is_running(int(holder["pid"]))
+
+    def _take_over(self, stale: dict) -> bool:
+        """Moves the stale lock file aside; False if another run moved or replaced it first."""
+        aside = f"{self.path}.stale-{uuid.uuid4().hex[:12]}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        moved = self._read(aside)
+        if moved != stale:  # another run had already replaced it with its own lock: put that back
+            try:
+                os.link(aside, self.path)
+            except OSError:
+                pass
+        os.unlink(aside)
+        return moved == stale
+
+    def acquire(self) -> str | None:
+        """Takes the lock; returns a one-line note (a stale lock taken over, or no lock possible) or
+        None. Raises WorkdirInUseError naming the holder."""
+        if "://" in self.workdir:
+            return (f"no lock taken on {self.workdir}: etils epath and tf.io.gfile have no exclusive create "
+                    f"there, so make sure no other run uses this workdir")
+        note = None
+        for _ in range(3):  # a takeover can lose a race with another run's; then that run holds it
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read(self.path)
+                if holder is None or not self._is_stale(holder):
+                    raise self._in_use(holder) from None
+                if self._take_over(holder):
+                    note = (f"took over the stale lock {self.path} of pid {holder['pid']} (since "
+                            f"{holder.get('started', '?')}), which is no longer running")
+                continue
+            except OSError as e:
+                raise WorkdirError(f"cannot write to {self.workdir}: {e.strerror or e}") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._holder, f)
+            self._held = True
+            return note
+        raise self._in_use(self._read(self.path))
+
+    def release(self) -> None:
+        """Removes the lock file if this lock holds it (and the file is still this lock's)."""
+        if not self._held:
+            return
+        self._held = False
+        holder = self._read(self.path)
+        if holder is not None and holder.get("token") == self._holder["token"]:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
 
 class Checkpointer:

@@ -3,8 +3,10 @@
 Convention: a bad input (config field, missing or incompatible checkpoint, unknown task, empty input
 file) prints ONE line on stderr, `<script>: <what> error: <message>`, and the script exits with
 status 2. A run stopped by non-finite steps (stmoe.trainer.TrainingDiverged) prints one such line
-and exits with status 3, its checkpoints kept. A crash in the computation itself keeps its
-traceback (status 1).
+and exits with status 3, its checkpoints kept. A run stopped by SIGINT / SIGTERM saves a checkpoint
+and exits with 128 + the signal number (130 / 143, the shell's convention), so `train.py && next`
+does not go on with an unfinished run. A crash in the computation itself keeps its traceback
+(status 1).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from stmoe.config import MOVED_FIELDS
 
 USAGE_ERROR = 2
 TRAINING_DIVERGED = 3  # non-finite steps stopped the run (stmoe.trainer.TrainingDiverged); checkpoints kept
+STOPPED_BY_SIGNAL = 128  # + the signal number: 130 SIGINT, 143 SIGTERM; stopped early, checkpoint saved
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -223,17 +226,18 @@ def write_result(path: str | None, result: dict, announce: bool = True) -> None:
 
 
 def run_training(program: str, config: ml_collections.ConfigDict, workdir: str) -> int:
-    """stmoe.trainer.train_and_evaluate for a script: 0, or one line and status 3 (a diverged run)
-    or 2 (an unwritable workdir, a checkpoint of another model, a failed save)."""
+    """stmoe.trainer.train_and_evaluate for a script: 0 (finished), 128 + the signal number (stopped
+    by SIGINT / SIGTERM after saving), or one line and status 3 (a diverged run) or 2 (an unwritable
+    workdir or one in use by another run, a checkpoint of another model, a failed save)."""
     from stmoe import trainer
 
     try:
-        trainer.train_and_evaluate(config, workdir)
+        result = trainer.train_and_evaluate(config, workdir)
     except trainer.TrainingDiverged as e:
         return fail(program, "training", e, status=TRAINING_DIVERGED)
     except trainer.USER_ERRORS as e:
         return fail(program, trainer.error_kind(e), e)
-    return 0
+    return STOPPED_BY_SIGNAL + result.stop_signal if result.preempted else 0
 
 
 def script_config(argv: Sequence[str], default_config: str, define_extra: Callable[..., dict], *,

@@ -462,13 +462,20 @@ class OptimConfig(_Replaceable):
     router_lr_multiplier: float = 1.0  # scales the updates of params with 'router' in their path
     # Regexes searched in '/'-joined param paths; matching params are frozen (see also RunConfig.freeze).
     freeze_patterns: tuple[str, ...] = ()
-    skip_nonfinite: bool = True  # skip (and count) steps with Inf/NaN gradients; a skipped update is never applied
+    skip_nonfinite: bool = True  # skip (and count) steps with Inf/NaN gradients or update; never apply one
     # The trainer stops the run after this many skipped steps in a row; 0 stops at the first.
     max_consecutive_nonfinite: int = 10
 
     def validate(self, prefix: str = "optim.") -> "OptimConfig":
         p = prefix
+        for field in dataclasses.fields(self):  # an Inf or NaN setting makes every update non-finite
+            value = getattr(self, field.name)
+            if isinstance(value, float):
+                check(math.isfinite(value), f"{p}{field.name}", f"must be finite, got {value}")
         check(self.optimizer in OPTIMIZERS, f"{p}optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        # Adam divides by sqrt(v) + eps, and v stays 0 for a parameter whose gradient has been 0.
+        check(self.optimizer != "adamw" or self.eps > 0, f"{p}eps",
+              f"must be > 0 for optimizer 'adamw' (0 / 0 where a gradient has always been 0), got {self.eps}")
         check(self.schedule in LR_SCHEDULES, f"{p}schedule", f"must be one of {LR_SCHEDULES}, got {self.schedule!r}")
         check(self.learning_rate > 0, f"{p}learning_rate", f"must be > 0, got {self.learning_rate}")
         check(self.warmup_steps >= 0, f"{p}warmup_steps", f"must be >= 0, got {self.warmup_steps}")

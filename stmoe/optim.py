@@ -9,7 +9,8 @@ factored per expert and by logical axis, as the ST-MoE release trained) or optax
 (`"optax"`). Everything else is built from optax's own transformations:
 
     masked(set_to_zero, frozen)         # frozen grads leave the norm and the NaN check
-    -> apply_if_finite(                 # skip steps with Inf/NaN grads, count them; never apply one
+    -> skip_nonfinite_steps(            # skip a step whose grads, update, new params or new state
+                                        # hold an Inf/NaN, count it; never apply one
          clip_by_global_norm            # one global norm over trainable params
          -> multi_transform({           # parameter groups
               'frozen':  set_to_zero,   # no optimizer state at all
@@ -39,8 +40,6 @@ from stmoe.config import OptimConfig  # noqa: F401 - the settings every builder 
 FROZEN = "frozen"
 ROUTER = "router"
 DEFAULT = "default"
-
-NEVER_APPLY_NONFINITE = 2**31 - 1  # optax's consecutive-skip counter is int32
 
 
 # ----------------------------------------------------------------- schedules
@@ -200,8 +199,9 @@ def make_optimizer(cfg: OptimConfig, params: Any) -> optax.GradientTransformatio
 
     Notes:
     - Frozen params get no optimizer state and an exactly-zero update.
-    - When a step is skipped for non-finite gradients the inner optimizer
-        state, including its step count (and so the LR schedule), stays put.
+    - When a step is skipped (non-finite gradients, or finite ones whose update,
+        new params or new optimizer state would not be) the inner optimizer state,
+        including its step count (and so the LR schedule), stays put.
     """
     cfg.validate()
     labels = jax.tree.leaves(param_labels(params, cfg))
@@ -242,16 +242,54 @@ def make_optimizer(cfg: OptimConfig, params: Any) -> optax.GradientTransformatio
         inner.insert(0, optax.clip_by_global_norm(cfg.grad_clip_norm))
     tx = optax.chain(*inner)
     if cfg.skip_nonfinite:
-        # optax applies a non-finite update once `max_consecutive_errors` skips in a row are
-        # exceeded, which poisons the parameters and the moments for good. Never: the trainer
-        # stops the run instead (max_consecutive_nonfinite, stmoe.trainer).
-        tx = optax.apply_if_finite(tx, max_consecutive_errors=NEVER_APPLY_NONFINITE)
+        tx = skip_nonfinite_steps(tx)
     if cfg.freeze_patterns:
         # Zero frozen grads first (stateless): they must not count towards the
         # global norm, nor make a step be skipped.
         tx = optax.chain(
             optax.masked(optax.set_to_zero(), lambda tree: _frozen_mask(tree, cfg)), tx)
     return tx
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """[] bool: every floating-point leaf of `tree` is finite (integer leaves, e.g. step counts,
+    cannot be non-finite and are ignored)."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def skip_nonfinite_steps(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """`inner`, except that a step whose gradients, update, resulting params (when `update` is
+    given params) or new inner state hold an Inf or NaN is skipped: zero update, inner state kept.
+
+    optax.apply_if_finite checks the incoming gradients only, so finite gradients can still make a
+    non-finite step: Adam with eps=0 on a parameter whose gradient has always been 0 divides 0 by 0,
+    an infinite learning rate turns every update into +-inf or NaN (0 * inf), and an update can
+    overflow a large parameter. It also gives up and applies the update after
+    `max_consecutive_errors` skips; this never does (the trainer stops the run instead,
+    max_consecutive_nonfinite). The state is optax.ApplyIfFiniteState, so its counters read the same
+    (`consecutive_nonfinite_skips`, `count_nonfinite_skips`) and checkpoints keep their layout.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params):
+        return optax.ApplyIfFiniteState(notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True),
+                                        total_notfinite=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+
+    def update(grads, state, params=None, **extra_args):
+        updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+        finite = all_finite(grads) & all_finite(updates) & all_finite(inner_state)
+        if params is not None:
+            finite &= all_finite(optax.apply_updates(params, updates))
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+        skipped = 1 - finite.astype(jnp.int32)
+        return updates, optax.ApplyIfFiniteState(
+            notfinite_count=(state.notfinite_count + 1) * skipped, last_finite=finite,
+            total_notfinite=state.total_notfinite + skipped,
+            inner_state=jax.tree.map(keep, inner_state, state.inner_state))
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def consecutive_nonfinite_skips(opt_state: Any) -> Any:
@@ -261,9 +299,9 @@ def consecutive_nonfinite_skips(opt_state: Any) -> Any:
 
 
 def count_nonfinite_skips(opt_state: Any) -> int:
-    """Total steps skipped for non-finite gradients since init (0 if disabled).
+    """Total steps skipped as non-finite since init (0 if disabled).
 
-    Reads `total_notfinite` of optax.apply_if_finite's state; it is never reset
+    Reads `total_notfinite` of skip_nonfinite_steps' state; it is never reset
     and is saved with the optimizer state, so it survives restarts.
     """
     total = optax.tree.get(opt_state, "total_notfinite", default=None)

@@ -123,7 +123,7 @@ def train_step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Modul
     skips = optax.tree.get(opt_state, "total_notfinite", default=jnp.zeros((), jnp.int32))
     consecutive = optim.consecutive_nonfinite_skips(opt_state)
     if consecutive is None:  # skipping is off: this step's update was applied, finite or not
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        finite = optim.all_finite(grads) & optim.all_finite(params) & optim.all_finite(opt_state)
         consecutive = 1 - finite.astype(jnp.int32)
     step_metrics = {
         **ce, **moe, **layer_metrics,

@@ -4,7 +4,9 @@ One function in fixed sections (big_vision / flax examples style):
 
   1. config     the typed tree (stmoe.config.RunConfig), every field validated once and the seqio
                 tasks registered (`prepare`), exit status 2 on a bad one;
-                probe the workdir (a file written and removed): an unwritable one fails before any step
+                probe the workdir (a file written and removed): an unwritable one fails before any step;
+                take its lock (stmoe.checkpoints.WorkdirLock): a second run on it stops here, naming
+                the first; released at the end, however the run ends
   2. logging    clu writers: TensorBoard + metrics.jsonl (process 0); progress: a tqdm bar on a
                 terminal, else one line per logging window (stmoe.reporting.Progress)
   3. mesh       (data, expert, model) over all devices or the first `num_devices`
@@ -18,9 +20,11 @@ One function in fixed sections (big_vision / flax examples style):
                 only) > scratch; the state and its Origin
   8. loop       step, hooks, metrics every log_every_steps, eval every eval_every_steps (held-out
                 loss, and with `infer_eval.task` task metrics by decoding, stmoe.evaluation),
-                async checkpoints every checkpoint_every_steps, SIGTERM/SIGINT -> save and return.
+                async checkpoints every checkpoint_every_steps, SIGTERM/SIGINT -> save and return
+                (TrainResult.stop_signal; the scripts exit with 128 + the signal number).
                 The host runs one step ahead: step s's divergence check waits for it while step s+1
-                computes, and is forced before every save, log line and the end
+                computes, and is forced before every save, log line and the end; a save also checks
+                that the state it writes is finite, so every saved step is a good one
   9. report     from the metrics kept in memory: final losses, decoded task metrics, the routing
                 table (stmoe.reporting), an expert-load PNG
 
@@ -37,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import time
 import typing
 from typing import Any, Callable, Mapping, Sequence
@@ -64,7 +69,9 @@ LOSS_TERMS = ("loss", "cross_entropy", "output_z_loss", "aux_loss", "router_z_lo
 
 
 class TrainingDiverged(RuntimeError):
-    """The run stopped because too many steps in a row had non-finite gradients (none was applied)."""
+    """The run stopped because too many steps in a row were non-finite (gradients, update, new params
+    or optimizer state; with optim.skip_nonfinite none was applied), or it started from a non-finite
+    state."""
 
 
 @dataclasses.dataclass
@@ -78,6 +85,7 @@ class TrainResult:
     infer_eval_metrics: dict[str, dict[str, float]]  # the last decoding evaluation {task: {metric: value}}
     preempted: bool
     train_step_traces: int  # 1 unless something made jit retrace the step
+    stop_signal: int | None = None  # the signal (SIGTERM / SIGINT) that stopped a preempted run
 
 
 # --------------------------------------------------------------------------------- config
@@ -97,24 +105,27 @@ def prepare(config: RunConfig | ml_collections.ConfigDict,
 
 
 def _divergence(step: int, metrics: Mapping[str, Array], optim_cfg: optim.OptimConfig) -> str | None:
-    """Why the run must stop after `step`, or None. A step with non-finite gradients is skipped
-    (its update never applied); `optim.max_consecutive_nonfinite` skips in a row (0: the first)
-    stop the run. With `optim.skip_nonfinite=False` the first one stops it, before any save."""
+    """Why the run must stop after `step`, or None. A step with non-finite gradients, or whose update,
+    new params or optimizer state would be non-finite, is skipped (optim.skip_nonfinite_steps: its
+    update never applied); `optim.max_consecutive_nonfinite` skips in a row (0: the first) stop the
+    run. With `optim.skip_nonfinite=False` the first one stops it, before any save."""
     consecutive = int(metrics["consecutive_nonfinite"])  # waits for `step` (the loop runs one step ahead)
     if consecutive == 0 or (optim_cfg.skip_nonfinite and consecutive < optim_cfg.max_consecutive_nonfinite):
         return None
     values = jax.device_get({k: metrics[k] for k in LOSS_TERMS if k in metrics})
-    bad = ", ".join(k for k, v in values.items() if not np.all(np.isfinite(v))) or "the gradients only"
+    bad = ", ".join(k for k, v in values.items() if not np.all(np.isfinite(v))) or \
+        "the update only (finite gradients, non-finite new params or optimizer state)"
     if optim_cfg.skip_nonfinite:
         what = (f"{consecutive} steps in a row, {step - consecutive + 1} to {step}, had non-finite gradients "
-                f"(optim.max_consecutive_nonfinite={optim_cfg.max_consecutive_nonfinite})")
+                f"or updates (optim.max_consecutive_nonfinite={optim_cfg.max_consecutive_nonfinite})")
     else:
-        what = f"step {step} had non-finite gradients (optim.skip_nonfinite=False)"
+        what = f"step {step} had non-finite gradients or updates (optim.skip_nonfinite=False)"
     return f"training diverged: {what}; non-finite at step {step}: {bad}"
 
 
 # Errors the scripts report in one line with exit status 2 (stmoe.cli): a bad config, a checkpoint of
-# another model, a workdir that cannot be written, a checkpoint that could not be saved.
+# another model, a workdir that cannot be written or that another run holds, a checkpoint that could
+# not be saved.
 USER_ERRORS = (ConfigError, checkpoints.IncompatibleCheckpointError, checkpoints.WorkdirError,
                checkpoints.CheckpointSaveError)
 
@@ -141,14 +152,28 @@ def train_and_evaluate(config: RunConfig | ml_collections.ConfigDict, workdir: s
     `hooks` are called as hook(step, state) after every step, before the preemption check (tests
     use one to send SIGTERM at a chosen step).
     """
-    from clu import metric_writers, periodic_actions
-
     # 1. Config: everything checked before any device work; from here on only the typed tree is read.
     partitioning.maybe_initialize_distributed()
     run, tasks = prepare(config)
     workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
-    for directory in (workdir, os.path.join(workdir, "checkpoints")):  # before any step: WorkdirError
-        checkpoints.check_writable(directory)
+    checkpoints.check_writable(workdir)  # before any step: WorkdirError
+    # One run per workdir (process 0 holds the lock): two would interleave their saves and metrics.
+    lock = checkpoints.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    note = lock.acquire() if lock is not None else None  # WorkdirInUseError names the holder
+    try:
+        if note:
+            _say(f"stmoe: {note}")
+        return _train(run, tasks, workdir, hooks)
+    finally:  # also on errors, a second Ctrl-C and after SIGTERM / SIGINT (the loop returns normally)
+        if lock is not None:
+            lock.release()
+
+
+def _train(run: RunConfig, tasks: stmoe_tasks.TaskNames, workdir: str, hooks: Sequence[Hook]) -> TrainResult:
+    """train_and_evaluate's sections 2-9, with the workdir checked and locked."""
+    from clu import metric_writers, periodic_actions
+
+    checkpoints.check_writable(os.path.join(workdir, "checkpoints"))
     process = jax.process_index()
 
     # 2. Logging: every scalar written is also kept in `history` (the final report reads it).
@@ -203,6 +228,14 @@ def train_and_evaluate(config: RunConfig | ml_collections.ConfigDict, workdir: s
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=run.keep_checkpoints)
     start, ckpt = restore.restore_or_init(run, ckpt, layout.abstract, lambda: layout.init(init_rng), train_iter)
     state = start.state
+    is_finite = jax.jit(optim.all_finite, out_shardings=partitioning.replicated(mesh))
+    if not bool(is_finite(state)):  # e.g. a checkpoint saved before updates were checked: nothing to train from
+        train_iter.close()
+        ckpt.close()
+        writer.close()
+        raise TrainingDiverged(
+            f"training diverged: the starting state ({start.describe()}) holds non-finite values; remove "
+            f"that checkpoint to start from an older one")
     if process == 0:  # only now: a refused restore leaves the previous run's config.json in place
         from etils import epath
         epath.Path(workdir, "config.json").write_text(json.dumps(run.to_dict(), indent=2))
@@ -220,8 +253,9 @@ def train_and_evaluate(config: RunConfig | ml_collections.ConfigDict, workdir: s
              "faults them in again; preload tcmalloc for a faster step (docs/performance.md)")
 
     # 8. The loop. A step's metrics stay on the device until something needs them: its divergence check
-    # runs while the next step computes, and is forced before a save, a log line or the end, so no
-    # non-finite update is ever saved and the host waits for at most one step.
+    # runs while the next step computes, and is forced before a save, a log line or the end, so the
+    # host waits for at most one step. A save writes only a state it has checked to be finite, so
+    # `saved_steps` (the divergence message's "last good checkpoint") holds good steps only.
     def evaluate(params: Any) -> dict[str, float]:
         with partitioning.activate(mesh):
             results = [p_eval_step(params, partitioning.shard_batch(b, mesh)) for b in eval_batches]
@@ -242,6 +276,8 @@ def train_and_evaluate(config: RunConfig | ml_collections.ConfigDict, workdir: s
     def save(step: int, *, wait: bool = False) -> None:
         settle()
         if step not in saved_steps:
+            if not bool(is_finite(state)):  # the step's checks should have caught it: never save it
+                raise _Diverged(f"training diverged: the state after step {step} holds non-finite values")
             ckpt.save(step, state, train_iter.get_state(), force=True, wait=wait)
             saved_steps.add(step)
 
@@ -253,7 +289,7 @@ def train_and_evaluate(config: RunConfig | ml_collections.ConfigDict, workdir: s
     eval_metrics: dict[str, float] = {}
     infer_metrics: dict[str, dict[str, float]] = {}
     unchecked: tuple[int, Mapping[str, Array]] | None = None
-    preempted = False
+    preempted, stop_signal = False, None
     diverged: str | None = None
     step = start.step
     try:
@@ -299,7 +335,7 @@ def train_and_evaluate(config: RunConfig | ml_collections.ConfigDict, workdir: s
             if step % run.checkpoint_every_steps == 0:
                 save(step)
             if handler is not None and handler.requested:
-                preempted = True
+                preempted, stop_signal = True, handler.signum
                 break
         save(step, wait=True)
     except _Diverged as stop:  # the step it names was skipped (or, skipping off, is never saved)
@@ -318,14 +354,20 @@ def train_and_evaluate(config: RunConfig | ml_collections.ConfigDict, workdir: s
         last_saved = max(saved_steps) if saved_steps else None
         where = (f"last good checkpoint: step {last_saved} in {os.path.join(workdir, 'checkpoints')} (rerunning "
                  "resumes there)" if last_saved is not None else "no checkpoint was saved")
-        raise TrainingDiverged(f"{diverged}; no non-finite update was applied or saved; {where}. Try a lower "
+        # Skipping on, a non-finite step's update is dropped (optim.skip_nonfinite_steps); off, it stays
+        # in memory only. Either way `saved_steps` holds checked-finite saves only (`save`).
+        applied = ("no non-finite update was applied or saved" if optim_cfg.skip_nonfinite
+                   else "the non-finite update was not saved")
+        raise TrainingDiverged(f"{diverged}; {applied}; {where}. Try a lower "
                                "learning rate, the router z-loss, or a float32 router / activations")
     if preempted:
-        _say(f"stmoe: stopped by a signal at step {step}; checkpoint saved, rerun the same command to resume")
+        name = signal.Signals(stop_signal).name if stop_signal else "a signal"
+        _say(f"stmoe: stopped by {name} at step {step}; checkpoint saved, rerun the same command to resume")
     elif process == 0:
         _report(workdir, history, step, train_metrics, eval_metrics, infer_metrics, run, tasks)
     return TrainResult(state=state, step=step, train_metrics=train_metrics, eval_metrics=eval_metrics,
-                       infer_eval_metrics=infer_metrics, preempted=preempted, train_step_traces=traces["train"])
+                       infer_eval_metrics=infer_metrics, preempted=preempted, train_step_traces=traces["train"],
+                       stop_signal=stop_signal)
 
 
 def _input_streams(run: RunConfig, tasks: stmoe_tasks.TaskNames,

@@ -63,6 +63,36 @@ def test_invalid_field_is_named(dotted, value, field):
     assert "\n" not in message
 
 
+# Optimizer settings that would make every update non-finite (each named in the message).
+OPTIM_CASES = [
+    ({"optimizer": "adamw", "eps": 0.0}, "optim.eps: must be > 0 for optimizer 'adamw'"),
+    ({"learning_rate": float("inf")}, "optim.learning_rate: must be finite, got inf"),
+    ({"learning_rate": float("nan")}, "optim.learning_rate: must be finite, got nan"),
+    ({"optimizer": "adamw", "eps": float("inf")}, "optim.eps: must be finite"),
+    ({"b2": float("nan")}, "optim.b2: must be finite"),
+    ({"weight_decay": float("inf")}, "optim.weight_decay: must be finite"),
+    ({"grad_clip_norm": float("inf")}, "optim.grad_clip_norm: must be finite"),
+    ({"router_lr_multiplier": float("inf")}, "optim.router_lr_multiplier: must be finite"),
+    ({"adafactor_clipping_threshold": float("inf")}, "optim.adafactor_clipping_threshold: must be finite"),
+]
+
+
+@pytest.mark.parametrize("fields,message", OPTIM_CASES, ids=[str(c[0]) for c in OPTIM_CASES])
+def test_nonfinite_or_zero_eps_optimizer_settings_are_named(fields, message):
+    config = pretrain.get_config("tiny")
+    for name, value in fields.items():
+        _set(config, f"optim.{name}", value)
+    with pytest.raises(ConfigError) as info:
+        trainer.prepare(config)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_eps_zero_is_accepted_for_adafactor():  # Adafactor does not read optim.eps
+    config = pretrain.get_config("tiny")
+    _set(config, "optim.eps", 0.0)
+    trainer.prepare(config)
+
+
 @pytest.mark.parametrize("module,preset", [(pretrain, p) for p in ("tiny", "switch_base_8")]
                          + [(finetune, "tiny")])
 def test_presets_validate(module, preset):

@@ -12,7 +12,11 @@ at 2, 4, 6) is shared: every restart below must end bitwise equal to it.
   stops it with one line naming the step, and the previous checkpoint restores;
 - a checkpoint of another model stops train.py / finetune.py / infer.py / evaluate.py with one
   line listing what differs; a scanned checkpoint loads into an unscanned model (and back) with
-  the same logits.
+  the same logits;
+- finite gradients whose update is not finite (an infinite learning rate, a subprocess): the steps
+  are skipped, exit status 3, every leaf of every saved step finite; adamw with eps=0 is refused;
+- one run per workdir: a lock of a live process refuses train.py in one line, a dead one's is
+  taken over; SIGINT / SIGTERM (sent by the worker to itself) save and exit 130 / 143.
 """
 import errno
 import glob
@@ -29,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import fault_worker as fw
@@ -188,6 +193,7 @@ def test_changed_input_stream_or_model_stops_train_py_with_one_line(reference, t
     assert line.startswith("train.py: checkpoint error: ") and "model.d_ff: checkpoint's run 64 vs config 128" in line
     assert (tmp_path / "config.json").read_text() == config_json  # the run's record is not overwritten
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    assert not os.path.exists(tmp_path / checkpoints.LOCK_FILE)  # released after the refused restore
 
 
 # ------------------------------------------------------------------ 2. damaged newest checkpoints
@@ -215,7 +221,7 @@ def test_sigkill_during_async_save_resumes_from_last_complete_step(reference, tm
     """The worker resumes a copy of the reference at step 2 and is killed inside the save of step 4."""
     workdir, marker = _copy(reference[0], tmp_path / "run", keep_steps={2}), str(tmp_path / "saving")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(WORKER), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, WORKER, workdir, "4", marker, cache_dir], env=env,
+    proc = subprocess.Popen([sys.executable, WORKER, "kill_in_save", workdir, "4", marker, cache_dir], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600  # generous: a loaded CI machine
     while not os.path.exists(marker) and proc.poll() is None and time.monotonic() < deadline:
@@ -396,3 +402,194 @@ def test_checkpoint_of_another_preset_is_refused_in_one_line(layout_runs, tmp_pa
         assert len(err) == 1, err
         assert err[0].startswith(f"{name}.py: input error: checkpoint ") and "does not match the model config" in err[0] \
             and "parameters differ" in err[0] and "vs config (64, 4, 16)" in err[0], err[0]
+
+
+# ------------------------------------------------------------------ 6. non-finite update from finite gradients
+
+
+def _worker(mode_args, cache_dir, cwd=ROOT, timeout=600):
+    """tests/fault_worker.py MODE ... as a subprocess: (exit status, stdout, stderr lines)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(WORKER), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, WORKER, *mode_args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout, [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+def _saved_state(workdir, step):
+    """Every array of a saved step, as numpy (read back on the devices it was saved from)."""
+    import warnings
+
+    import orbax.checkpoint as ocp
+    with ocp.PyTreeCheckpointer() as reader, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sharding info not provided")  # the same 8 devices
+        return jax.device_get(reader.restore(checkpoints.state_dir(os.path.join(workdir, "checkpoints", str(step)))))
+
+
+def test_infinite_learning_rate_update_is_skipped_and_every_saved_leaf_is_finite(tmp_path, cache_dir):
+    """The learning rate is +inf from step 4 on (a fault in the schedule; the config refuses inf): the
+    gradients stay finite and the new params would be +-inf / NaN. Steps 4 and 5 are skipped, the run
+    stops with exit status 3 and one line, and every leaf (params and optimizer state) of every saved
+    step is finite; the step the message calls the last good checkpoint exists and equals step 3."""
+    workdir = str(tmp_path / "run")
+    args = ["--workdir", workdir] + fw.flags(total_steps=8, checkpoint_every_steps=1, keep_checkpoints=10,
+                                             optim__max_consecutive_nonfinite=2)
+    status, _, stderr = _worker(["infinite_lr", "3", cache_dir, *args], cache_dir)
+    err = [line for line in stderr if line.startswith("train.py:")]  # the others: progress, absl's save notes
+    assert status == 3, stderr
+    assert len(err) == 1, stderr
+    assert err[0].startswith("train.py: training error: training diverged: 2 steps in a row, 4 to 5, had "
+                             "non-finite gradients or updates"), err[0]
+    assert "non-finite at step 5: learning_rate;" in err[0] and "no non-finite update was applied or saved" in err[0]
+    last_good = int(err[0].split("last good checkpoint: step ")[1].split()[0])
+    steps = sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit())
+    assert steps == [1, 2, 3, 4] and last_good == steps[-1], (steps, err[0])
+    saved = {step: _saved_state(workdir, step) for step in steps}
+    for step, state in saved.items():
+        leaves = [x for x in jax.tree.leaves(state) if np.issubdtype(np.asarray(x).dtype, np.inexact)]
+        assert leaves and all(np.all(np.isfinite(x)) for x in leaves), f"step {step} holds a non-finite leaf"
+    _leaves_equal(saved[4]["params"], saved[3]["params"])  # step 4 was skipped, not applied
+    skips = [x for path, x in jax.tree_util.tree_flatten_with_path(saved[4]["opt_state"])[0]
+             if "total_notfinite" in jax.tree_util.keystr(path)]
+    assert [int(x) for x in skips] == [1]
+    assert not os.path.exists(os.path.join(workdir, checkpoints.LOCK_FILE))  # released on the error path
+
+
+def test_save_refuses_a_nonfinite_state_even_when_the_step_lets_it_through(tmp_path, capsys, monkeypatch):
+    """The save's own check, with the step's guard replaced by optax.apply_if_finite (gradients only,
+    the guard before this fix): the infinite learning rate's NaN update of step 4 is applied, and the
+    save of step 4 refuses it (exit status 3, step 3 the last good checkpoint, all saved leaves
+    finite). With that check off too, NaN checkpoints are written (the failure this prevents); a
+    rerun on them stops at start, naming the checkpoint, instead of training from NaN."""
+    from stmoe import optim
+    schedule = optim.learning_rate_schedule
+    monkeypatch.setattr(optim, "learning_rate_schedule", lambda cfg: (
+        lambda count: jnp.where(count >= 3, jnp.inf, schedule(cfg)(count))))
+    monkeypatch.setattr(optim, "skip_nonfinite_steps", lambda inner: optax.apply_if_finite(inner, 2**31 - 1))
+    train = _script("train").main
+    flags = fw.flags(total_steps=5, checkpoint_every_steps=1, keep_checkpoints=10, optim__max_consecutive_nonfinite=2)
+    capsys.readouterr()
+    assert train(["train.py", "--workdir", str(tmp_path / "a")] + flags) == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py:")]
+    assert len(err) == 1 and "the state after step 4 holds non-finite values" in err[0], err
+    assert "last good checkpoint: step 3 in " in err[0], err[0]
+    assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["1", "2", "3"]
+    assert not os.path.exists(tmp_path / "a" / checkpoints.LOCK_FILE)  # released on the error path
+    for step in (1, 2, 3):
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_saved_state(str(tmp_path / "a"), step))
+                   if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+    monkeypatch.setattr(optim, "all_finite", lambda tree: jnp.array(True))  # no check anywhere: the old trainer
+    assert train(["train.py", "--workdir", str(tmp_path / "b")] + flags) == 0
+    assert not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_saved_state(str(tmp_path / "b"), 5)["params"]))
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert train(["train.py", "--workdir", str(tmp_path / "b")] + fw.flags(total_steps=6)) == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train.py:")]
+    assert len(err) == 1 and err[0].startswith("train.py: training error: training diverged: the starting state "
+                                               "(its own checkpoint at step 5) holds non-finite values"), err
+
+
+def test_adamw_with_eps_zero_is_refused_before_anything_is_written(tmp_path):
+    """The user's command (adamw, eps=0: 0 / 0 for every parameter whose gradient has been 0)."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--workdir", str(workdir),
+                           "--config.optim.optimizer=adamw", "--config.optim.eps=0", "--config.total_steps=3",
+                           "--config.batch_size=8", "--config.checkpoint_every_steps=1"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert err[0].startswith("train.py: config error: optim.eps: must be > 0 for optimizer 'adamw'"), err[0]
+    assert os.listdir(workdir) == []
+
+
+# ------------------------------------------------------------------ 7. one run per workdir
+
+
+def _write_lock(workdir, pid, host=None):
+    import socket
+    os.makedirs(workdir, exist_ok=True)
+    holder = {"host": host or socket.gethostname(), "pid": pid, "started": "2026-01-01 00:00:00 UTC"}
+    with open(os.path.join(workdir, checkpoints.LOCK_FILE), "w") as f:
+        json.dump(holder, f)
+
+
+def _files(path):
+    out = {}
+    for folder, _, names in os.walk(path):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                out[os.path.relpath(os.path.join(folder, name), path)] = f.read()
+    return out
+
+
+def test_second_run_on_a_workdir_in_use_is_refused_in_one_line(reference, tmp_path):
+    """A lock naming a live process on this host (this test's own): train.py stops before any step,
+    names that pid, and changes nothing in the workdir (the lock included)."""
+    workdir = _copy(reference[0], tmp_path)
+    _write_lock(workdir, os.getpid())
+    before = _files(workdir)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--workdir", workdir]
+                          + fw.flags(total_steps=fw.STEPS + 2), env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert err[0].startswith(f"train.py: workdir error: workdir {workdir} is in use by another run: pid "
+                             f"{os.getpid()} on this host"), err[0]
+    assert _files(workdir) == before
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over_and_released(reference, tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process
+    workdir = _copy(reference[0], tmp_path)
+    _write_lock(workdir, dead.pid)
+    result = trainer.train_and_evaluate(fw.tiny_config(), workdir)  # total_steps reached: restore only
+    out = capsys.readouterr().out
+    assert result.step == fw.STEPS
+    notes = [line for line in out.splitlines() if "stale lock" in line]
+    assert notes == [f"stmoe: took over the stale lock {os.path.join(workdir, checkpoints.LOCK_FILE)} of pid "
+                     f"{dead.pid} (since 2026-01-01 00:00:00 UTC), which is no longer running"], out
+    assert not os.path.exists(os.path.join(workdir, checkpoints.LOCK_FILE))
+
+
+def test_workdir_lock_refuses_other_hosts_and_unreadable_locks_and_releases_only_its_own(tmp_path):
+    _write_lock(str(tmp_path / "a"), 1, host="another-host")  # its liveness cannot be checked from here
+    with pytest.raises(checkpoints.WorkdirInUseError, match="pid 1 on host another-host"):
+        checkpoints.WorkdirLock(str(tmp_path / "a")).acquire()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / checkpoints.LOCK_FILE).write_text("")
+    with pytest.raises(checkpoints.WorkdirInUseError, match="cannot be read"):
+        checkpoints.WorkdirLock(str(tmp_path / "b")).acquire()
+
+    lock = checkpoints.WorkdirLock(str(tmp_path / "c"))
+    os.makedirs(lock.workdir)
+    assert lock.acquire() is None
+    holder = json.loads(open(lock.path).read())
+    assert holder["pid"] == os.getpid()
+    with pytest.raises(checkpoints.WorkdirInUseError, match=f"pid {os.getpid()} on this host"):
+        checkpoints.WorkdirLock(lock.workdir).acquire()  # a second run in this very process
+    lock.release()
+    assert not os.path.exists(lock.path)
+    assert lock.acquire() is None
+    _write_lock(lock.workdir, os.getpid())  # replaced meanwhile (deleted by hand, another run): not ours to delete
+    lock.release()
+    assert os.path.exists(lock.path)
+    assert "no lock taken on gs://bucket/run" in checkpoints.WorkdirLock("gs://bucket/run").acquire()
+
+
+# ------------------------------------------------------------------ 8. a signal stops the run unfinished
+
+
+@pytest.mark.parametrize("signame,status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_saves_then_exits_with_128_plus_the_signal(tmp_path, cache_dir, signame, status):
+    """The worker sends itself the signal right after step 3 (not a checkpoint step): train.py saves
+    step 3 and exits 130 / 143, not 0, so `train.py && evaluate.py` stops; the lock is released."""
+    workdir = str(tmp_path / "run")
+    code, out, err = _worker(["signal", signame, "3", cache_dir, "--workdir", workdir, *fw.flags()], cache_dir)
+    assert code == status, (out[-2000:], err)
+    assert f"stmoe: stopped by {signame} at step 3; checkpoint saved" in out
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+    assert not os.path.exists(os.path.join(workdir, checkpoints.LOCK_FILE))

@@ -332,3 +332,40 @@ def test_count_is_zero_without_skipping():
     params = _params()
     tx = optim.make_optimizer(_cfg(skip_nonfinite=False), params)
     assert optim.count_nonfinite_skips(tx.init(params)) == 0
+
+
+def _one_param_step(inner, param, grad):
+    """One skip_nonfinite_steps(inner) step on {'w': param}: (new param, state, initial state)."""
+    params = {"w": jnp.asarray(param, jnp.float32)}
+    tx = optim.skip_nonfinite_steps(inner)
+    new, state = _step(tx, params, {"w": jnp.asarray(grad, jnp.float32)}, tx.init(params))
+    return np.asarray(new["w"]), state, tx.init(params)
+
+
+@pytest.mark.parametrize("case", ["adam_eps_0_zero_grad", "infinite_lr", "param_overflow", "state_overflow"])
+def test_finite_gradients_with_a_nonfinite_result_are_skipped(case):
+    """Finite gradients, but the step would make a non-finite update (Adam with eps=0 where the
+    gradient is 0: 0 / 0; lr=inf: inf * g and 0 * inf), overflow a parameter (3e38 + 3e38 = inf in
+    float32), or overflow the optimizer state (Adam's v = (1 - b2) * (1e30)^2 = inf, update 0)."""
+    param = np.array([1.0, 2.0], np.float32)
+    inner, grad = {
+        "adam_eps_0_zero_grad": (optax.adam(0.1, eps=0.0), [0.5, 0.0]),
+        "infinite_lr": (optax.sgd(np.inf), [0.5, 0.0]),
+        "param_overflow": (optax.sgd(1.0), [-3e38, 0.0]),
+        "state_overflow": (optax.adam(0.1), [1e30, 0.0]),
+    }[case]
+    if case == "param_overflow":
+        param = np.array([3e38, 1.0], np.float32)
+    new, state, initial = _one_param_step(inner, param, grad)
+    np.testing.assert_array_equal(new, param)  # skipped: not a bit changed
+    assert int(optim.consecutive_nonfinite_skips(state)) == 1 and optim.count_nonfinite_skips(state) == 1
+    for kept, before in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(initial.inner_state), strict=True):
+        np.testing.assert_array_equal(kept, before)  # Adam's moments and step count as before the step
+
+
+def test_finite_result_is_applied_as_the_inner_optimizer_does():
+    param, grad = np.array([1.0, 2.0], np.float32), np.array([0.5, -0.25], np.float32)
+    new, state, _ = _one_param_step(optax.adam(0.1), param, grad)
+    ref = _np_adam(param.astype(np.float64), [grad.astype(np.float64)], 0.1, 0.9, 0.999, 1e-8, 0)
+    np.testing.assert_allclose(new, ref, rtol=1e-6)
+    assert int(optim.consecutive_nonfinite_skips(state)) == 0 and optim.count_nonfinite_skips(state) == 0

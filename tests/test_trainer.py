@@ -142,7 +142,7 @@ def test_resume_after_sigterm_is_bitwise_exact(base_run, tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
 
     first = trainer.train_and_evaluate(tiny_config(), str(tmp_path), hooks=[preempt])
-    assert first.preempted and first.step == STOP_AT
+    assert first.preempted and first.step == STOP_AT and first.stop_signal == signal.SIGTERM
     assert os.path.isdir(tmp_path / "checkpoints" / str(STOP_AT))  # saved by the preemption path
     second = trainer.train_and_evaluate(tiny_config(), str(tmp_path))
     assert second.step == STEPS and not second.preempted
