@@ -5,7 +5,8 @@ Algorithm (ST-MoE sec. 2; Switch sec. 2):
    counted per group (one group per sequence by default; `max_group_size` gives
    flaxformer's batch-wide groups, routing.flaxformer_num_groups).
 2. The router (float32: moe.router_dtype) scores every token; routing.py decides which (expert, slot)
-   each token occupies and with which weight (tokens-choose top-k or expert-choice).
+   each token occupies and with which weight (tokens-choose top-k or expert-choice), in a decoder
+   in moe.decoder_priority's order (position-major: causal; docs/design.md).
 3. Dispatch fills per-expert buffers [experts, groups, capacity, d]. Under a mesh the
    expert axis of that buffer is sharded over `expert` while the group axis of the
    tokens is sharded over (data, expert): the sharding constraint between the two
