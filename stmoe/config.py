@@ -149,12 +149,13 @@ class MoeConfig(_Replaceable):
     # always use token order: a priority by confidence would let later tokens take an earlier one's
     # slot, i.e. look at the future (router_for / batch_prioritized_for give each stack's rule).
     batch_prioritized: bool = False
-    # In which order decoder layers hand out capacity slots (top-k > 1): "position_major" serves token t's
-    # k choices before token t+1's, so no later token can take an earlier one's slot (causal);
-    # "rank_major" serves every first choice before any second choice, as the encoder does and as
-    # flaxformer does in both stacks, which lets a later token's first choice evict an earlier token's
-    # second (docs/design.md). Converted t5x / HF models set "rank_major"; a run's config.json without
-    # this field was trained with it (upgrade_run_config).
+    # In which order decoder layers hand out capacity slots: "position_major" serves token t's k choices
+    # before token t+1's (by position in the sequence when a group spans rows), so no later token can
+    # take an earlier one's slot (causal); "rank_major" serves every first choice before any second
+    # choice, in token order, as the encoder does and as flaxformer does in both stacks, which lets a
+    # later token's first choice evict an earlier token's second (docs/design.md "Causal decoder
+    # routing"). Converted t5x / HF models set "rank_major"; a run's config.json without this field was
+    # trained with it (upgrade_run_config).
     decoder_priority: str = "position_major"
     route_padding: bool = False  # HF routes padding tokens; ST-MoE does not
     # flaxformer multiplies every sublayer's input by the padding mask, so routed padding reaches the
