@@ -39,6 +39,7 @@ REMAT_POLICIES = ("none", "full", "save_dots")
 MLP_ACTIVATIONS = ("gelu", "relu", "silu")
 DTYPES = ("float32", "bfloat16")
 CAPACITY_ROUNDINGS = ("ceil", "round")
+DECODER_PRIORITIES = ("rank_major", "position_major")  # routing.tokens_choose_routing's `priority`
 BALANCE_SCHEDULES = ("constant", "linear_decay")
 OPTIMIZERS = ("adamw", "adafactor")
 ADAFACTOR_STYLES = ("t5x", "optax")
@@ -66,7 +67,8 @@ MOVED_FIELDS = {
 
 
 def upgrade_run_config(values: Mapping[str, Any]) -> dict[str, Any]:
-    """A run config as nested dicts (e.g. an older run's config.json) with MOVED_FIELDS in their new places."""
+    """A run config as nested dicts (e.g. an older run's config.json) with MOVED_FIELDS in their new places,
+    and a field added since (model.moe.decoder_priority) at the value such a run had."""
     out = copy.deepcopy(dict(values))
     for old, new in MOVED_FIELDS.items():
         *parents, leaf = old.split(".")
@@ -80,6 +82,10 @@ def upgrade_run_config(values: Mapping[str, Any]) -> dict[str, Any]:
         out["optim"]["adafactor_style"] = "optax"  # written before t5x's Adafactor existed: optax's is what it ran
     if out.get("aux_loss_schedule") == {}:
         del out["aux_loss_schedule"]
+    moe = out.get("model", {}).get("moe") if isinstance(out.get("model"), dict) else None
+    if isinstance(moe, dict) and "decoder_priority" not in moe:
+        # Written before the field existed: its decoder routed rank-major, the only order then.
+        moe["decoder_priority"] = "rank_major"
     return out
 
 
@@ -155,6 +161,14 @@ class MoeConfig(_Replaceable):
     # always use token order: a priority by confidence would let later tokens take an earlier one's
     # slot, i.e. look at the future (router_for / batch_prioritized_for give each stack's rule).
     batch_prioritized: bool = False
+    # In which order decoder layers hand out capacity slots: "position_major" serves token t's k choices
+    # before token t+1's (by position in the sequence when a group spans rows), so no later token can
+    # take an earlier one's slot (causal); "rank_major" serves every first choice before any second
+    # choice, in token order, as the encoder does and as flaxformer does in both stacks, which lets a
+    # later token's first choice evict an earlier token's second (docs/design.md "Causal decoder
+    # routing"). Converted t5x / HF models set "rank_major"; a run's config.json without this field was
+    # trained with it (upgrade_run_config).
+    decoder_priority: str = "position_major"
     route_padding: bool = False  # HF routes padding tokens; ST-MoE does not
     # flaxformer multiplies every sublayer's input by the padding mask, so routed padding reaches the
     # router as zero vectors (uniform probabilities: experts 0..k-1) and takes their slots; converted
@@ -193,6 +207,11 @@ class MoeConfig(_Replaceable):
         """Batch-prioritized routing in this stack: the encoder's choice; a causal decoder never."""
         return self.batch_prioritized and not causal
 
+    def priority_for(self, causal: bool) -> str:
+        """The slot priority of this stack (routing.tokens_choose_routing): decoder_priority in a causal
+        decoder, rank-major (ST-MoE) in the encoder."""
+        return self.decoder_priority if causal else "rank_major"
+
 
     def validate(self, prefix: str = "model.moe.") -> "MoeConfig":
         p = prefix
@@ -225,6 +244,8 @@ class MoeConfig(_Replaceable):
                f"must be >= 1, got {self.num_groups_multiple}")
         check(self.num_groups_multiple == 1 or self.max_group_size is not None, f"{p}num_groups_multiple",
                f"={self.num_groups_multiple} needs max_group_size (it shapes flaxformer's batch-wide groups)")
+        check(self.decoder_priority in DECODER_PRIORITIES, f"{p}decoder_priority",
+              f"must be one of {DECODER_PRIORITIES}, got {self.decoder_priority!r}")
         check(self.aux_loss_type in AUX_LOSS_TYPES, f"{p}aux_loss_type",
                f"must be one of {AUX_LOSS_TYPES}, got {self.aux_loss_type!r}")
         check(self.decoder_padding_from in DECODER_PADDING_SOURCES, f"{p}decoder_padding_from",

@@ -17,8 +17,9 @@ Every decoder runs the same loop (`jax.lax.while_loop` over at most
 The model runs deterministically (`enable_dropout=False`), so MoE layers use the eval
 capacity factor. Cached steps route one token per sequence, so no token is ever dropped
 there; a teacher-forced pass (`score`, `use_cache=False`) routes whole sequences, where a
-tight capacity can drop tokens, and a later token's first choice even outranks an earlier
-token's second choice (priority by rank, docs/design.md "Router and routing"). Cached and recomputed decoding therefore
+tight capacity can drop tokens (and with `moe.decoder_priority="rank_major"` a later token's
+first choice even outranks an earlier token's second choice: docs/design.md "Causal decoder
+routing"). Cached and recomputed decoding therefore
 agree exactly only while no token is dropped in the recomputed pass, e.g. with
 eval capacity factor >= num_experts (as in the tests) or min_capacity >= decode length.
 A fixed `moe.group_size` must divide batch (* beams): cached steps have one token per sequence.

@@ -32,7 +32,7 @@ class RouterStats:
     - router_z_loss: the router z-loss L_z, unweighted (routing.router_z_loss)
     - dropped_fraction: [k] share of real tokens whose rank-r choice wanted a slot and got none
     - dropped_tokens: share of real tokens that reached no expert at all (only the residual carries them)
-    - expert_counts: [experts] assignments each expert processed (summed over groups)
+    - expert_counts: [experts] real tokens' assignments each expert processed (summed over groups)
     - load_cv: coefficient of variation (std / mean) of expert_counts; 0 is perfect balance
     - router_entropy: mean entropy of the router distribution, nats (uniform over E is ln E)
     - router_confidence: mean probability of the top-1 expert
@@ -61,14 +61,18 @@ def router_stats(routing: Routing, router_probs: Array, token_mask: Array, *, au
                  router_z_loss: Array) -> RouterStats:
     """One layer's RouterStats from its routing decisions and its two loss terms.
 
-    router_probs: [groups, tokens, experts] float32; token_mask: [groups, tokens].
+    router_probs: [groups, tokens, experts] float32; token_mask: [groups, tokens], 1 for the real
+    tokens, which alone are counted: padding that was routed (moe.route_padding) may fill slots and
+    be dropped, but it is in none of the shares and counts.
     """
     mask = token_mask.astype(jnp.float32)
     num_tokens = jnp.maximum(jnp.sum(mask), 1.0)
     dropped = routing.wanted & ~routing.kept  # [g, t, k]
     dropped_fraction = jnp.sum(dropped * mask[..., None], axis=(0, 1)) / num_tokens  # [k]
     reached_none = ~jnp.any(routing.kept, axis=-1)
-    counts = jnp.sum(routing.slot_token < token_mask.shape[1], axis=(0, 2)).astype(jnp.float32)  # [e]
+    # Whether each slot holds a real token: an empty slot (index `tokens`) reads the appended 0.
+    real_in_slot = jax.vmap(lambda m, idx: m[idx])(jnp.pad(mask, ((0, 0), (0, 1))), routing.slot_token)  # [g, e, c]
+    counts = jnp.sum(real_in_slot, axis=(0, 2))  # [e]
     probs = router_probs.astype(jnp.float32)
     entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)  # [g, t]
     return RouterStats(

@@ -5,7 +5,8 @@ Algorithm (ST-MoE sec. 2; Switch sec. 2):
    counted per group (one group per sequence by default; `max_group_size` gives
    flaxformer's batch-wide groups, routing.flaxformer_num_groups).
 2. The router (float32: moe.router_dtype) scores every token; routing.py decides which (expert, slot)
-   each token occupies and with which weight (tokens-choose top-k or expert-choice).
+   each token occupies and with which weight (tokens-choose top-k or expert-choice), in a decoder
+   in moe.decoder_priority's order (position-major: causal; docs/design.md).
 3. Dispatch fills per-expert buffers [experts, groups, capacity, d]. Under a mesh the
    expert axis of that buffer is sharded over `expert` while the group axis of the
    tokens is sharded over (data, expert): the sharding constraint between the two
@@ -34,6 +35,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from stmoe import metrics as moe_metrics
 from stmoe import routing
@@ -125,9 +127,10 @@ class MoeLayer(nn.Module):
     config: ModelConfig
     causal: bool = False
 
-    def _token_groups(self, inputs: Array, token_mask: Array) -> tuple[Array, Array, tuple[int, int]]:
-        """[batch, length, d] -> tokens [groups, group_size, d], routing mask [groups, group_size] and the
-        (rows, positions) of padding added for flaxformer's batch-wide groups."""
+    def _token_groups(self, inputs: Array, token_mask: Array) -> tuple[Array, Array, Array, tuple[int, int]]:
+        """[batch, length, d] -> tokens [groups, group_size, d], routing mask and real-token mask
+        [groups, group_size] (they differ with route_padding: padding is routed but counts in no
+        statistic) and the (rows, positions) of padding added for flaxformer's batch-wide groups."""
         moe = self.config.moe
         batch, length, d_model = inputs.shape
         if moe.zero_padding_inputs:  # flaxformer's routed padding: zero vectors (t5_architecture.py:319-320)
@@ -148,9 +151,9 @@ class MoeLayer(nn.Module):
             raise ValueError(f"moe.group_size={group_size} must divide batch * length = {batch * length}")
         groups = batch * length // group_size
         x = constrain(inputs.reshape(groups, group_size, d_model), ("batch", None, "embed"))
-        mask = jnp.ones((groups, group_size), jnp.float32) if moe.route_padding else \
-            token_mask.reshape(groups, group_size).astype(jnp.float32)
-        return x, mask, (pad_rows, pad_positions)
+        real = token_mask.reshape(groups, group_size).astype(jnp.float32)
+        mask = jnp.ones((groups, group_size), jnp.float32) if moe.route_padding else real
+        return x, mask, real, (pad_rows, pad_positions)
 
     def _capacity(self, group_size: int, deterministic: bool) -> int:
         moe = self.config.moe
@@ -161,16 +164,25 @@ class MoeLayer(nn.Module):
         factor = moe.eval_capacity_factor if deterministic else moe.train_capacity_factor
         return routing.expert_capacity(group_size, moe.num_experts, factor, moe.min_capacity, moe.capacity_rounding)
 
-    def _route(self, router_type: str, probs: Array, mask: Array, capacity: int,
-               deterministic: bool) -> routing.Routing:
+    def _route(self, router_type: str, probs: Array, mask: Array, capacity: int, deterministic: bool,
+               sequence_length: int) -> routing.Routing:
         moe = self.config.moe
         if router_type == "experts_choose":
             return routing.experts_choose_routing(probs, mask, capacity=capacity)
         use_random = moe.second_expert_policy == "random" and not deterministic and moe.top_k > 1
+        priority = moe.priority_for(self.causal)
+        groups, group_size = mask.shape
+        token_position = None
+        if priority == "position_major" and sequence_length % group_size:
+            # A group spans several sequences (or parts of two): serve it by position in the sequence, so
+            # that position t of one row never waits for a later position of an earlier row.
+            flat = np.arange(groups * group_size, dtype=np.int32) % sequence_length
+            token_position = jnp.asarray(flat.reshape(groups, group_size))
         return routing.tokens_choose_routing(
             probs, mask, top_k=moe.top_k, capacity=capacity, second_expert_policy=moe.second_expert_policy,
             second_expert_threshold=moe.second_expert_threshold, normalize_gates=moe.normalize_gates,
             batch_prioritized=moe.batch_prioritized_for(self.causal),  # decoders: token order
+            priority=priority, token_position=token_position,
             rng=self.make_rng("dropout") if use_random else None)
 
     def _expert_weights(self, d_model: int) -> tuple[list[Array], Array]:
@@ -209,7 +221,7 @@ class MoeLayer(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
 
         # 1. Token groups [groups, group_size, d] and the routing mask.
-        x, mask, (pad_rows, pad_positions) = self._token_groups(inputs, token_mask)
+        x, mask, real_mask, (pad_rows, pad_positions) = self._token_groups(inputs, token_mask)
         group_size = x.shape[1]
 
         # 2. Router (float32 unless moe.router_dtype says otherwise) and routing decisions.
@@ -217,7 +229,7 @@ class MoeLayer(nn.Module):
                                 name="router")(x, deterministic)  # [g, t, e] router_dtype
         probs = routing.router_probabilities(logits)  # [g, t, e] float32
         capacity = self._capacity(group_size, deterministic)
-        route = self._route(router_type, probs, mask, capacity, deterministic)
+        route = self._route(router_type, probs, mask, capacity, deterministic, length + pad_positions)
         wi, wo = self._expert_weights(d_model)
 
         if (moe.dispatch == "dropless" or moe.expert_execution == "grouped"
@@ -254,7 +266,10 @@ class MoeLayer(nn.Module):
         # 6. This layer's raw loss terms and router health (losses.py weighs them).
         aux_loss = (jnp.zeros((), jnp.float32) if router_type == "experts_choose"
                     else routing.auxiliary_loss(moe.aux_loss_type, probs, route, mask))
-        self.sow("moe", "stats", moe_metrics.router_stats(route, probs, mask, aux_loss=aux_loss,
+        # The loss terms see what was routed (routed padding too, as Hugging Face computes them); the
+        # health statistics count real tokens only, or a short input in a padded batch would report
+        # mostly its padding (route_padding).
+        self.sow("moe", "stats", moe_metrics.router_stats(route, probs, real_mask, aux_loss=aux_loss,
                                                           router_z_loss=routing.router_z_loss(logits, mask)))
         # Opt-in per-token routing for stmoe.tracing: stored only under mutable=['intermediates'].
         padded_batch, padded_length = batch + pad_rows, length + pad_positions

@@ -254,7 +254,9 @@ class HealthThresholds:
       Only rank 1 is checked: with top-2 at the train capacity factor 1.25 there are 1.25 T slots for
       2 T choices, so second choices are dropped by design (ST-MoE sec. 2; every first choice is
       served before any second). With balanced load (the aux loss's target) first choices fit the
-      capacity, so 1% dropped means the load is skewed beyond what the capacity absorbs.
+      capacity, so 1% dropped means the load is skewed beyond what the capacity absorbs. (A
+      position-major decoder, moe.decoder_priority, serves earlier tokens' second choices before
+      later first choices and drops more first choices at the same load.)
     - max_load_cv 0.5: std / mean of the tokens each expert processed. At 0.5 the typical expert is
       half the mean load off it: with the capacity near the mean load (top-1 cf 1.25, top-2 cf 2.0)
       the busy half overflows while the idle half wastes its slots.

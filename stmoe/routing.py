@@ -120,9 +120,13 @@ def small_top_k(values: Array, k: int) -> tuple[Array, Array]:
     return jnp.take_along_axis(values, indices, axis=-1), indices
 
 
+PRIORITIES = ("rank_major", "position_major")
+
+
 def tokens_choose_routing(router_probs: Array, token_mask: Array, *, top_k: int, capacity: int,
                           second_expert_policy: str = "all", second_expert_threshold: float = 0.2,
                           normalize_gates: bool = True, batch_prioritized: bool = False,
+                          priority: str = "rank_major", token_position: Array | None = None,
                           rng: Array | None = None) -> Routing:
     """Top-k tokens-choose routing (Switch k=1, ST-MoE k=2).
 
@@ -134,13 +138,23 @@ def tokens_choose_routing(router_probs: Array, token_mask: Array, *, top_k: int,
     2. With the "random" policy (training only, pass `rng`), the choices of rank
        >= 1 are kept with probability min(1, gate / threshold) (App. G); "all"
        keeps them deterministically.
-    3. Slots are handed out rank by rank: every token's first choice before any
-       second choice; inside a rank in token order, or by descending top-1
-       probability with batch-prioritized routing (V-MoE; it looks at all tokens
-       of the group, so it is for the encoder only).
+    3. Slots are handed out in priority order. `priority="rank_major"` (ST-MoE, flaxformer):
+       rank by rank, every token's first choice before any second choice; inside a rank
+       in token order, or by descending top-1 probability with batch-prioritized routing
+       (V-MoE; it looks at all tokens of the group, so it is for the encoder only).
+       `priority="position_major"`: token by token, each token's k choices (by rank)
+       before the next token's, so a token's slots depend only on the tokens served
+       before it: causal for a decoder (rank-major lets a later token's first choice take
+       the slot an earlier token's second choice needed; docs/design.md). Tokens are
+       served in the order of `token_position` ([groups, tokens], each token's position
+       in its sequence; ties in token order), or in token order when None: a group that
+       spans several sequences must pass it, or a later position of one sequence would be
+       served before an earlier position of the next.
     4. A choice whose position in its expert is >= capacity is dropped: the
        token gets nothing from that expert and the residual carries it.
     """
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority: must be one of {PRIORITIES}, got {priority!r}")
     groups, tokens, num_experts = router_probs.shape
     gates, expert_index = small_top_k(router_probs, top_k)  # [g, t, k]
     if top_k > 1 and normalize_gates:
@@ -154,16 +168,26 @@ def tokens_choose_routing(router_probs: Array, token_mask: Array, *, top_k: int,
         wanted = wanted & keep_rank
 
     choice_onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32) * wanted[..., None]  # [g, t, k, e]
+    # The order tokens are served in ([g, t] permutation), None = token order.
+    service_order = None
     if batch_prioritized:
-        priority = jnp.argsort(-router_probs.max(axis=-1), axis=-1, stable=True)  # [g, t]
-        choice_onehot = jnp.take_along_axis(choice_onehot, priority[:, :, None, None], axis=1)
-    # Rank-major order: all first choices, then all second choices.  [g, k*t, e]
-    ordered = choice_onehot.transpose(0, 2, 1, 3).reshape(groups, top_k * tokens, num_experts)
+        service_order = jnp.argsort(-router_probs.max(axis=-1), axis=-1, stable=True)
+    elif priority == "position_major" and token_position is not None:
+        service_order = jnp.argsort(jnp.broadcast_to(token_position, (groups, tokens)), axis=-1, stable=True)
+    if service_order is not None:
+        choice_onehot = jnp.take_along_axis(choice_onehot, service_order[:, :, None, None], axis=1)
+    if priority == "rank_major":  # all first choices, then all second choices: [g, k*t, e]
+        ordered = choice_onehot.transpose(0, 2, 1, 3).reshape(groups, top_k * tokens, num_experts)
+    else:  # token by token, each token's choices by rank: [g, t*k, e]
+        ordered = choice_onehot.reshape(groups, tokens * top_k, num_experts)
     position = jnp.cumsum(ordered, axis=1) - 1
-    position = jnp.sum(position * ordered, axis=-1)  # [g, k*t]
-    position = position.reshape(groups, top_k, tokens).transpose(0, 2, 1)  # [g, t, k] in priority order
-    if batch_prioritized:  # back to token order
-        position = jnp.take_along_axis(position, jnp.argsort(priority, axis=-1)[:, :, None], axis=1)
+    position = jnp.sum(position * ordered, axis=-1)  # [g, k*t] or [g, t*k]
+    if priority == "rank_major":
+        position = position.reshape(groups, top_k, tokens).transpose(0, 2, 1)  # [g, t, k] in service order
+    else:
+        position = position.reshape(groups, tokens, top_k)
+    if service_order is not None:  # back to token order
+        position = jnp.take_along_axis(position, jnp.argsort(service_order, axis=-1)[:, :, None], axis=1)
 
     kept = wanted & (position < capacity)
     combine = jnp.where(kept, gates, 0.0)

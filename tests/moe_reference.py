@@ -53,13 +53,58 @@ def router(params, x_groups, kernel=None):
     return logits, softmax(logits)
 
 
+def assign_slots(probs, mask, *, top_k, cap, priority="rank_major", positions=None, batch_prioritized=False,
+                 wanted=None, unwanted_take_capacity=False):
+    """Tokens-choose slot assignment, one choice at a time in service order.
+
+    probs: [groups, tokens, experts], mask: [groups, tokens] (0 = padding: never routed, takes no slot).
+    Service order: "rank_major" (ST-MoE, flaxformer) serves every token's first choice, then every
+    second choice, ...; "position_major" serves one token's k choices by rank, then the next token's.
+    Tokens come in index order, or by `positions` ([groups, tokens], position in the sequence, ties
+    in index order), or by descending top-1 probability with `batch_prioritized` (V-MoE).
+    wanted / unwanted_take_capacity: as in `forward`.
+    Returns (choice [g, t, k] expert ids, slot [g, t, k] = expert * cap + rank in its expert, -1 = not kept).
+    """
+    groups, tokens, num_experts = probs.shape
+    choice = np.argsort(-probs, axis=-1, kind="stable")[..., :top_k]  # [g, t, k]
+    mg = np.asarray(mask) > 0
+    want = np.broadcast_to(mg[..., None], choice.shape).copy()
+    if wanted is not None:
+        want &= np.asarray(wanted, bool)
+    slot = -np.ones(choice.shape, np.int64)
+    for g in range(groups):
+        fill = np.zeros(num_experts, np.int64)
+        order = list(range(tokens))
+        if batch_prioritized:  # descending top-1 probability, ties in token order
+            order = sorted(order, key=lambda t: -probs[g, t].max())
+        elif positions is not None:
+            order = sorted(order, key=lambda t: positions[g, t])
+        if priority == "position_major":
+            service = [(t, rank) for t in order for rank in range(top_k)]
+        else:
+            service = [(t, rank) for rank in range(top_k) for t in order]
+        for t, rank in service:
+            if not mg[g, t]:
+                continue  # padding is never routed and takes no slot
+            e = choice[g, t, rank]
+            if not want[g, t, rank]:
+                fill[e] += unwanted_take_capacity
+                continue
+            if fill[e] < cap:
+                slot[g, t, rank] = e * cap + fill[e]
+            fill[e] += 1
+    return choice, slot
+
+
 def forward(params, x, mask, *, group_size=None, top_k=2, cap=None, router_type="tokens_choose",
             batch_prioritized=False, normalize_gates=True, wanted=None, unwanted_take_capacity=False,
-            kernel=None):
+            kernel=None, priority="rank_major"):
     """MoeLayer's forward and sown losses.
 
     x: [batch, length, d] (any float dtype; used as float64), mask: [batch, length] (0 = padding).
     Groups are consecutive runs of `group_size` tokens of the row-major flattened [batch * length].
+    priority: the service order of `assign_slots`; "position_major" serves a group by position in the
+    sequence (a group may span rows), as a causal decoder layer does.
     wanted: optional [groups, tokens, k] bool, which choices ask for a slot (the random second-expert
     policy's draws); None = every choice of a real token. `unwanted_take_capacity` is a deliberately
     wrong variant (an unwanted choice still uses up its slot), used to show that a case discriminates.
@@ -93,31 +138,21 @@ def forward(params, x, mask, *, group_size=None, top_k=2, cap=None, router_type=
         want = mg[..., None]
         aux_loss = 0.0
     else:
-        choice = np.argsort(-probs, axis=-1, kind="stable")[..., :top_k]  # [g, t, k]
+        positions = (np.arange(groups * tokens) % length).reshape(groups, tokens)  # position in the sequence
+        choice, slot = assign_slots(probs, mg, top_k=top_k, cap=cap, priority=priority,
+                                    positions=positions if priority == "position_major" else None,
+                                    batch_prioritized=batch_prioritized, wanted=wanted,
+                                    unwanted_take_capacity=unwanted_take_capacity)
         want = np.broadcast_to(mg[..., None], choice.shape).copy()
         if wanted is not None:
             want &= np.asarray(wanted, bool)
-        kept = np.zeros(choice.shape, bool)
-        for g in range(groups):
-            fill = np.zeros(num_experts, np.int64)
-            order = list(range(tokens))
-            if batch_prioritized:  # descending top-1 probability, ties in token order
-                order = sorted(order, key=lambda t: -probs[g, t].max())
-            for rank in range(top_k):  # every first choice before any second choice
-                for t in order:
-                    if not mg[g, t]:
-                        continue  # padding is never routed and takes no slot
-                    e = choice[g, t, rank]
-                    if not want[g, t, rank]:
-                        fill[e] += unwanted_take_capacity
-                        continue
-                    if fill[e] < cap:
-                        gates = probs[g, t, choice[g, t]]
-                        gate = gates[rank] / gates.sum() if (top_k > 1 and normalize_gates) else gates[rank]
-                        out[g, t] += gate * ys[g, t, e]
-                        kept[g, t, rank] = True
-                        counts[e] += 1
-                    fill[e] += 1
+        kept = slot >= 0
+        for g, t, rank in zip(*np.nonzero(kept)):
+            e = choice[g, t, rank]
+            gates = probs[g, t, choice[g, t]]
+            gate = gates[rank] / gates.sum() if (top_k > 1 and normalize_gates) else gates[rank]
+            out[g, t] += gate * ys[g, t, e]
+            counts[e] += 1
         # Switch load balance N * sum_i f_i P_i over real tokens, f from the top-1 choice (ST-MoE).
         per_group = []
         for g in range(groups):

@@ -35,6 +35,7 @@ CASES = [
     ("model.moe.top_k", 9, "model.moe.top_k"),  # > num_experts (8)
     ("model.moe.train_capacity_factor", 0.0, "model.moe.train_capacity_factor"),
     ("model.moe.eval_capacity_factor", -1.0, "model.moe.eval_capacity_factor"),
+    ("model.moe.decoder_priority", "token_major", "model.moe.decoder_priority"),
     ("model.sparse_interval", 0, "model.sparse_interval"),
     ("checkpoint_every_steps", 0, "checkpoint_every_steps"),
     ("eval_every_steps", 0, "eval_every_steps"),

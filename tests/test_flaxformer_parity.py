@@ -107,6 +107,7 @@ def test_converted_configs_carry_flaxformer_routing(converted):
         assert m.zero_padding_inputs
         assert (m.capacity_rounding, m.min_capacity, m.eval_capacity_factor) == ("round", 4, AMPLE)
         assert m.num_groups_multiple == 4 and not m.batch_prioritized
+        assert m.decoder_priority == "rank_major"  # flaxformer serves first choices first in the decoder too
     assert (st_moe.moe.top_k, st_moe.mlp_activation, st_moe.mlp_gated, st_moe.tie_embeddings) == (2, "gelu", True, False)
     assert st_moe.sparse_dense and [i for i in range(4) if st_moe.is_sparse(i)] == [3]
     assert (switch.moe.top_k, switch.mlp_activation, switch.mlp_gated, switch.tie_embeddings) == (1, "relu", False, True)

@@ -112,6 +112,7 @@ def test_config_semantics(case):
     cfg = case.model.config
     assert (cfg.moe.top_k, cfg.moe.expert_capacity, cfg.moe.group_size) == (1, case.capacity, None)
     assert cfg.moe.route_padding and not cfg.moe.dropped_token_passthrough and not cfg.moe.batch_prioritized
+    assert cfg.moe.decoder_priority == "rank_major"
     assert (cfg.mlp_activation, cfg.mlp_gated, cfg.tie_embeddings) == ("relu", False, True)
     assert [cfg.is_sparse(i) for i in range(3)] == [b.is_sparse for b in case.hf_model.encoder.block]
 

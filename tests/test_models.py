@@ -73,6 +73,24 @@ def test_config_errors_name_the_field():
         ModelConfig.from_dict({"moe": {"aux_loss_coef": 0.01}})
     with pytest.raises(ConfigError, match=r"model.moe.decoder_router_type"):
         ModelConfig(moe=MoeConfig(router_type="experts_choose")).validate()
+    with pytest.raises(ConfigError, match=r"^model.moe.decoder_priority: must be one of "
+                                          r"\('rank_major', 'position_major'\), got 'token_major'$"):
+        ModelConfig(moe=MoeConfig(decoder_priority="token_major")).validate()
+
+
+def test_decoder_priority_defaults_and_older_run_configs():
+    """New runs route decoders position-major; a run's config.json written before the field existed
+    was trained rank-major and is read so (config.upgrade_run_config); an explicit value is kept."""
+    from stmoe.config import RunConfig, upgrade_run_config
+
+    assert MoeConfig().decoder_priority == "position_major"
+    assert (MoeConfig().priority_for(causal=True), MoeConfig().priority_for(causal=False)) == \
+        ("position_major", "rank_major")
+    new = RunConfig().to_dict()
+    assert RunConfig.from_dict(upgrade_run_config(new)).model.moe.decoder_priority == "position_major"
+    del new["model"]["moe"]["decoder_priority"]
+    assert RunConfig.from_dict(upgrade_run_config(new)).model.moe.decoder_priority == "rank_major"
+    assert "decoder_priority" not in new["model"]["moe"]  # the caller's dict is left alone
 
 
 def numpy_bucket(relative_position: int, bidirectional: bool, num_buckets=32, max_distance=128) -> int:

@@ -176,3 +176,81 @@ def test_eval_capacity_factor_is_refused_for_dropless():
         inference.with_eval_capacity_factor(MoeConfig(dispatch="dropless").to_dict(), 2.0)
     with pytest.raises(ConfigError, match="must be > 0"):
         inference.with_eval_capacity_factor(MoeConfig().to_dict(), 0.0)
+
+
+def _routed_padding_case():
+    """One row of 4 tokens, 2 real then 2 padding, 4 experts, one slot each, top-1 with routed padding
+    (Hugging Face's semantics). The router reads features 0..3 through an identity kernel:
+    logits ln 3 for the token's expert and 0 elsewhere give probabilities (1/2, 1/6, 1/6, 1/6);
+    the padding's ln 9 gives 9/12 = 3/4 and 1/12 elsewhere. Token 0 picks expert 0, token 1 expert 1,
+    both padding tokens expert 2 (the second of them overflows it)."""
+    x = np.zeros((1, 4, D_MODEL), np.float32)
+    x[0, 0, 0] = x[0, 1, 1] = np.log(3.0)
+    x[0, 2, 2] = x[0, 3, 2] = np.log(9.0)
+    mask = jnp.asarray([[1.0, 1.0, 0.0, 0.0]])
+    cfg = layer_config(top_k=1, expert_capacity=1, min_capacity=1, route_padding=True, dispatch="gather")
+    params = jax.tree.map(np.asarray, _init(cfg, jnp.asarray(x), mask))
+    params["router"]["kernel"] = np.eye(D_MODEL, 4, dtype=np.float32)
+    return cfg, params, jnp.asarray(x), mask
+
+
+def test_routed_padding_counts_in_no_routing_statistic():
+    """Golden values by hand (_routed_padding_case): of the 2 real tokens none is dropped (the padding
+    token that overflowed expert 2 is not a token), the experts processed real tokens [1, 1, 0, 0],
+    confidence 1/2, entropy -(1/2 ln 1/2 + 3/6 ln 1/6) = (ln 2 + ln 6) / 2. Counting padding would
+    give 1/4 dropped, counts [1, 1, 1, 0], confidence 5/8."""
+    cfg, params, x, mask = _routed_padding_case()
+    _, stats = apply(cfg, params, x, mask)
+    assert float(stats["dropped_tokens"]) == 0.0
+    assert float(stats["dropped_fraction_rank1"]) == 0.0
+    np.testing.assert_array_equal(np.asarray(stats["expert_counts"]), [1.0, 1.0, 0.0, 0.0])
+    np.testing.assert_allclose(float(stats["load_cv"]), 1.0, rtol=1e-6)  # counts [1, 1, 0, 0]: std 1/2, mean 1/2
+    np.testing.assert_allclose(float(stats["router_confidence"]), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(float(stats["router_entropy"]), (np.log(2.0) + np.log(6.0)) / 2, rtol=1e-6)
+    # The loss terms still see what was routed, padding included, as Hugging Face computes them:
+    # z-loss = mean over the 4 routed tokens of logsumexp^2 = (2 ln^2 6 + 2 ln^2 12) / 4.
+    np.testing.assert_allclose(float(stats["router_z_loss"]), (np.log(6.0) ** 2 + np.log(12.0) ** 2) / 2, rtol=1e-5)
+
+
+def test_routed_padding_changes_no_statistic_of_the_real_tokens():
+    """The same tokens with padding routed (route_padding=True) and not: the padding is at the end of
+    the row and top-1 serves in position order, so the real tokens route the same either way, and
+    every router statistic must agree."""
+    cfg, params, x, mask = _routed_padding_case()
+    _, routed = apply(cfg, params, x, mask)
+    _, unrouted = apply(cfg.replace(moe=cfg.moe.replace(route_padding=False)), params, x, mask)
+    for name in ("dropped_tokens", "dropped_fraction_rank1", "expert_counts", "load_cv", "router_confidence",
+                 "router_entropy"):
+        np.testing.assert_allclose(np.asarray(routed[name]), np.asarray(unrouted[name]), rtol=1e-6, err_msg=name)
+
+
+def test_inference_routing_stats_count_real_tokens_of_a_short_input_in_a_padded_batch():
+    """inference.routing_stats on one short row (5 input ids, 3 targets) padded to length 16 and to
+    a batch of 4 rows, with Hugging Face's semantics (top-1, integer capacity, padding routed), against
+    the same row alone at its own lengths, where every token is real. Padding sits after the real
+    tokens and top-1 serves in position order, so the real tokens route identically in both."""
+    from stmoe import inference, partitioning
+    from stmoe.models import EncoderDecoder
+
+    moe = MoeConfig(num_experts=4, top_k=1, expert_capacity=1, min_capacity=1, route_padding=True)
+    cfg = ModelConfig(vocab_size=32, d_model=16, d_ff=24, num_heads=2, d_kv=8, num_encoder_layers=2,
+                      num_decoder_layers=2, sparse_interval=2, sparse_offset=1, mlp_gated=False,
+                      mlp_activation="relu", moe=moe).validate()
+    model = EncoderDecoder(cfg)
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1, expert=1, model=1), jax.devices()[:1])
+    inputs = np.asarray([[7, 3, 9, 12, 1]], np.int32)
+    targets = np.asarray([[5, 8, 1]], np.int32)
+    with partitioning.activate(mesh):
+        params = nn.meta.unbox(model.init(jax.random.key(0), jnp.asarray(inputs), jnp.asarray(targets),
+                                          jnp.asarray(targets), enable_dropout=False)["params"])
+    stats = {}
+    for name, (enc_len, dec_len, batch) in {"padded": (16, 8, 4), "alone": (5, 3, 1)}.items():
+        loaded = inference.LoadedModel(model=model, params=params, mesh=mesh, inputs_length=enc_len,
+                                       targets_length=dec_len)
+        pad = lambda a, n: np.pad(a, [(0, 0), (0, n - a.shape[1])])
+        stats[name] = inference.routing_stats(loaded, pad(inputs, enc_len), pad(targets, dec_len), batch_size=batch)
+    # Alone, 5 real tokens on 4 one-slot experts: at least one is dropped in the encoder.
+    assert stats["alone"]["encoder/layers_1/ffn"]["dropped_tokens"] >= 0.2
+    for layer, values in stats["alone"].items():
+        for metric in ("dropped_tokens", "dropped_fraction_rank1", "router_confidence", "router_entropy"):
+            assert stats["padded"][layer][metric] == pytest.approx(values[metric], abs=1e-6), (layer, metric)

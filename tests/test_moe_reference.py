@@ -124,6 +124,50 @@ def test_moe_layer_matches_numpy_reference(case, dispatch):
     assert np.all(np.asarray(out)[mask == 0] == 0.0), "padding gets exactly zero"
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def decoder_apply(cfg, params, x, mask, deterministic):
+    """A causal (decoder) MoeLayer: (outputs, sown stats)."""
+    out, state = MoeLayer(cfg, causal=True).apply({"params": params}, x, mask, deterministic, mutable=["moe"])
+    return out, metrics.collect_layers(state["moe"])[""].as_dict()
+
+
+TOP2_ALL = dict(top_k=2, second_expert_policy="all", min_capacity=1)
+# Decoder layers: (moe fields, deterministic, batch, length, padding); the priority is the case's own.
+DECODER_CASES = {
+    "position_major_eval": (dict(TOP2_ALL, decoder_priority="position_major", eval_capacity_factor=1.0),
+                            True, 3, 12, {1: 9}),
+    "position_major_train": (dict(TOP2_ALL, decoder_priority="position_major", train_capacity_factor=0.5,
+                                  eval_capacity_factor=3.0), False, 3, 12, {2: 5}),
+    # Groups of 8 over rows of 12 (group 1 = row 0 positions 8..11 + row 1 positions 0..3): served by
+    # position in the sequence, so row 1's positions 0..3 come first.
+    "position_major_group8": (dict(TOP2_ALL, decoder_priority="position_major", group_size=8,
+                                   eval_capacity_factor=1.0), True, 2, 12, {}),
+    "rank_major_eval": (dict(TOP2_ALL, decoder_priority="rank_major", eval_capacity_factor=1.0), True, 3, 12, {1: 9}),
+}
+
+
+@pytest.mark.parametrize("dispatch", ["gather", "einsum", "grouped"])
+@pytest.mark.parametrize("case", list(DECODER_CASES))
+def test_decoder_layer_matches_numpy_reference(case, dispatch):
+    fields, deterministic, batch, length, padded = DECODER_CASES[case]
+    priority = fields["decoder_priority"]
+    x, mask = sample_inputs(20 + list(DECODER_CASES).index(case), batch, length, padded)
+    cfg = layer_config(**dispatch_fields(dispatch), **fields)
+    params = init_params(cfg, x, mask)
+    out, stats = decoder_apply(cfg, params, jnp.asarray(x), jnp.asarray(mask), deterministic)
+    group_size = fields.get("group_size") or length
+    cap = reference_capacity(fields, deterministic, group_size)
+    want = ref.forward(np_params(params), x, mask, group_size=group_size, top_k=2, cap=cap, priority=priority)
+    other = ref.forward(np_params(params), x, mask, group_size=group_size, top_k=2, cap=cap,
+                        priority="rank_major" if priority == "position_major" else "position_major")
+    assert not np.allclose(want["out"], other["out"], atol=1e-3), "the two orders must differ on this case"
+    check_against_reference(out, stats, want)
+    # The encoder keeps ST-MoE's rank-major order whatever decoder_priority says.
+    out_encoder, _ = apply(cfg, params, jnp.asarray(x), jnp.asarray(mask), deterministic)
+    rank_major = want if priority == "rank_major" else other
+    np.testing.assert_allclose(np.asarray(out_encoder, np.float64), rank_major["out"], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dispatch", ["gather", "einsum", "grouped"])
 def test_capacity_rounding_100_tokens_11_experts_cf_1p1(dispatch):
     # cf * T / E = 1.1 * 100 / 11 is exactly 10 slots; in floats it is 10.000000000000002, whose

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import moe_reference
 from stmoe import routing
 
 
@@ -144,6 +145,60 @@ def test_first_choices_take_priority_over_second_choices():
     route = routing.tokens_choose_routing(jnp.asarray(probs), jnp.ones((1, 2)), top_k=2, capacity=1)
     assert int(route.slot_token[0, 1, 0]) == 1  # expert 1's only slot went to token 1 (a first choice)
     assert np.asarray(route.kept).tolist() == [[[True, False], [True, False]]]
+
+
+def test_position_major_serves_each_token_s_choices_before_the_next_token():
+    # Token 0 chooses experts (0, 1), token 1 (1, 2); one slot per expert. Rank-major: token 1's first
+    # choice takes expert 1 before token 0's second choice asks for it. Position-major: token 0 is
+    # served first and keeps both; token 1 loses expert 1 and keeps expert 2.
+    probs = jnp.asarray([[[0.6, 0.4, 0.0], [0.1, 0.6, 0.3]]], jnp.float32)
+    kept = lambda **kw: np.asarray(routing.tokens_choose_routing(probs, jnp.ones((1, 2)), top_k=2, capacity=1,
+                                                                 **kw).kept).tolist()
+    assert kept(priority="rank_major") == [[[True, False], [True, True]]]
+    assert kept(priority="position_major") == [[[True, True], [False, True]]]
+    route = routing.tokens_choose_routing(probs, jnp.ones((1, 2)), top_k=2, capacity=1, priority="position_major")
+    assert np.asarray(route.slot_token).tolist() == [[[0], [0], [1]]]
+    # token_position says token 1 comes first in its sequence: it is served first and keeps both.
+    assert kept(priority="position_major", token_position=jnp.asarray([[1, 0]])) == [[[True, False], [True, True]]]
+
+
+@pytest.mark.parametrize("k,capacity,spanning", [(1, 3, False), (2, 2, False), (2, 3, True), (3, 2, True),
+                                                 (2, 40, False)])
+def test_position_major_matches_numpy_reference(k, capacity, spanning):
+    """tokens_choose_routing(priority="position_major") against moe_reference.assign_slots: slots,
+    weights and the token-major view; `spanning`: groups of 24 tokens that hold rows of 10, so
+    token_position (position in the sequence) reorders service."""
+    groups, tokens, experts = 3, 24, 4
+    probs = random_probs(5, groups, tokens, experts, temperature=2.0)
+    mask = np.ones((groups, tokens), bool)
+    mask[1, -5:] = False
+    position = (np.arange(groups * tokens) % 10).reshape(groups, tokens) if spanning else None
+    route = routing.tokens_choose_routing(jnp.asarray(probs), jnp.asarray(mask, jnp.float32), top_k=k,
+                                          capacity=capacity, priority="position_major",
+                                          token_position=None if position is None else jnp.asarray(position))
+    choice, want_assign = moe_reference.assign_slots(probs, mask, top_k=k, cap=capacity, priority="position_major",
+                                                     positions=position)
+    gates = np.take_along_axis(probs, choice, -1).astype(np.float64)
+    if k > 1:
+        gates = gates / gates.sum(-1, keepdims=True)
+    want_weight = np.where(want_assign >= 0, gates, 0.0)
+    got_assign, got_weight = slots_to_token_view(route, tokens, k, capacity)
+    np.testing.assert_array_equal(got_assign, want_assign)
+    np.testing.assert_allclose(got_weight, want_weight, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(route.kept), want_assign >= 0)
+    np.testing.assert_array_equal(np.asarray(route.choice_slot),
+                                  np.where(want_assign >= 0, want_assign, experts * capacity))
+    if capacity < tokens:
+        assert (want_assign < 0)[mask].any(), "the case is meant to drop tokens"
+        if k > 1:  # and the two orders differ on it, so the comparison tells them apart
+            _, rank_major = moe_reference.assign_slots(probs, mask, top_k=k, cap=capacity, priority="rank_major")
+            assert (rank_major != want_assign).any()
+
+
+def test_priority_is_validated():
+    probs = jnp.full((1, 2, 3), 1 / 3)
+    with pytest.raises(ValueError, match="rank_major.*position_major.*'token_major'"):
+        routing.tokens_choose_routing(probs, jnp.ones((1, 2)), top_k=2, capacity=1, priority="token_major")
 
 
 def test_gates_normalized_for_top2_and_raw_for_top1():

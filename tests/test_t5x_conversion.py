@@ -148,7 +148,7 @@ HAND_CONFIG = ModelConfig(
     moe=MoeConfig(num_experts=EXPERTS, top_k=2, second_expert_policy="all", normalize_gates=False,
                   train_capacity_factor=1.25, eval_capacity_factor=2.0, min_capacity=4, capacity_rounding="round",
                   max_group_size=4096, num_groups_multiple=EXPERTS, route_padding=True, zero_padding_inputs=True,
-                  aux_loss_type="switch_all_k"))
+                  aux_loss_type="switch_all_k", decoder_priority="rank_major"))
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +187,7 @@ def test_every_parameter_lands_in_place(converted):
     assert ("tensors mapped: embeddings 1, attention 48, dense mlp 24, experts 12, routers 4, norms 26, "
             "position bias 2, logits 1") in report
     assert "moe.normalize_gates=False" in report and "moe.route_padding=True" in report
+    assert "moe.decoder_priority='rank_major'" in report
 
 
 def test_logits_match_hand_mapping(converted):

@@ -14,7 +14,9 @@ ModelConfig field that says the same thing -- no code path here is special-cased
 - Capacity: an integer `expert_capacity`, counted per sequence (the router's
   cumsum runs over the sequence axis of [batch, length, experts]), slots handed
   out in position order                              -> moe.expert_capacity, moe.group_size=None,
-                                                        moe.batch_prioritized=False
+                                                        moe.batch_prioritized=False,
+                                                        moe.decoder_priority="rank_major" (with one
+                                                        choice per token both orders are position order)
 - Padding is routed and takes capacity (`router_ignore_padding_tokens` is stored
   but never read)                                    -> moe.route_padding=True
 - A dropped token gets zero from the sparse MLP (the experts scatter-add into
@@ -120,6 +122,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
     moe = MoeConfig(
         num_experts=int(hf["num_experts"]), router_type="tokens_choose", top_k=1,
         expert_capacity=int(hf["expert_capacity"]), group_size=None, batch_prioritized=False,
+        decoder_priority="rank_major",
         route_padding=True, dropped_token_passthrough=False, aux_loss_type="switch_top1",
         jitter_noise=float(hf["router_jitter_noise"]), expert_dropout_rate=float(hf["dropout_rate"]),
         router_dtype=router_dtype)

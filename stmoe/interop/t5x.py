@@ -66,6 +66,8 @@ moe_layers.py) and the MoeConfig value that reproduces each:
   batch_prioritized_routing (routing.py:583-623), set for the encoder's routers only: the decoder's
   stay in token order (moe.gin:255-258), as stmoe's batch_prioritized_for(causal)
                                                                 -> batch_prioritized
+  and the decoder serves ranks the same way (every first choice before any second choice), which
+  is not causal under teacher forcing (docs/design.md)          -> decoder_priority="rank_major"
 - padding is routed and takes capacity: ignore_padding_tokens = False (moe.gin:254)
                                                                 -> route_padding=True
 - a dropped token gets zero from the layer (combine_array is zero there, routing.py:629-639)
@@ -411,7 +413,8 @@ def _infer_config(mapped: Mapping[str, np.ndarray], o: Options) -> ModelConfig:
         train_capacity_factor=o.train_capacity_factor, eval_capacity_factor=o.eval_capacity_factor,
         min_capacity=o.min_expert_capacity, capacity_rounding="round", group_size=None,
         max_group_size=o.group_size, num_groups_multiple=int(num_experts) * o.num_expert_replicas,
-        batch_prioritized=o.batch_prioritized_routing, route_padding=True, zero_padding_inputs=True,
+        batch_prioritized=o.batch_prioritized_routing, decoder_priority="rank_major",
+        route_padding=True, zero_padding_inputs=True,
         dropped_token_passthrough=False,
         aux_loss_type="switch_all_k", jitter_noise=0.0, expert_dropout_rate=o.expert_dropout_rate)
     try:
@@ -483,6 +486,8 @@ def semantics(cfg: ModelConfig, loss: LossConfig) -> list[str]:
         f"moe.capacity_rounding={m.capacity_rounding!r}, moe.min_capacity={m.min_capacity}, "
         f"train/eval capacity factor {m.train_capacity_factor}/{m.eval_capacity_factor} (moe_layers.py:175)",
         f"moe.batch_prioritized={m.batch_prioritized}",
+        f"moe.decoder_priority={m.decoder_priority!r} (first choices before second choices in the decoder "
+        "too, routing.py:583-623)",
         f"moe.aux_loss_type={m.aux_loss_type!r}, loss.balance_coef={loss.balance_coef}, "
         f"loss.router_z_coef={loss.router_z_coef}",
         f"mlp_activation={cfg.mlp_activation!r} gated={cfg.mlp_gated} (flax gelu = tanh approximation)",
