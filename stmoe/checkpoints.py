@@ -10,7 +10,8 @@ A checkpoint step holds two items:
 Orbax writes each step into a temporary directory (`<step>.orbax-checkpoint-tmp`)
 and renames it when all files are down, so a save that was cut off (SIGKILL,
 a crash, a lost VM) never shows up as a step; `Checkpointer.unfinished_steps`
-lists such leftovers (orbax deletes them when the directory is opened). What the rename cannot rule
+lists such leftovers, which opening the directory deletes (before the constructor returns: orbax's
+own clean-up runs in a background thread that nothing waits for). What the rename cannot rule
 out is a finished step that was damaged later (a truncated file, a missing
 directory, a partial copy between buckets): `Checkpointer.restore` then warns,
 naming the step and the error, falls back to the next older step, and lists
@@ -33,6 +34,7 @@ device count, other axis sizes) with each process reading only its shards.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -86,9 +88,31 @@ def _unfinished_saves(directory: str) -> list[int]:
     return sorted(int(step) for step in steps if step.isdigit())
 
 
+def _delete_unfinished_saves(directory: str) -> None:
+    """Deletes the '<step>.orbax-checkpoint-tmp' leftovers of saves that were cut off (process 0
+    deletes, every process waits for it), so that no reader ever sees them."""
+    from etils import epath
+    path = epath.Path(directory)
+    if jax.process_index() == 0 and path.is_dir():
+        for child in path.iterdir():
+            step = child.name.split(_TMP_SUFFIX)[0]
+            if _TMP_SUFFIX in child.name and step.isdigit():
+                child.rmtree() if child.is_dir() else child.unlink()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("stmoe_delete_unfinished_saves")
+
+
+# Why a step did not restore when it is whole but holds another train state than the config builds.
+STRUCTURE_DIFFERS = "its train state is structured differently from the config's"
+
+
 def _damage(error: BaseException) -> str:
     """Why a step could not be read, in a few words where the error is a known kind of damage."""
     text = " ".join(str(error).split())
+    other_tree = re.search(r"tree structures do not match: ([^:\s]+):", text)
+    if other_tree:
+        return f"{STRUCTURE_DIFFERS} at {other_tree.group(1)}"
     missing = re.search(r'Item "(\w+)" was not found in the checkpoint', text)
     if missing:
         return f"its {missing.group(1)}/ directory is missing"
@@ -136,17 +160,23 @@ class Checkpointer:
         if save_interval_steps < 1:
             raise ValueError(f"Checkpointer.save_interval_steps={save_interval_steps}; must be >= 1")
         self.directory, self.max_to_keep = str(directory), max_to_keep
-        self._unfinished = _unfinished_saves(self.directory)  # before orbax starts deleting them
+        self._unfinished = _unfinished_saves(self.directory)
+        _delete_unfinished_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
             enable_async_checkpointing=async_save,
             create=True,
-            # Leftover tmp dirs of saves cut off by a preemption are garbage.
-            cleanup_tmp_directories=True,
+            # Deleted above, synchronously: orbax's clean-up is a background thread that only its
+            # next save waits for, so a reader could still see the leftovers after a restore.
+            cleanup_tmp_directories=False,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(_STATE, _DATA))
+        # A failing save makes orbax log a traceback from each of its threads (hundreds of lines on a
+        # full disk); the failure reaches the caller once, as CheckpointSaveError.
+        self._quiet = _QuietOrbaxErrors()
+        logging.getLogger("absl").addFilter(self._quiet)
         self._pending: int | None = None  # the step of a save that may still be in flight
         self._failed = False  # a CheckpointSaveError was raised (close does not raise it twice)
         # (step, reason) of every step the last `restore` could not read, newest first.
@@ -187,11 +217,17 @@ class Checkpointer:
         kept = (f"the newest complete checkpoint, step {complete[-1]}, is intact" if complete
                 else "no earlier checkpoint exists")
         what = "a checkpoint" if step is None else f"checkpoint step {step}"
+        text = " ".join(str(error).split())
+        if getattr(error, "errno", None) == errno.ENOSPC or "os_error_code='28'" in text:
+            # tensorstore reports a full disk as RESOURCE_EXHAUSTED (a ValueError) with os_error_code 28
+            return CheckpointSaveError(
+                f"could not save {what} to {self.directory}: {type(error).__name__}: {os.strerror(errno.ENOSPC)} "
+                f"({kept}); free some space (or point --workdir elsewhere) and rerun to resume")
         return CheckpointSaveError(f"could not save {what} to {self.directory}: {_short(error)} ({kept})")
 
     def unfinished_steps(self) -> list[int]:
         """Steps whose save had been cut off before it completed (SIGKILL, a crash) when this
-        Checkpointer was opened; orbax deletes their temporary directories in the background."""
+        Checkpointer was opened; their temporary directories are gone once it is open."""
         return list(self._unfinished)
 
     def latest_step(self) -> int | None:
@@ -247,9 +283,13 @@ class Checkpointer:
                 _warn(message + ("; trying an older step" if candidate != candidates[-1] else ""))
                 continue
             return restored[_STATE], dict(restored[_DATA]), candidate
+        if all(reason.startswith(STRUCTURE_DIFFERS) for _, reason in self.skipped):
+            raise IncompatibleCheckpointError(
+                f"the checkpoints in {self.directory} hold another train state than this config builds "
+                f"({self.skipped[0][1]}: the optimizer or its settings, optim.*, differ)")
         raise CheckpointRestoreError(
-            f"Checkpointer.restore: no step in {self.directory} could be restored:\n  "
-            + "\n  ".join(errors))
+            f"no checkpoint step in {self.directory} could be restored: "
+            + "; ".join(f"step {s}: {reason}" for s, reason in self.skipped))
 
     def wait(self) -> None:
         """Blocks until any asynchronous save has finished (and is finalized); raises
@@ -271,16 +311,34 @@ class Checkpointer:
                 self._manager.close()
             except Exception:  # noqa: BLE001 - the same failure again
                 pass
+            finally:
+                logging.getLogger("absl").removeFilter(self._quiet)
             if not failed_before:
                 raise
             return
         self._manager.close()
+        logging.getLogger("absl").removeFilter(self._quiet)
 
     def __enter__(self) -> "Checkpointer":
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Drops orbax's ERROR records (a failed save logs one traceback per thread); keeps the last few in
+    `dropped` for debugging. Every such failure reaches the caller as an exception of this module."""
+
+    def __init__(self, keep: int = 8):
+        super().__init__()
+        self.keep, self.dropped = keep, []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+            self.dropped = (self.dropped + [record.getMessage()])[-self.keep:]
+            return False
+        return True
 
 
 def _warn(message: str) -> None:

@@ -114,9 +114,10 @@ def _divergence(step: int, metrics: Mapping[str, Array], optim_cfg: optim.OptimC
 
 
 # Errors the scripts report in one line with exit status 2 (stmoe.cli): a bad config, a checkpoint of
-# another model, a workdir that cannot be written, a checkpoint that could not be saved.
+# another model, a workdir that cannot be written, a checkpoint that could not be saved, a workdir
+# whose every checkpoint is damaged.
 USER_ERRORS = (ConfigError, checkpoints.IncompatibleCheckpointError, checkpoints.WorkdirError,
-               checkpoints.CheckpointSaveError)
+               checkpoints.CheckpointSaveError, checkpoints.CheckpointRestoreError)
 
 
 def error_kind(error: BaseException) -> str:
@@ -147,6 +148,7 @@ def train_and_evaluate(config: RunConfig | ml_collections.ConfigDict, workdir: s
     partitioning.maybe_initialize_distributed()
     run, tasks = prepare(config)
     workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
+    restore.check_own_config(run, workdir)  # another optimizer over its own checkpoints: before any file
     for directory in (workdir, os.path.join(workdir, "checkpoints")):  # before any step: WorkdirError
         checkpoints.check_writable(directory)
     process = jax.process_index()
