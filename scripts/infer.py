@@ -35,24 +35,30 @@ def parse_args(argv):
     parser.add_argument("--input", default="-", help="text file; '-' = stdin")
     parser.add_argument("--output", default="-", help="'-' = stdout")
     parser.add_argument("--decoding", choices=("greedy", "beam", "sample"), default="greedy")
-    parser.add_argument("--beam_size", type=int, default=4)
+    parser.add_argument("--beam_size", type=cli.positive_int, default=4)
     parser.add_argument("--alpha", type=float, default=0.6, help="beam length penalty ((5 + len) / 6) ** alpha")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens; 0 = all")
+    parser.add_argument("--temperature", type=cli.positive_float, default=1.0)
+    parser.add_argument("--top_k", type=cli.non_negative_int, default=0,
+                        help="sample from the k most likely tokens; 0 = all")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_decode_length", type=int, default=None, help="default: the run's targets_length")
+    parser.add_argument("--max_decode_length", type=cli.positive_int, default=None,
+                        help="default: the run's targets_length")
     parser.add_argument("--stats_json", default=None, help="write the per-layer routing stats here")
     return parser.parse_args(argv)
 
 
 def read_lines(path: str, what: str) -> list[str]:
-    if path == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        if not os.path.isfile(path):
-            raise cli.UsageError(f"input file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+    try:
+        if path == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            if not os.path.isfile(path):
+                raise cli.UsageError(f"input file {path} does not exist")
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise cli.UsageError(f"input {'(stdin)' if path == '-' else path} is not UTF-8 text: byte "
+                             f"{e.object[e.start:e.start + 1]!r} at offset {e.start}") from None
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise cli.UsageError(f"input {'(stdin)' if path == '-' else path} is empty: nothing to {what}")

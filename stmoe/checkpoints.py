@@ -245,7 +245,7 @@ class Checkpointer:
         from partitioning); restored arrays are placed directly in those shardings.
 
         With `step=None` the newest step is tried first, then older ones, each
-        failure logged as a warning; with an explicit `step` only that one.
+        failure logged as a warning once one restores; with an explicit `step` only that one.
         Raises FileNotFoundError if there is no checkpoint at all, and
         CheckpointRestoreError if none of the candidates restores.
         """
@@ -276,12 +276,12 @@ class Checkpointer:
                 if restored[_DATA] is None:  # the step's data/ directory is gone
                     raise FileNotFoundError(f"no '{_DATA}' item (the data iterator position) in step {candidate}")
             except Exception as e:  # noqa: BLE001 - any failure means "try an older step".
-                message = (f"Checkpointer: could not restore step {candidate} from {self.directory}: "
-                           f"{_short(e, limit=400)}")
-                errors.append(message)
+                errors.append(f"Checkpointer: could not restore step {candidate} from {self.directory}: "
+                              f"{_short(e, limit=400)}; used an older step")
                 self.skipped.append((candidate, _damage(e)))
-                _warn(message + ("; trying an older step" if candidate != candidates[-1] else ""))
                 continue
+            for message in errors:  # only now: when no step restores, the error below says it all in one line
+                _warn(message)
             return restored[_STATE], dict(restored[_DATA]), candidate
         if all(reason.startswith(STRUCTURE_DIFFERS) for _, reason in self.skipped):
             raise IncompatibleCheckpointError(
@@ -437,6 +437,22 @@ def preemption_requested() -> bool:
 
 
 # ------------------------------------------------------------------ params only (fine-tuning, inference)
+
+
+def state_dirs(path: str) -> list[str]:
+    """Every saved train state `path` may mean, newest first: its one state dir when `path` is a
+    step (or state) dir, else each step of a run's workdir or checkpoints dir. Raises
+    FileNotFoundError as `state_dir`."""
+    newest = state_dir(path)
+    step_dir = os.path.dirname(newest)
+    explicit = os.path.abspath(path) in (newest, step_dir) if "://" not in path else path.rstrip("/") in (
+        newest, step_dir)
+    if explicit or not os.path.basename(step_dir).isdigit():
+        return [newest]
+    parent = os.path.dirname(step_dir)
+    steps = sorted((int(n) for n in os.listdir(parent)
+                    if n.isdigit() and os.path.isdir(os.path.join(parent, n, _STATE))), reverse=True)
+    return [os.path.join(parent, str(step), _STATE) for step in steps]
 
 
 def state_dir(path: str) -> str:
@@ -604,12 +620,25 @@ def _in_saved_layout(abstract_params: Any, change: tuple[str, int]) -> Any:
         for name, leaf in zip(names, leaves)])
 
 
+class DamagedCheckpointError(CheckpointRestoreError):
+    """One step's saved params cannot be read (truncated or missing files)."""
+
+
+def _saved_param_shapes_or_damage(directory: str) -> dict[str, tuple[int, ...]]:
+    try:
+        return saved_param_shapes(directory)
+    except Exception as e:  # noqa: BLE001 - unreadable metadata: the step is damaged
+        raise DamagedCheckpointError(_damage(e) if not isinstance(e, TypeError) else
+                                     "its metadata does not read (a truncated or missing file)") from e
+
+
 def _plan(path: str, abstract_params: Any, model_config: Mapping[str, Any] | None,
           convert_layout: bool) -> tuple[str, tuple[str, int] | None]:
-    """(state dir, layout change or None) for restoring `path` into `abstract_params`; raises
-    FileNotFoundError / IncompatibleCheckpointError (one line listing what differs)."""
+    """(state dir, layout change or None) for restoring the state dir `path` into `abstract_params`;
+    raises FileNotFoundError / IncompatibleCheckpointError (one line listing what differs) /
+    DamagedCheckpointError."""
     directory = state_dir(path)
-    saved = saved_param_shapes(directory)
+    saved = _saved_param_shapes_or_damage(directory)
     expected = _flat_shapes(abstract_params)
     change = _layout_change(expected, saved)
     note = ""
@@ -645,14 +674,56 @@ def check_compatible(path: str, abstract_params: Any, *, model_config: Mapping[s
     checkpoint's run config.json, if it has one, and the parameters whose shape differs or that only one
     side has.
     """
-    return _plan(path, abstract_params, model_config, convert_layout)[0]
+    return _newest_readable(path, lambda d: _plan(d, abstract_params, model_config, convert_layout)[0],
+                            warn=False)[0]
+
+
+def _newest_readable(path: str, read: Callable[[str], Any], warn: bool = True) -> tuple[Any, list[tuple[int, str]]]:
+    """read(state dir) of the newest step of `path` that reads (a step dir: only it), and the
+    (step, reason) of the newer ones skipped as damaged, each (with `warn`) said in one line. A
+    checkpoint of another model (IncompatibleCheckpointError) is not damage: raised at once.
+    Raises CheckpointRestoreError in one line when no step reads."""
+    candidates, skipped = state_dirs(path), []
+    for directory in candidates:
+        try:
+            result = read(directory)
+        except (IncompatibleCheckpointError, FileNotFoundError):
+            raise
+        except Exception as e:  # noqa: BLE001 - truncated / missing files: try the next older step
+            reason = str(e) if isinstance(e, DamagedCheckpointError) else _damage(e)
+            step = os.path.basename(os.path.dirname(directory))
+            skipped.append((int(step) if step.isdigit() else -1, reason))
+            if warn and directory != candidates[-1]:
+                print(f"WARNING: checkpoint step {step} in {os.path.dirname(os.path.dirname(directory))} is "
+                      f"damaged ({reason}); using the next older step", file=sys.stderr, flush=True)
+            continue
+        return result, skipped
+    where = os.path.dirname(os.path.dirname(candidates[0]))
+    raise CheckpointRestoreError(
+        f"no checkpoint step in {where} could be read: "
+        + "; ".join(f"step {s}: {reason}" for s, reason in skipped)
+        + "; point at another checkpoint, or put back an intact copy")
 
 
 def restore_params(path: str, abstract_params: Any, *, model_config: Mapping[str, Any] | None = None) -> Any:
     """Only the params of the checkpoint at `path`, placed in `abstract_params`' shardings (a pytree of
     jax.ShapeDtypeStruct with .sharding); nothing else of the saved state is read. Checked first
     (`check_compatible`). A checkpoint in the other layer layout (scanned vs unscanned) is read in its
-    own layout, sharded alike, and converted on the devices (stmoe.models.scan_params / unscan_params)."""
+    own layout, sharded alike, and converted on the devices (stmoe.models.scan_params / unscan_params).
+    A run's newest step that is damaged is skipped for the next older one (one warning line)."""
+    return newest_params(path, abstract_params, model_config=model_config)[0]
+
+
+def newest_params(path: str, abstract_params: Any, *, model_config: Mapping[str, Any] | None = None
+                  ) -> tuple[Any, str, list[tuple[int, str]]]:
+    """`restore_params`, and the state dir the params came from, and the (step, reason) of the newer
+    steps skipped as damaged."""
+    (params, directory), skipped = _newest_readable(
+        path, lambda d: (_restore_params_from(d, abstract_params, model_config), d))
+    return params, directory, skipped
+
+
+def _restore_params_from(path: str, abstract_params: Any, model_config: Mapping[str, Any] | None) -> Any:
     directory, change = _plan(path, abstract_params, model_config, convert_layout=True)
     target = _in_saved_layout(abstract_params, change) if change is not None else abstract_params
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,

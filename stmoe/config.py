@@ -66,6 +66,7 @@ MOVED_FIELDS = {
 
 def upgrade_run_config(values: Mapping[str, Any]) -> dict[str, Any]:
     """A run config as nested dicts (e.g. an older run's config.json) with MOVED_FIELDS in their new places."""
+    check(isinstance(values, Mapping), "config", f"must be a mapping of fields, got {type(values).__name__}")
     out = copy.deepcopy(dict(values))
     for old, new in MOVED_FIELDS.items():
         *parents, leaf = old.split(".")
