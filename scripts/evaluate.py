@@ -24,7 +24,7 @@ PROGRAM = "evaluate.py"
 
 
 def parse_args(argv):
-    parser = cli.checkpoint_task_parser(__doc__, "seqio task / mixture family (stmoe.data.tasks)")
+    parser = cli.checkpoint_task_parser(__doc__, "seqio task / mixture family (stmoe.data.tasks)", prog=PROGRAM)
     parser.add_argument("--num_examples", type=int, default=None, help="per task; default: the whole split")
     parser.add_argument("--decoding", choices=("greedy", "beam"), default="greedy")
     parser.add_argument("--beam_size", type=cli.positive_int, default=4)

@@ -29,7 +29,7 @@ PROGRAM = "infer.py"
 
 
 def parse_args(argv):
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog=PROGRAM, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_checkpoint_args(parser)
     parser.add_argument("--mode", choices=("predict", "score"), default="predict")
     parser.add_argument("--input", default="-", help="text file; '-' = stdin")

@@ -389,10 +389,12 @@ def add_checkpoint_args(parser) -> None:
     parser.add_argument("--batch_size", type=positive_int, default=32, help="rows per decoding batch")
 
 
-def checkpoint_task_parser(doc: str, task_help: str, parser_class: type | None = None) -> argparse.ArgumentParser:
+def checkpoint_task_parser(doc: str, task_help: str, parser_class: type | None = None,
+                           prog: str | None = None) -> argparse.ArgumentParser:
     """The parser of a script that reads a trained checkpoint and a seqio task: add_checkpoint_args,
-    --task and --split (default 'validation')."""
-    parser = (parser_class or ArgumentParser)(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    --task and --split (default 'validation'). `prog`: the script's name in messages (default argv[0])."""
+    parser = (parser_class or ArgumentParser)(prog=prog, description=doc,
+                                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(parser)
     parser.add_argument("--task", default=None, help=task_help)
     parser.add_argument("--split", default="validation")

@@ -413,7 +413,8 @@ def _infer_config(mapped: Mapping[str, np.ndarray], o: Options) -> ModelConfig:
             raise ConversionError(
                 "this checkpoint looks like a Switch Transformer (tied logits, no extra MLP, ungated experts), "
                 "which routes each token to 1 expert, but a checkpoint does not store it: pass "
-                "--num_selected_experts 1 for Switch (Options.num_selected_experts), or its NUM_SELECTED_EXPERTS gin value")
+                "--num_selected_experts 1 for Switch (Options.num_selected_experts), or its "
+                "NUM_SELECTED_EXPERTS gin value")
         top_k = 2
     rel = _need(mapped, "encoder/relative_position_bias/rel_embedding")
     placement = _placement(sparse, len(layers["encoder"]), len(layers["decoder"])) if any_sparse \
