@@ -259,7 +259,7 @@ def test_damaged_newest_step_falls_back_for_inference_and_finetuning(reference, 
     assert _script("infer").main(["--checkpoint", workdir, "--input", str(tmp_path / "in.txt"),
                                   "--max_decode_length", "4"]) == 0
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
-    assert err[0].startswith(f"WARNING: checkpoint step 6 in {workdir}/checkpoints is damaged (file ") and \
+    assert err[0].startswith(f"WARNING: checkpoint step 6 in {workdir}/checkpoints is damaged (") and \
         err[0].endswith("using the next older step"), err
     assert len(err) == 2 and err[1].startswith("infer.py: 1 rows;"), err  # and the usual routing line
 
@@ -285,6 +285,25 @@ def test_damaged_newest_step_falls_back_for_inference_and_finetuning(reference, 
     params = checkpoints.restore_params(workdir, partitioning.with_shardings(abstract, shardings))
     assert "WARNING: checkpoint step 6" in capfd.readouterr().err
     _leaves_equal(jax.device_get(params), jax.device_get(step4.params))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "string_for_an_int"])
+def test_unreadable_config_json_is_one_line(reference, tmp_path, capfd, damage):
+    workdir = _copy(reference[0], tmp_path / "run")
+    path = os.path.join(workdir, "config.json")
+    text = open(path).read()
+    if damage == "truncated":
+        text = text[:len(text) // 2]
+    else:
+        text = text.replace('"d_model": 32', '"d_model": "32"', 1)
+    with open(path, "w") as f:
+        f.write(text)
+    (tmp_path / "in.txt").write_text("question: what?\n")
+    capfd.readouterr()
+    assert _script("infer").main(["--checkpoint", workdir, "--input", str(tmp_path / "in.txt")]) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"infer.py: input error: {path}"), err
+    assert ("is not valid JSON" if damage == "truncated" else "model.d_model: must be an int, got '32'") in err[0]
 
 
 # ------------------------------------------------------------------ 3. SIGKILL during an async save
