@@ -687,16 +687,17 @@ def _newest_readable(path: str, read: Callable[[str], Any], warn: bool = True) -
     for directory in candidates:
         try:
             result = read(directory)
-        except (IncompatibleCheckpointError, FileNotFoundError):
+        except IncompatibleCheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - truncated / missing files: try the next older step
             reason = str(e) if isinstance(e, DamagedCheckpointError) else _damage(e)
             step = os.path.basename(os.path.dirname(directory))
             skipped.append((int(step) if step.isdigit() else -1, reason))
-            if warn and directory != candidates[-1]:
-                print(f"WARNING: checkpoint step {step} in {os.path.dirname(os.path.dirname(directory))} is "
-                      f"damaged ({reason}); using the next older step", file=sys.stderr, flush=True)
             continue
+        used = os.path.basename(os.path.dirname(directory))
+        for step, reason in skipped if warn else ():  # only now: when none reads, the error below is the one line
+            print(f"WARNING: checkpoint step {step} in {os.path.dirname(os.path.dirname(directory))} is "
+                  f"damaged ({reason}); using step {used}", file=sys.stderr, flush=True)
         return result, skipped
     where = os.path.dirname(os.path.dirname(candidates[0]))
     raise CheckpointRestoreError(

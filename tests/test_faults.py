@@ -260,7 +260,7 @@ def test_damaged_newest_step_falls_back_for_inference_and_finetuning(reference, 
                                   "--max_decode_length", "4"]) == 0
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     assert err[0].startswith(f"WARNING: checkpoint step 6 in {workdir}/checkpoints is damaged (") and \
-        err[0].endswith("using the next older step"), err
+        err[0].endswith("; using step 4"), err
     assert len(err) == 2 and err[1].startswith("infer.py: 1 rows;"), err  # and the usual routing line
 
     loaded = inference.load(workdir)
@@ -285,6 +285,13 @@ def test_damaged_newest_step_falls_back_for_inference_and_finetuning(reference, 
     params = checkpoints.restore_params(workdir, partitioning.with_shardings(abstract, shardings))
     assert "WARNING: checkpoint step 6" in capfd.readouterr().err
     _leaves_equal(jax.device_get(params), jax.device_get(step4.params))
+
+    for step in (2, 4):  # none left: one line, no warning per step before it
+        _truncate_step(workdir, step)
+    assert _script("infer").main(["--checkpoint", workdir, "--input", str(tmp_path / "in.txt")]) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"infer.py: input error: no checkpoint step in {workdir}/checkpoints "
+                                               "could be read: step 6: "), err
 
 
 @pytest.mark.parametrize("damage", ["truncated", "string_for_an_int"])
