@@ -141,7 +141,7 @@ BAD_INPUTS = [
 ]
 
 SUBPROCESS_CASES = {"vocab_larger_than_embedding", "mesh_not_device_count", "unknown_flag", "missing_output_folder",
-                    "non_positive_batch", "missing_vocab_input"}
+                    "non_positive_batch", "missing_vocab_input", "trace_out_is_a_file"}
 # main(argv) of train.py and finetune.py takes the program name first (absl); the argparse scripts do not.
 ABSL_SCRIPTS = ("train.py", "finetune.py")
 
