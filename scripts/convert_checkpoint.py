@@ -18,7 +18,9 @@ reproduces). What the checkpoint does not store (gin values) comes from the flag
 ST-MoE-Base gins. The script prints what it mapped (counts per kind) and the routing fields it set.
 
 A directory that is not a checkpoint, an unknown parameter name, a shape that disagrees with the
-config, an existing non-empty OUT or a bad flag: one line on stderr and exit status 2.
+config, an existing non-empty OUT, a bad flag, or a t5x checkpoint that looks like Switch (tied
+logits, no extra MLP, ungated experts: top-1) without --num_selected_experts: one line on stderr
+and exit status 2.
 """
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ Decodes the held-out split of --task (a task or mixture; default: the run's infe
 data.task) and computes each task's own metrics, at the eval capacity factor (the checkpoint's, or
 --eval_capacity_factor). Writes TensorBoard scalars and <task>-metrics.jsonl per task (seqio
 loggers) and metrics.json (all tasks, the step, the capacity factor, the routing) to --output_dir
-(default: <run>/evaluate), and prints a table. A missing or incompatible checkpoint or an unknown
-task: one line on stderr and exit status 2.
+(default: <run>/evaluate), and prints a table. A missing or incompatible checkpoint, an unknown
+task, --beam_size 0 or an --output_dir that cannot be a folder (checked before decoding): one line
+on stderr and exit status 2.
 """
 from __future__ import annotations
 

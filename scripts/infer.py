@@ -11,8 +11,10 @@ Either way stderr gets one line on routing at the eval capacity factor: the shar
 MoE layers dropped in a teacher-forced pass over (input, output) (--stats_json writes it per layer).
 --eval_capacity_factor replaces the checkpoint's value at load time.
 
-A missing or incompatible checkpoint, an empty input or a malformed score line: one line on
-stderr and exit status 2.
+A missing, incompatible or wholly damaged checkpoint (a damaged newest step is skipped for the
+next older one, in one warning line), a config.json that does not read, an empty or non-UTF-8
+input, a malformed score line or a bad decoding flag (--beam_size 0, --temperature 0, --top_k -5,
+--max_decode_length 0; checked before the model loads): one line on stderr and exit status 2.
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ Writes to --out (default: <run workdir>/trace):
   domain_routing.png  per layer, share of each domain's tokens per expert (offline corpus only)
   expert_pairs.png    per layer, (first, second) choice co-occurrence (top-2 only)
 
-A missing or incompatible checkpoint, an unknown task or split, or a bad number: one line on
-stderr and exit status 2 (before anything is compiled).
+A missing or incompatible checkpoint, an unknown task or split, a bad number or an --out that
+cannot be a folder: one line on stderr and exit status 2 (before anything is compiled).
 """
 from __future__ import annotations
 
