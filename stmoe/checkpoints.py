@@ -97,7 +97,10 @@ def _delete_unfinished_saves(directory: str) -> None:
         for child in path.iterdir():
             step = child.name.split(_TMP_SUFFIX)[0]
             if _TMP_SUFFIX in child.name and step.isdigit():
-                child.rmtree() if child.is_dir() else child.unlink()
+                try:
+                    child.rmtree() if child.is_dir() else child.unlink()
+                except OSError:  # e.g. another run's read-only directory (resume_from): never a step anyway
+                    pass
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("stmoe_delete_unfinished_saves")
