@@ -18,7 +18,9 @@ reproduces). What the checkpoint does not store (gin values) comes from the flag
 ST-MoE-Base gins. The script prints what it mapped (counts per kind) and the routing fields it set.
 
 A directory that is not a checkpoint, an unknown parameter name, a shape that disagrees with the
-config, an existing non-empty OUT or a bad flag: one line on stderr and exit status 2.
+config, an existing non-empty OUT, a bad flag, or a t5x checkpoint that looks like Switch (tied
+logits, no extra MLP, ungated experts: top-1) without --num_selected_experts: one line on stderr
+and exit status 2.
 """
 from __future__ import annotations
 
@@ -81,7 +83,9 @@ def parse_args(argv):
                         help="configs/finetune.py preset for the stmoe run config (task, vocabulary, batch, LR)")
     t5x = parser.add_argument_group("t5x gin values the checkpoint does not store (defaults: ST-MoE-Base)")
     t5x.add_argument("--num_heads", type=int, default=None, help="NUM_HEADS (needed for [d, heads*d_kv] kernels)")
-    t5x.add_argument("--num_selected_experts", type=int, default=2, help="NUM_SELECTED_EXPERTS (Switch: 1)")
+    t5x.add_argument("--num_selected_experts", type=int, default=None,
+                     help="NUM_SELECTED_EXPERTS (Switch: 1); default 2, but a checkpoint that looks like Switch "
+                          "(tied logits, no extra MLP, ungated experts) is refused without it")
     t5x.add_argument("--train_capacity_factor", type=float, default=1.25, help="TRAIN_EXPERT_CAPACITY_FACTOR")
     t5x.add_argument("--eval_capacity_factor", type=float, default=2.0, help="EVAL_EXPERT_CAPACITY_FACTOR")
     t5x.add_argument("--min_expert_capacity", type=int, default=4, help="MoeLayer.min_expert_capacity")
@@ -113,7 +117,7 @@ def _validate(args) -> None:
         raise cli.UsageError(f"--to {out}: exists and is not empty; nothing was written")
     for name in ("num_selected_experts", "min_expert_capacity", "group_size", "num_expert_replicas",
                  "relative_attention_max_distance"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise cli.UsageError(f"--{name}: must be >= 1, got {getattr(args, name)}")
     if args.num_heads is not None and args.num_heads < 1:
         raise cli.UsageError(f"--num_heads: must be >= 1, got {args.num_heads}")

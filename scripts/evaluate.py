@@ -8,8 +8,9 @@ Decodes the held-out split of --task (a task or mixture; default: the run's infe
 data.task) and computes each task's own metrics, at the eval capacity factor (the checkpoint's, or
 --eval_capacity_factor). Writes TensorBoard scalars and <task>-metrics.jsonl per task (seqio
 loggers) and metrics.json (all tasks, the step, the capacity factor, the routing) to --output_dir
-(default: <run>/evaluate), and prints a table. A missing or incompatible checkpoint or an unknown
-task: one line on stderr and exit status 2.
+(default: <run>/evaluate), and prints a table. A missing or incompatible checkpoint, an unknown
+task, --beam_size 0 or an --output_dir that cannot be a folder (checked before decoding): one line
+on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ PROGRAM = "evaluate.py"
 
 
 def parse_args(argv):
-    parser = cli.checkpoint_task_parser(__doc__, "seqio task / mixture family (stmoe.data.tasks)")
+    parser = cli.checkpoint_task_parser(__doc__, "seqio task / mixture family (stmoe.data.tasks)", prog=PROGRAM)
     parser.add_argument("--num_examples", type=int, default=None, help="per task; default: the whole split")
     parser.add_argument("--decoding", choices=("greedy", "beam"), default="greedy")
-    parser.add_argument("--beam_size", type=int, default=4)
+    parser.add_argument("--beam_size", type=cli.positive_int, default=4)
     parser.add_argument("--output_dir", default=None, help="default: <run workdir>/evaluate")
     return parser.parse_args(argv)
 
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         cli.check_checkpoint_exists(args.checkpoint)
         if args.num_examples is not None and args.num_examples < 1:
             raise cli.UsageError(f"--num_examples must be >= 1, got {args.num_examples}")
+        if args.output_dir:
+            cli.check_output_dir("--output_dir", args.output_dir)
     except cli.UsageError as e:
         return cli.fail(PROGRAM, "input", e)
     cli.import_tensorflow_quietly()
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             raise cli.UsageError(f"--task: {e.args[0]}") from None
         run_dir = os.path.dirname(os.path.dirname(os.path.dirname(loaded.checkpoint)))
         output_dir = args.output_dir or os.path.join(run_dir, "evaluate")
+        cli.check_output_dir("--output_dir", output_dir)  # before decoding anything
         evaluator = evaluation.Evaluation(
             task, split=args.split, lengths={"inputs": loaded.inputs_length, "targets": loaded.targets_length},
             num_examples=args.num_examples, log_dir=output_dir, batch_size=args.batch_size,

@@ -11,8 +11,10 @@ Either way stderr gets one line on routing at the eval capacity factor: the shar
 MoE layers dropped in a teacher-forced pass over (input, output) (--stats_json writes it per layer).
 --eval_capacity_factor replaces the checkpoint's value at load time.
 
-A missing or incompatible checkpoint, an empty input or a malformed score line: one line on
-stderr and exit status 2.
+A missing, incompatible or wholly damaged checkpoint (a damaged newest step is skipped for the
+next older one, in one warning line), a config.json that does not read, an empty or non-UTF-8
+input, a malformed score line or a bad decoding flag (--beam_size 0, --temperature 0, --top_k -5,
+--max_decode_length 0; checked before the model loads): one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -29,30 +31,36 @@ PROGRAM = "infer.py"
 
 
 def parse_args(argv):
-    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog=PROGRAM, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_checkpoint_args(parser)
     parser.add_argument("--mode", choices=("predict", "score"), default="predict")
     parser.add_argument("--input", default="-", help="text file; '-' = stdin")
     parser.add_argument("--output", default="-", help="'-' = stdout")
     parser.add_argument("--decoding", choices=("greedy", "beam", "sample"), default="greedy")
-    parser.add_argument("--beam_size", type=int, default=4)
+    parser.add_argument("--beam_size", type=cli.positive_int, default=4)
     parser.add_argument("--alpha", type=float, default=0.6, help="beam length penalty ((5 + len) / 6) ** alpha")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens; 0 = all")
+    parser.add_argument("--temperature", type=cli.positive_float, default=1.0)
+    parser.add_argument("--top_k", type=cli.non_negative_int, default=0,
+                        help="sample from the k most likely tokens; 0 = all")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_decode_length", type=int, default=None, help="default: the run's targets_length")
+    parser.add_argument("--max_decode_length", type=cli.positive_int, default=None,
+                        help="default: the run's targets_length")
     parser.add_argument("--stats_json", default=None, help="write the per-layer routing stats here")
     return parser.parse_args(argv)
 
 
 def read_lines(path: str, what: str) -> list[str]:
-    if path == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        if not os.path.isfile(path):
-            raise cli.UsageError(f"input file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+    try:
+        if path == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            if not os.path.isfile(path):
+                raise cli.UsageError(f"input file {path} does not exist")
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise cli.UsageError(f"input {'(stdin)' if path == '-' else path} is not UTF-8 text: byte "
+                             f"{e.object[e.start:e.start + 1]!r} at offset {e.start}") from None
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise cli.UsageError(f"input {'(stdin)' if path == '-' else path} is empty: nothing to {what}")

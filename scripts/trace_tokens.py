@@ -16,8 +16,8 @@ Writes to --out (default: <run workdir>/trace):
   domain_routing.png  per layer, share of each domain's tokens per expert (offline corpus only)
   expert_pairs.png    per layer, (first, second) choice co-occurrence (top-2 only)
 
-A missing or incompatible checkpoint, an unknown task or split, or a bad number: one line on
-stderr and exit status 2 (before anything is compiled).
+A missing or incompatible checkpoint, an unknown task or split, a bad number or an --out that
+cannot be a folder: one line on stderr and exit status 2 (before anything is compiled).
 """
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("num_batches", "batch_size"):
             if getattr(args, name) < 1:
                 raise cli.UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if args.out:
+            cli.check_output_dir("--out", args.out)
         loaded = cli.load_model(args)
         try:
             task = tracing.resolve_task(loaded, args.task)
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         splits = seqio.get_mixture_or_task(task).splits
         if args.split not in splits:
             raise cli.UsageError(f"--split {args.split!r}: task {task} has splits {sorted(splits)}")
+        run_dir = os.path.dirname(os.path.dirname(os.path.dirname(loaded.checkpoint)))
+        out = args.out or os.path.join(run_dir, "trace")
+        cli.check_output_dir("--out", out)  # before anything is traced
     except cli.UsageError as e:
         return cli.fail(PROGRAM, "input", e)
 
@@ -73,10 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         domains = corpus.DOMAINS
     result = tracing.trace(loaded, inputs, targets, domain_rows=domain_rows, domain_names=domains,
                            batch_size=args.batch_size)
-    run_dir = os.path.dirname(os.path.dirname(os.path.dirname(loaded.checkpoint)))
     result["meta"] = {"checkpoint": loaded.checkpoint, "step": cli.step_of(loaded.checkpoint), "task": task,
                       "split": args.split}
-    paths = tracing.write_outputs(result, args.out or os.path.join(run_dir, "trace"))
+    paths = tracing.write_outputs(result, out)
 
     ln_e = result["ln_num_experts"]
     print(f"{'layer':<24} {'H all':>7} {'H sentinel':>10}   (nats; ln E = {ln_e:.3f})")

@@ -10,7 +10,8 @@ A checkpoint step holds two items:
 Orbax writes each step into a temporary directory (`<step>.orbax-checkpoint-tmp`)
 and renames it when all files are down, so a save that was cut off (SIGKILL,
 a crash, a lost VM) never shows up as a step; `Checkpointer.unfinished_steps`
-lists such leftovers (orbax deletes them when the directory is opened). What the rename cannot rule
+lists such leftovers, which opening the directory deletes (before the constructor returns: orbax's
+own clean-up runs in a background thread that nothing waits for). What the rename cannot rule
 out is a finished step that was damaged later (a truncated file, a missing
 directory, a partial copy between buckets): `Checkpointer.restore` then warns,
 naming the step and the error, falls back to the next older step, and lists
@@ -34,6 +35,7 @@ device count, other axis sizes) with each process reading only its shards.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -93,9 +95,34 @@ def _unfinished_saves(directory: str) -> list[int]:
     return sorted(int(step) for step in steps if step.isdigit())
 
 
+def _delete_unfinished_saves(directory: str) -> None:
+    """Deletes the '<step>.orbax-checkpoint-tmp' leftovers of saves that were cut off (process 0
+    deletes, every process waits for it), so that no reader ever sees them."""
+    from etils import epath
+    path = epath.Path(directory)
+    if jax.process_index() == 0 and path.is_dir():
+        for child in path.iterdir():
+            step = child.name.split(_TMP_SUFFIX)[0]
+            if _TMP_SUFFIX in child.name and step.isdigit():
+                try:
+                    child.rmtree() if child.is_dir() else child.unlink()
+                except OSError:  # e.g. another run's read-only directory (resume_from): never a step anyway
+                    pass
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("stmoe_delete_unfinished_saves")
+
+
+# Why a step did not restore when it is whole but holds another train state than the config builds.
+STRUCTURE_DIFFERS = "its train state is structured differently from the config's"
+
+
 def _damage(error: BaseException) -> str:
     """Why a step could not be read, in a few words where the error is a known kind of damage."""
     text = " ".join(str(error).split())
+    other_tree = re.search(r"tree structures do not match: ([^:\s]+):", text)
+    if other_tree:
+        return f"{STRUCTURE_DIFFERS} at {other_tree.group(1)}"
     missing = re.search(r'Item "(\w+)" was not found in the checkpoint', text)
     if missing:
         return f"its {missing.group(1)}/ directory is missing"
@@ -253,17 +280,23 @@ class Checkpointer:
         if save_interval_steps < 1:
             raise ValueError(f"Checkpointer.save_interval_steps={save_interval_steps}; must be >= 1")
         self.directory, self.max_to_keep = str(directory), max_to_keep
-        self._unfinished = _unfinished_saves(self.directory)  # before orbax starts deleting them
+        self._unfinished = _unfinished_saves(self.directory)
+        _delete_unfinished_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
             enable_async_checkpointing=async_save,
             create=True,
-            # Leftover tmp dirs of saves cut off by a preemption are garbage.
-            cleanup_tmp_directories=True,
+            # Deleted above, synchronously: orbax's clean-up is a background thread that only its
+            # next save waits for, so a reader could still see the leftovers after a restore.
+            cleanup_tmp_directories=False,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(_STATE, _DATA))
+        # A failing save makes orbax log a traceback from each of its threads (hundreds of lines on a
+        # full disk); the failure reaches the caller once, as CheckpointSaveError.
+        self._quiet = _QuietOrbaxErrors()
+        logging.getLogger("absl").addFilter(self._quiet)
         self._pending: int | None = None  # the step of a save that may still be in flight
         self._failed = False  # a CheckpointSaveError was raised (close does not raise it twice)
         # (step, reason) of every step the last `restore` could not read, newest first.
@@ -304,11 +337,17 @@ class Checkpointer:
         kept = (f"the newest complete checkpoint, step {complete[-1]}, is intact" if complete
                 else "no earlier checkpoint exists")
         what = "a checkpoint" if step is None else f"checkpoint step {step}"
+        text = " ".join(str(error).split())
+        if getattr(error, "errno", None) == errno.ENOSPC or "os_error_code='28'" in text:
+            # tensorstore reports a full disk as RESOURCE_EXHAUSTED (a ValueError) with os_error_code 28
+            return CheckpointSaveError(
+                f"could not save {what} to {self.directory}: {type(error).__name__}: {os.strerror(errno.ENOSPC)} "
+                f"({kept}); free some space (or point --workdir elsewhere) and rerun to resume")
         return CheckpointSaveError(f"could not save {what} to {self.directory}: {_short(error)} ({kept})")
 
     def unfinished_steps(self) -> list[int]:
         """Steps whose save had been cut off before it completed (SIGKILL, a crash) when this
-        Checkpointer was opened; orbax deletes their temporary directories in the background."""
+        Checkpointer was opened; their temporary directories are gone once it is open."""
         return list(self._unfinished)
 
     def latest_step(self) -> int | None:
@@ -326,7 +365,7 @@ class Checkpointer:
         from partitioning); restored arrays are placed directly in those shardings.
 
         With `step=None` the newest step is tried first, then older ones, each
-        failure logged as a warning; with an explicit `step` only that one.
+        failure logged as a warning once one restores; with an explicit `step` only that one.
         Raises FileNotFoundError if there is no checkpoint at all, and
         CheckpointRestoreError if none of the candidates restores.
         """
@@ -357,16 +396,20 @@ class Checkpointer:
                 if restored[_DATA] is None:  # the step's data/ directory is gone
                     raise FileNotFoundError(f"no '{_DATA}' item (the data iterator position) in step {candidate}")
             except Exception as e:  # noqa: BLE001 - any failure means "try an older step".
-                message = (f"Checkpointer: could not restore step {candidate} from {self.directory}: "
-                           f"{_short(e, limit=400)}")
-                errors.append(message)
+                errors.append(f"Checkpointer: could not restore step {candidate} from {self.directory}: "
+                              f"{_short(e, limit=400)}; used an older step")
                 self.skipped.append((candidate, _damage(e)))
-                _warn(message + ("; trying an older step" if candidate != candidates[-1] else ""))
                 continue
+            for message in errors:  # only now: when no step restores, the error below says it all in one line
+                _warn(message)
             return restored[_STATE], dict(restored[_DATA]), candidate
+        if all(reason.startswith(STRUCTURE_DIFFERS) for _, reason in self.skipped):
+            raise IncompatibleCheckpointError(
+                f"the checkpoints in {self.directory} hold another train state than this config builds "
+                f"({self.skipped[0][1]}: the optimizer or its settings, optim.*, differ)")
         raise CheckpointRestoreError(
-            f"Checkpointer.restore: no step in {self.directory} could be restored:\n  "
-            + "\n  ".join(errors))
+            f"no checkpoint step in {self.directory} could be restored: "
+            + "; ".join(f"step {s}: {reason}" for s, reason in self.skipped))
 
     def wait(self) -> None:
         """Blocks until any asynchronous save has finished (and is finalized); raises
@@ -388,16 +431,34 @@ class Checkpointer:
                 self._manager.close()
             except Exception:  # noqa: BLE001 - the same failure again
                 pass
+            finally:
+                logging.getLogger("absl").removeFilter(self._quiet)
             if not failed_before:
                 raise
             return
         self._manager.close()
+        logging.getLogger("absl").removeFilter(self._quiet)
 
     def __enter__(self) -> "Checkpointer":
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Drops orbax's ERROR records (a failed save logs one traceback per thread); keeps the last few in
+    `dropped` for debugging. Every such failure reaches the caller as an exception of this module."""
+
+    def __init__(self, keep: int = 8):
+        super().__init__()
+        self.keep, self.dropped = keep, []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+            self.dropped = (self.dropped + [record.getMessage()])[-self.keep:]
+            return False
+        return True
 
 
 def _warn(message: str) -> None:
@@ -496,6 +557,22 @@ def preemption_requested() -> bool:
 
 
 # ------------------------------------------------------------------ params only (fine-tuning, inference)
+
+
+def state_dirs(path: str) -> list[str]:
+    """Every saved train state `path` may mean, newest first: its one state dir when `path` is a
+    step (or state) dir, else each step of a run's workdir or checkpoints dir. Raises
+    FileNotFoundError as `state_dir`."""
+    newest = state_dir(path)
+    step_dir = os.path.dirname(newest)
+    explicit = os.path.abspath(path) in (newest, step_dir) if "://" not in path else path.rstrip("/") in (
+        newest, step_dir)
+    if explicit or not os.path.basename(step_dir).isdigit():
+        return [newest]
+    parent = os.path.dirname(step_dir)
+    steps = sorted((int(n) for n in os.listdir(parent)
+                    if n.isdigit() and os.path.isdir(os.path.join(parent, n, _STATE))), reverse=True)
+    return [os.path.join(parent, str(step), _STATE) for step in steps]
 
 
 def state_dir(path: str) -> str:
@@ -663,12 +740,25 @@ def _in_saved_layout(abstract_params: Any, change: tuple[str, int]) -> Any:
         for name, leaf in zip(names, leaves)])
 
 
+class DamagedCheckpointError(CheckpointRestoreError):
+    """One step's saved params cannot be read (truncated or missing files)."""
+
+
+def _saved_param_shapes_or_damage(directory: str) -> dict[str, tuple[int, ...]]:
+    try:
+        return saved_param_shapes(directory)
+    except Exception as e:  # noqa: BLE001 - unreadable metadata: the step is damaged
+        raise DamagedCheckpointError(_damage(e) if not isinstance(e, TypeError) else
+                                     "its metadata does not read (a truncated or missing file)") from e
+
+
 def _plan(path: str, abstract_params: Any, model_config: Mapping[str, Any] | None,
           convert_layout: bool) -> tuple[str, tuple[str, int] | None]:
-    """(state dir, layout change or None) for restoring `path` into `abstract_params`; raises
-    FileNotFoundError / IncompatibleCheckpointError (one line listing what differs)."""
+    """(state dir, layout change or None) for restoring the state dir `path` into `abstract_params`;
+    raises FileNotFoundError / IncompatibleCheckpointError (one line listing what differs) /
+    DamagedCheckpointError."""
     directory = state_dir(path)
-    saved = saved_param_shapes(directory)
+    saved = _saved_param_shapes_or_damage(directory)
     expected = _flat_shapes(abstract_params)
     change = _layout_change(expected, saved)
     note = ""
@@ -704,14 +794,57 @@ def check_compatible(path: str, abstract_params: Any, *, model_config: Mapping[s
     checkpoint's run config.json, if it has one, and the parameters whose shape differs or that only one
     side has.
     """
-    return _plan(path, abstract_params, model_config, convert_layout)[0]
+    return _newest_readable(path, lambda d: _plan(d, abstract_params, model_config, convert_layout)[0],
+                            warn=False)[0]
+
+
+def _newest_readable(path: str, read: Callable[[str], Any], warn: bool = True) -> tuple[Any, list[tuple[int, str]]]:
+    """read(state dir) of the newest step of `path` that reads (a step dir: only it), and the
+    (step, reason) of the newer ones skipped as damaged, each (with `warn`) said in one line. A
+    checkpoint of another model (IncompatibleCheckpointError) is not damage: raised at once.
+    Raises CheckpointRestoreError in one line when no step reads."""
+    candidates, skipped = state_dirs(path), []
+    for directory in candidates:
+        try:
+            result = read(directory)
+        except IncompatibleCheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - truncated / missing files: try the next older step
+            reason = str(e) if isinstance(e, DamagedCheckpointError) else _damage(e)
+            step = os.path.basename(os.path.dirname(directory))
+            skipped.append((int(step) if step.isdigit() else -1, reason))
+            continue
+        used = os.path.basename(os.path.dirname(directory))
+        for step, reason in skipped if warn else ():  # only now: when none reads, the error below is the one line
+            print(f"WARNING: checkpoint step {step} in {os.path.dirname(os.path.dirname(directory))} is "
+                  f"damaged ({reason}); using step {used}", file=sys.stderr, flush=True)
+        return result, skipped
+    where = os.path.dirname(os.path.dirname(candidates[0]))
+    raise CheckpointRestoreError(
+        f"no checkpoint step in {where} could be read: "
+        + "; ".join(f"step {s}: {reason}" for s, reason in skipped)
+        + "; point at another checkpoint, or put back an intact copy")
 
 
 def restore_params(path: str, abstract_params: Any, *, model_config: Mapping[str, Any] | None = None) -> Any:
     """Only the params of the checkpoint at `path`, placed in `abstract_params`' shardings (a pytree of
     jax.ShapeDtypeStruct with .sharding); nothing else of the saved state is read. Checked first
     (`check_compatible`). A checkpoint in the other layer layout (scanned vs unscanned) is read in its
-    own layout, sharded alike, and converted on the devices (stmoe.models.scan_params / unscan_params)."""
+    own layout, sharded alike, and converted on the devices (stmoe.models.scan_params / unscan_params).
+    A run's newest step that is damaged is skipped for the next older one (one warning line)."""
+    return newest_params(path, abstract_params, model_config=model_config)[0]
+
+
+def newest_params(path: str, abstract_params: Any, *, model_config: Mapping[str, Any] | None = None
+                  ) -> tuple[Any, str, list[tuple[int, str]]]:
+    """`restore_params`, and the state dir the params came from, and the (step, reason) of the newer
+    steps skipped as damaged."""
+    (params, directory), skipped = _newest_readable(
+        path, lambda d: (_restore_params_from(d, abstract_params, model_config), d))
+    return params, directory, skipped
+
+
+def _restore_params_from(path: str, abstract_params: Any, model_config: Mapping[str, Any] | None) -> Any:
     directory, change = _plan(path, abstract_params, model_config, convert_layout=True)
     target = _in_saved_layout(abstract_params, change) if change is not None else abstract_params
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,

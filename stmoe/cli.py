@@ -348,19 +348,57 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def check_output_dir(flag: str, path: str) -> None:
+    """Raises UsageError at once when the folder `path` (created later, with its parents) cannot be:
+    it, or the nearest part of it that exists, is a file or is not writable."""
+    if "://" in path:
+        return
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"{flag}: cannot write to {existing} (permission denied)")
+
+
 def add_checkpoint_args(parser) -> None:
     """--checkpoint and --eval_capacity_factor, shared by infer.py and evaluate.py."""
     parser.add_argument("--checkpoint", required=True,
                         help="a training run's workdir (config.json + checkpoints/), its checkpoints dir or a step dir")
-    parser.add_argument("--eval_capacity_factor", type=float, default=None,
+    parser.add_argument("--eval_capacity_factor", type=positive_float, default=None,
                         help="replaces the checkpoint's model.moe.eval_capacity_factor (e.g. 2.0, or 4.0 to drop less)")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="rows per decoding batch")
 
 
-def checkpoint_task_parser(doc: str, task_help: str, parser_class: type | None = None) -> argparse.ArgumentParser:
+def checkpoint_task_parser(doc: str, task_help: str, parser_class: type | None = None,
+                           prog: str | None = None) -> argparse.ArgumentParser:
     """The parser of a script that reads a trained checkpoint and a seqio task: add_checkpoint_args,
-    --task and --split (default 'validation')."""
-    parser = (parser_class or ArgumentParser)(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    --task and --split (default 'validation'). `prog`: the script's name in messages (default argv[0])."""
+    parser = (parser_class or ArgumentParser)(prog=prog, description=doc,
+                                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(parser)
     parser.add_argument("--task", default=None, help=task_help)
     parser.add_argument("--split", default="validation")
@@ -375,13 +413,15 @@ def check_checkpoint_exists(path: str) -> None:
 
 def load_model(args):
     """stmoe.inference.load for the parsed --checkpoint / --eval_capacity_factor; raises UsageError
-    for a missing or incompatible checkpoint or a bad factor."""
+    for a missing, incompatible or wholly damaged checkpoint, a config.json that does not read or a
+    bad factor."""
     from stmoe import checkpoints, inference
     from stmoe.config import ConfigError
 
     try:
         return inference.load(args.checkpoint, eval_capacity_factor=args.eval_capacity_factor)
-    except (FileNotFoundError, ConfigError, checkpoints.IncompatibleCheckpointError) as e:
+    except (FileNotFoundError, ConfigError, checkpoints.IncompatibleCheckpointError,
+            checkpoints.CheckpointRestoreError) as e:
         raise UsageError(one_line(e)) from e
 
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import re
+import types
 import typing
 from typing import Any, Mapping
 
@@ -69,6 +71,7 @@ MOVED_FIELDS = {
 def upgrade_run_config(values: Mapping[str, Any]) -> dict[str, Any]:
     """A run config as nested dicts (e.g. an older run's config.json) with MOVED_FIELDS in their new places,
     and a field added since (model.moe.decoder_priority) at the value such a run had."""
+    check(isinstance(values, Mapping), "config", f"must be a mapping of fields, got {type(values).__name__}")
     out = copy.deepcopy(dict(values))
     for old, new in MOVED_FIELDS.items():
         *parents, leaf = old.split(".")
@@ -115,7 +118,12 @@ class _Replaceable:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], prefix: str | None = None):
+        """The section from nested dicts; an unknown or moved field, or a value of another type than
+        the field's annotation (e.g. a hand-edited config.json's "d_model": "64"), is a ConfigError
+        naming the field. Ints are accepted for float fields, lists for tuples."""
         prefix = cls.PREFIX if prefix is None else prefix
+        check(isinstance(values, Mapping), prefix.rstrip(".") or "config",
+              f"must be a mapping of fields, got {type(values).__name__}")
         hints = typing.get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
@@ -127,10 +135,55 @@ class _Replaceable:
             section = hints[key] if dataclasses.is_dataclass(hints[key]) else None
             if section is not None and not isinstance(value, section):
                 value = section.from_dict(value, prefix=f"{prefix}{key}.")
-            elif isinstance(value, list):
-                value = tuple(value)
+            elif section is None:
+                value = _typed(value, hints[key], f"{prefix}{key}")
             kwargs[key] = value
         return cls(**kwargs)
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is tuple:
+        return f"a tuple of {getattr(args[0], '__name__', args[0])} values" if args else "a tuple"
+    return "None" if hint is type(None) else f"{'an' if hint.__name__[0] in 'aeiou' else 'a'} {hint.__name__}"
+
+
+def _typed(value: Any, hint: Any, field: str) -> Any:
+    """`value` as the annotation `hint` takes it (list -> tuple, int -> float), else ConfigError
+    naming `field`. Annotations other than None / bool / int / float / str / tuple[X, ...] and their
+    unions are not checked."""
+    def convert(v, h):  # -> (ok, converted)
+        origin, args = typing.get_origin(h), typing.get_args(h)
+        if origin in (typing.Union, types.UnionType):
+            for arg in args:
+                ok, out = convert(v, arg)
+                if ok:
+                    return True, out
+            return False, v
+        if origin is tuple:
+            if not isinstance(v, (tuple, list)):
+                return False, v
+            element = args[0] if args else Any
+            items = [convert(x, element) for x in v]
+            return all(ok for ok, _ in items), tuple(x for _, x in items)
+        if h is type(None):
+            return v is None, v
+        if h is bool:
+            return isinstance(v, bool), v
+        if h is int:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool), v
+        if h is float:
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
+            return ok, float(v) if ok else v
+        if h is str:
+            return isinstance(v, str), v
+        return True, v  # Any, or a kind this check does not know
+
+    ok, out = convert(value, hint)
+    check(ok, field, f"must be {_type_name(hint)}, got {value!r}")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +281,10 @@ class MoeConfig(_Replaceable):
                f"must be > 0, got {self.second_expert_threshold}")
         for name in ("train_capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
-            check(value > 0, f"{p}{name}", f"must be > 0, got {value}")
+            # inf would size the experts' buffers without bound (and breaks the capacity arithmetic)
+            check(value > 0 and math.isfinite(value), f"{p}{name}",
+                  f"must be a finite number > 0, got {value} (to drop no token: a factor of num_experts "
+                  f"or more, or dispatch='dropless')")
         check(self.min_capacity >= 1, f"{p}min_capacity", f"must be >= 1, got {self.min_capacity}")
         check(self.expert_capacity is None or self.expert_capacity >= 1, f"{p}expert_capacity",
                f"must be None or >= 1, got {self.expert_capacity}")

@@ -154,7 +154,7 @@ def apply(base: ml_collections.ConfigDict, files: Sequence[str] = (), bindings: 
             gin.add_config_file_search_path(directory)
         gin.parse_config_files_and_bindings(list(files), list(bindings), skip_unknown=False,
                                             finalize_config=False)
-    except (ValueError, SyntaxError, IOError) as e:
+    except Exception as e:  # noqa: BLE001 - a gin file's syntax, a missing `import`d module, a bad value
         raise GinError(_one_line(e)) from None
     try:
         config.unlock()
@@ -176,11 +176,21 @@ def apply(base: ml_collections.ConfigDict, files: Sequence[str] = (), bindings: 
 
 def _one_line(error: BaseException) -> str:
     """gin's errors add 'In file ..., line N' and the offending text on later lines: keep the
-    message and where."""
+    message and where. A value gin cannot read is a SyntaxError whose first line is Python's ast
+    repr of it ('<ast.Name object at 0x...>': a bare word) and whose second names the token: keep
+    the token, the file and the line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
+    if isinstance(error, SyntaxError) and re.search(r"<ast\.\w+ object at 0x", lines[0]):
+        token = next((line for line in lines[1:] if line.startswith("Failed to parse")), lines[0])
+        token = re.sub(r"\s*\([^()]*line \d+\)$", "", token)
+        where = f"{error.filename or 'bindings'}, line {error.lineno}" if error.lineno else ""
+        hint = "; a string value needs quotes" if "ast.Name" in lines[0] else ""
+        return f"{token} ({where}{hint})" if where else f"{token}{' (' + hint[2:] + ')' if hint else ''}"
     where = next((line for line in lines[1:] if re.match(r"In (file|bindings string)", line)), "")
+    if not where and isinstance(error, SyntaxError) and error.lineno and not re.search(r"line \d+\)$", lines[0]):
+        where = f"{error.filename or 'bindings'}, line {error.lineno}"
     return f"{lines[0]}{' (' + where + ')' if where else ''}"
 
 

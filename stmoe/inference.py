@@ -73,8 +73,16 @@ def find_run_config(path: str) -> tuple[RunConfig, str]:
     for _ in range(4):
         candidate = os.path.join(directory, "config.json")
         if os.path.isfile(candidate):
-            with open(candidate) as f:
-                return RunConfig.from_dict(upgrade_run_config(json.load(f))), candidate
+            try:
+                with open(candidate, encoding="utf-8") as f:
+                    values = json.load(f)
+            except ValueError as e:  # truncated or hand-edited: JSONDecodeError, UnicodeDecodeError
+                raise ConfigError(f"{candidate} is not valid JSON ({e}); fix it, or copy it back from a "
+                                  "backup (scripts/train.py writes it when a run starts)") from None
+            try:
+                return RunConfig.from_dict(upgrade_run_config(values)), candidate
+            except ConfigError as e:
+                raise ConfigError(f"{candidate}: {e}") from None
         directory = os.path.dirname(directory)
     raise FileNotFoundError(f"no config.json in {path} or above it; pass a training run's workdir "
                             "(scripts/train.py writes WORKDIR/config.json)")
@@ -87,8 +95,8 @@ def with_eval_capacity_factor(moe_values: dict[str, Any], factor: float) -> dict
     cleared: the factor is what the caller asked for. `dispatch='dropless'` has no capacity at all,
     so a factor cannot apply: ConfigError, rather than a figure reported for a setting that did nothing.
     """
-    if not factor > 0:
-        raise ConfigError(f"eval_capacity_factor: must be > 0, got {factor}")
+    if not (factor > 0 and math.isfinite(factor)):
+        raise ConfigError(f"eval_capacity_factor: must be a finite number > 0, got {factor}")
     if moe_values.get("dispatch") == "dropless":
         raise ConfigError("eval_capacity_factor: this model uses model.moe.dispatch='dropless', which has no "
                           "expert capacity and drops no token, so a capacity factor cannot apply")
@@ -113,11 +121,13 @@ def applied_eval_capacity_factor(cfg: ModelConfig) -> float | None:
 
 def load(path: str, *, eval_capacity_factor: float | None = None, num_devices: int | None = None,
          config: RunConfig | ml_collections.ConfigDict | None = None) -> LoadedModel:
-    """The model of the run at `path` (workdir, checkpoints dir or step dir) with its trained params.
+    """The model of the run at `path` (workdir, checkpoints dir or step dir) with its trained params,
+    of the newest step that reads (a damaged newer one is skipped with one warning line).
 
     `config` replaces the run's config.json (e.g. a configs/*.py preset). Raises FileNotFoundError
-    (no checkpoint / config), ConfigError (bad eval_capacity_factor) or
-    checkpoints.IncompatibleCheckpointError (the config and the saved shapes disagree).
+    (no checkpoint / config), ConfigError (bad eval_capacity_factor, a config.json that does not read),
+    checkpoints.IncompatibleCheckpointError (the config and the saved shapes disagree) or
+    checkpoints.CheckpointRestoreError (no step reads).
     """
     from stmoe.data import tasks, vocab
 
@@ -143,8 +153,8 @@ def load(path: str, *, eval_capacity_factor: float | None = None, num_devices: i
     shapes = {"encoder_input_tokens": (2, lengths[0]), "decoder_input_tokens": (2, lengths[1]),
               "decoder_target_tokens": (2, lengths[1])}
     abstract, shardings = partitioning.abstract_params_and_shardings(model, mesh, shapes, jax.random.key(0))
-    params = checkpoints.restore_params(state_dir, partitioning.with_shardings(abstract, shardings),
-                                        model_config=model_values)
+    params, state_dir, _ = checkpoints.newest_params(path, partitioning.with_shardings(abstract, shardings),
+                                                     model_config=model_values)  # a damaged newest step is skipped
     vocab_path = data.vocab_path or tasks.families().get(data.task)
     return LoadedModel(model=model, params=params, mesh=mesh, vocabulary=vocab.get_vocabulary(vocab_path),
                        run_config=run_config, checkpoint=state_dir, inputs_length=lengths[0],

@@ -65,7 +65,14 @@ def restore_or_init(run: RunConfig, ckpt: checkpoints.Checkpointer, abstract_sta
     start = None
     if ckpt.latest_step() is not None:
         _check_own_checkpoints(ckpt, abstract_state.params, model_fields)
-        state, data_state, step = ckpt.restore(abstract_state)  # warns and falls back past damaged steps
+        try:
+            state, data_state, step = ckpt.restore(abstract_state)  # warns and falls back past damaged steps
+        except checkpoints.CheckpointRestoreError as e:
+            raise checkpoints.CheckpointRestoreError(
+                f"{e}; move {ckpt.directory} aside (or use another --workdir) to start from scratch, or put "
+                "back an intact copy to resume") from None
+        except checkpoints.IncompatibleCheckpointError as e:
+            raise checkpoints.IncompatibleCheckpointError(f"{e}; {_RESET_OPTIMIZER}") from None
         notes.append(_restore_data_position(train_iter, data_state))
         skipped = list(ckpt.skipped)
         if skipped:  # newer steps were damaged: set them aside, keep their files
@@ -94,6 +101,35 @@ def restore_or_init(run: RunConfig, ckpt: checkpoints.Checkpointer, abstract_sta
             start = Start(state, Origin.SCRATCH, 0, "", notes)
     start.notes = [note for note in notes if note]
     return start, ckpt
+
+
+_RESET_OPTIMIZER = ("resume with the optim settings that wrote them, or keep their params with a fresh optimizer "
+                    "state: --config.init_checkpoint=WORKDIR --workdir NEW_WORKDIR")
+
+
+def check_own_config(run: RunConfig, workdir: str) -> None:
+    """Before anything is written to `workdir`: a run that resumes its own checkpoints with another
+    optimizer would fail to restore them (its state has other slots). Compares the optimizer of the
+    workdir's config.json with the config's and raises ConfigError naming both and how to reset it.
+    Does nothing without checkpoints or a readable config.json (the restore then decides)."""
+    import json
+
+    from etils import epath
+
+    if "://" not in workdir:
+        directory = os.path.join(workdir, "checkpoints")
+        if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+            return
+    try:
+        saved = json.loads(epath.Path(workdir, "config.json").read_text())
+        saved_optimizer = saved["optim"]["optimizer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if saved_optimizer != run.optim.optimizer:
+        raise ConfigError(
+            f"optim.optimizer: {run.optim.optimizer!r}, but the checkpoints in {workdir} were written with "
+            f"{saved_optimizer!r}, whose state cannot be resumed by another optimizer; "
+            + _RESET_OPTIMIZER.replace("WORKDIR", workdir))
 
 
 def _from_init_checkpoint(run: RunConfig, state: Any, abstract_state: Any, model_fields: Mapping[str, Any]) -> Any:

@@ -125,9 +125,9 @@ def _divergence(step: int, metrics: Mapping[str, Array], optim_cfg: optim.OptimC
 
 # Errors the scripts report in one line with exit status 2 (stmoe.cli): a bad config, a checkpoint of
 # another model, a workdir that cannot be written or that another run holds, a checkpoint that could
-# not be saved.
+# not be saved, a workdir whose every checkpoint is damaged.
 USER_ERRORS = (ConfigError, checkpoints.IncompatibleCheckpointError, checkpoints.WorkdirError,
-               checkpoints.CheckpointSaveError)
+               checkpoints.CheckpointSaveError, checkpoints.CheckpointRestoreError)
 
 
 def error_kind(error: BaseException) -> str:
@@ -156,6 +156,7 @@ def train_and_evaluate(config: RunConfig | ml_collections.ConfigDict, workdir: s
     partitioning.maybe_initialize_distributed()
     run, tasks = prepare(config)
     workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
+    restore.check_own_config(run, workdir)  # another optimizer over its own checkpoints: before any file
     checkpoints.check_writable(workdir)  # before any step: WorkdirError
     # One run per workdir (process 0 holds the lock): two would interleave their saves and metrics.
     lock = checkpoints.WorkdirLock(workdir) if jax.process_index() == 0 else None

@@ -6,7 +6,8 @@ one of three faults (JAX_CACHE_DIR: the test's persistent compilation cache, "" 
     python tests/fault_worker.py kill_in_save WORKDIR KILL_STEP MARKER JAX_CACHE_DIR
         trains the config and stops inside the asynchronous save of step KILL_STEP: the step's files
         are all written into orbax's temporary directory, and the rename that would complete the save
-        blocks. It then writes MARKER, so the parent can send SIGKILL while that save is in flight.
+        blocks. It then writes MARKER and prints a SAVING line, so the parent can send SIGKILL
+        while that save is in flight.
     python tests/fault_worker.py signal SIGINT|SIGTERM STEP JAX_CACHE_DIR TRAIN_PY_ARGS...
         scripts/train.py with TRAIN_PY_ARGS, the process sending itself the signal right after STEP
         (a trainer hook: deterministic, no timing); exits with train.py's status.
@@ -27,6 +28,7 @@ if __name__ == "__main__":  # as in tests/conftest.py, before JAX is imported: s
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 STEPS = 6  # checkpoints at 2, 4, 6
+SAVING = "fault_worker: inside the save of step"  # printed when the save to be killed has written everything
 INPUTS = 32
 BATCH = 16
 
@@ -91,7 +93,8 @@ def kill_in_save(workdir: str, kill_step: int, marker: str, cache_dir: str) -> N
         if self.get_final().name == str(kill_step):  # everything written, the rename not yet done
             with open(marker, "w") as f:
                 f.write(str(self.get()))
-            await asyncio.sleep(3600)
+            print(f"{SAVING} {kill_step}", flush=True)  # the parent blocks on this line
+            await asyncio.Event().wait()  # never set: the rename never happens
         return await finalize(self)
 
     atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_hang

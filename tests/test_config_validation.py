@@ -129,3 +129,49 @@ def test_script_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert "model.moe.top_k" in lines[0] and "num_experts" in lines[0]
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+TYPE_CASES = [
+    # (dotted field, value as a hand-edited config.json may hold it, the one-line error)
+    ("model.d_model", "64", "model.d_model: must be an int, got '64'"),
+    ("model.moe.num_experts", 8.0, "model.moe.num_experts: must be an int, got 8.0"),
+    ("optim.learning_rate", "1e-3", "optim.learning_rate: must be a float, got '1e-3'"),
+    ("model.tie_embeddings", 1, "model.tie_embeddings: must be a bool, got 1"),
+    ("model.sparse_layers", ["1", "3"], "model.sparse_layers: must be a tuple of int values or None, got ['1', '3']"),
+    ("model.moe.expert_capacity", "96", "model.moe.expert_capacity: must be an int or None, got '96'"),
+    ("data.task", None, "data.task: must be a str, got None"),
+    ("model.moe", [], "model.moe: must be a mapping of fields, got list"),
+]
+
+
+@pytest.mark.parametrize("dotted,value,message", TYPE_CASES, ids=[c[0] for c in TYPE_CASES])
+def test_from_dict_checks_types_and_names_the_field(dotted, value, message):
+    import json
+
+    from stmoe.config import RunConfig
+
+    values = json.loads(json.dumps(RunConfig().to_dict()))  # as config.json holds it
+    *parents, leaf = dotted.split(".")
+    node = values
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_dict(values)
+    assert str(info.value) == message
+
+
+def test_from_dict_reads_json_values_back():
+    """What config.json makes of the fields (lists for tuples; an int written for a float) reads back
+    as the same config."""
+    import json
+
+    from stmoe.config import RunConfig
+
+    run = RunConfig().replace(model=RunConfig().model.replace(sparse_layers=(1, 3)))
+    values = json.loads(json.dumps(run.to_dict()))
+    values["optim"]["learning_rate"] = 1
+    back = RunConfig.from_dict(values)
+    assert back.model.sparse_layers == (1, 3) and back.optim.learning_rate == 1.0
+    assert isinstance(back.optim.learning_rate, float)
+    assert back.replace(optim=run.optim) == run

@@ -150,3 +150,26 @@ def test_batch_prioritized_encoder_routing(converted, batch):
     assert max_diff(got, "st_moe", "tight_bpr", batch) < TOL
     # Batch-prioritized routing changes which tokens are dropped here, so the case is not vacuous.
     assert max_diff(got, "st_moe", "tight", batch) > 10 * TOL
+
+
+def test_switch_checkpoint_needs_an_explicit_top_k(tmp_path, capfd):
+    """A checkpoint does not store the router's k: the Switch one (tied logits, no extra MLP, ungated
+    experts) is refused without --num_selected_experts, in one line naming the flag, rather than built
+    as a top-2 model; the ST-MoE one keeps the default k = 2."""
+    flags = FLAGS["switch"][:2] + FLAGS["switch"][4:]  # without --num_selected_experts 1
+    assert "--num_selected_experts" not in flags
+    capfd.readouterr()
+    status = _convert_script().main(["--from", "t5x", os.path.join(DATA, "switch"), "--to", "stmoe",
+                                     str(tmp_path / "out"), "--preset", "tiny", *flags])
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith("convert_checkpoint.py: input error: this checkpoint looks like a Switch Transformer") \
+        and "pass --num_selected_experts 1" in err[0], err[0]
+    assert not (tmp_path / "out").exists()
+
+    switch, _ = t5x.read_target(os.path.join(DATA, "switch"))
+    with pytest.raises(t5x.ConversionError, match="looks like a Switch Transformer"):
+        t5x.convert(switch, t5x.Options(num_heads=2))
+    assert t5x.convert(switch, t5x.Options(num_heads=2, num_selected_experts=1))[0].moe.top_k == 1
+    st_moe, _ = t5x.read_target(os.path.join(DATA, "st_moe"))
+    assert t5x.convert(st_moe, t5x.Options(num_heads=2))[0].moe.top_k == 2

@@ -84,6 +84,26 @@ def test_bad_gin_input_is_one_line(capsys, monkeypatch, tmp_path, args, message)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("text,message", [
+    ("import missing_mod\n", "train.py: config error: No module named 'missing_mod' (In file \"{gin}\", line 1)"),
+    ("RUN.batch_size = 8\nMoeConfig.num_experts = four\n",
+     "train.py: config error: Failed to parse token 'four' ({gin}, line 2; a string value needs quotes)"),
+])
+def test_bad_gin_file_names_file_and_line(capsys, monkeypatch, tmp_path, text, message):
+    """A gin file gin cannot read: one line with the file and line (not Python's ast node repr)."""
+    monkeypatch.chdir(ROOT)
+    gin_file = tmp_path / "bad.gin"
+    gin_file.write_text(text)
+    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "scripts", "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    status = module.main(["train.py", f"--gin_file={gin_file}", "--workdir", str(tmp_path / "run")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and lines == [message.format(gin=gin_file)], lines
+    assert not (tmp_path / "run").exists()
+
+
 def test_gin_launch_trains(capsys, monkeypatch, tmp_path):
     """The gin command line of docs/usage.md, shrunk: a tiny gin preset trains, and config.json records the
     bindings' values."""

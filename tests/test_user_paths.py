@@ -109,6 +109,30 @@ BAD_INPUTS = [
      ["infer.py: input error: --checkpoint:", "does not exist"]),
     ("non_positive_batch", "evaluate.py", ["--checkpoint", "{work}", "--batch_size", "0"],
      ["evaluate.py: usage error: argument --batch_size: must be >= 1, got 0"]),
+    ("infinite_capacity_factor", "train.py", ["--config.model.moe.eval_capacity_factor=inf"],
+     ["train.py: config error: model.moe.eval_capacity_factor: must be a finite number > 0, got inf"]),
+    ("sparse_layers_not_integers", "train.py", ["--config.model.sparse_layers=abc"],
+     ["train.py: config error: model.sparse_layers: must be a tuple of int values or None, got ('abc',)"]),
+    # The infer.py / evaluate.py / trace_tokens.py cases below are refused before the checkpoint is read:
+    # {work}'s fake checkpoint would fail to load with another message.
+    ("zero_beams", "infer.py", ["--checkpoint", "{work}", "--beam_size", "0"],
+     ["infer.py: usage error: argument --beam_size: must be >= 1, got 0"]),
+    ("zero_temperature", "infer.py", ["--checkpoint", "{work}", "--temperature", "0"],
+     ["infer.py: usage error: argument --temperature: must be a finite number > 0, got 0"]),
+    ("negative_top_k", "infer.py", ["--checkpoint", "{work}", "--top_k", "-5"],
+     ["infer.py: usage error: argument --top_k: must be >= 0, got -5"]),
+    ("zero_decode_length", "infer.py", ["--checkpoint", "{work}", "--max_decode_length", "0"],
+     ["infer.py: usage error: argument --max_decode_length: must be >= 1, got 0"]),
+    ("infinite_eval_capacity", "infer.py", ["--checkpoint", "{work}", "--eval_capacity_factor", "inf"],
+     ["infer.py: usage error: argument --eval_capacity_factor: must be a finite number > 0, got inf"]),
+    ("non_utf8_input", "infer.py", ["--checkpoint", "{work}", "--input", "{work}/latin1.txt"],
+     ["infer.py: input error: input ", "latin1.txt is not UTF-8 text: byte b'\\xe9' at offset 3"]),
+    ("zero_beams_evaluate", "evaluate.py", ["--checkpoint", "{work}", "--beam_size", "0"],
+     ["evaluate.py: usage error: argument --beam_size: must be >= 1, got 0"]),
+    ("evaluate_output_dir_is_a_file", "evaluate.py", ["--checkpoint", "{work}", "--output_dir", "{work}/tiny.txt"],
+     ["evaluate.py: input error: --output_dir: ", "tiny.txt is a file, not a folder"]),
+    ("trace_out_is_a_file", "trace_tokens.py", ["--checkpoint", "{work}", "--out", "{work}/tiny.txt/trace"],
+     ["trace_tokens.py: input error: --out: ", "tiny.txt is a file, not a folder"]),
     ("missing_vocab_input", "train_vocab.py", ["--input", "{work}/none/*.txt", "--model_prefix", "{work}/v"],
      ["train_vocab.py: input error: --input: no file matches"]),
     ("vocab_too_large_for_text", "train_vocab.py", ["--input", "{work}/tiny.txt", "--model_prefix", "{work}/v",
@@ -117,7 +141,7 @@ BAD_INPUTS = [
 ]
 
 SUBPROCESS_CASES = {"vocab_larger_than_embedding", "mesh_not_device_count", "unknown_flag", "missing_output_folder",
-                    "non_positive_batch", "missing_vocab_input"}
+                    "non_positive_batch", "missing_vocab_input", "trace_out_is_a_file"}
 # main(argv) of train.py and finetune.py takes the program name first (absl); the argparse scripts do not.
 ABSL_SCRIPTS = ("train.py", "finetune.py")
 
@@ -141,6 +165,7 @@ def bad_input_case(case, folder, files) -> tuple[list[str], dict[str, bytes]]:
     (work / "checkpoints" / "100").mkdir(parents=True)
     (work / "checkpoints" / "100" / "state").write_text("a checkpoint that must survive")
     (work / "tiny.txt").write_text("a b c\nd e f\n")
+    (work / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
     values = {"spm": files["spm"], "not_spm": files["not_spm"], "work": str(work)}
     workdir = ["--workdir", str(work)] if script in ABSL_SCRIPTS else []
     return [a.format(**values) for a in args] + workdir, tree(folder)

@@ -244,7 +244,9 @@ class Options:
     t5x/configs/moe/models/st_moe_base.gin and tokens_choose_base.gin, architectures/moe.gin)."""
 
     num_heads: int | None = None  # NUM_HEADS; needed when attention kernels are [d, heads * d_kv]
-    num_selected_experts: int = 2  # NUM_SELECTED_EXPERTS (tokens_choose_base.gin:35; switch_base.gin:33: 1)
+    # NUM_SELECTED_EXPERTS (tokens_choose_base.gin:35: 2; switch_base.gin:33: 1). None: 2, unless the
+    # checkpoint looks like a Switch Transformer (then ConversionError: the caller must say which).
+    num_selected_experts: int | None = None
     train_capacity_factor: float = 1.25  # TRAIN_EXPERT_CAPACITY_FACTOR (tokens_choose_base.gin:32)
     eval_capacity_factor: float = 2.0  # EVAL_EXPERT_CAPACITY_FACTOR (:33)
     min_expert_capacity: int = 4  # MoeLayer.min_expert_capacity (moe_layers.py:100)
@@ -403,12 +405,25 @@ def _infer_config(mapped: Mapping[str, np.ndarray], o: Options) -> ModelConfig:
         raise ConversionError(f"extra_mlp in blocks {sorted(extra)} but sparse blocks are {sorted(any_sparse)}; "
                               "stmoe's sparse_dense adds one after every sparse FFN and nowhere else")
     activation = o.mlp_activation or ("gelu" if gated else "relu")
+    top_k = o.num_selected_experts
+    if top_k is None and any_sparse:
+        # A checkpoint does not store the router's k, and Switch (top-1) and ST-MoE (top-2) checkpoints
+        # differ in what it does store: Switch ties the logits to the embedding, has no extra MLP after
+        # its sparse FFNs and ungated ReLU experts (switch_base.gin:33-39); guessing 2 there builds a
+        # model whose logits are far from the trained one's.
+        if "decoder/logits_dense" not in mapped and not extra and not gated:
+            raise ConversionError(
+                "this checkpoint looks like a Switch Transformer (tied logits, no extra MLP, ungated experts), "
+                "which routes each token to 1 expert, but a checkpoint does not store it: pass "
+                "--num_selected_experts 1 for Switch (Options.num_selected_experts), or its "
+                "NUM_SELECTED_EXPERTS gin value")
+        top_k = 2
     rel = _need(mapped, "encoder/relative_position_bias/rel_embedding")
     placement = _placement(sparse, len(layers["encoder"]), len(layers["decoder"])) if any_sparse \
         else {"sparse_layers": ()}
     moe = MoeConfig(
         num_experts=int(num_experts), router_type="tokens_choose",
-        top_k=o.num_selected_experts if any_sparse else 1,
+        top_k=top_k if any_sparse else 1,
         second_expert_policy="all", normalize_gates=False,
         train_capacity_factor=o.train_capacity_factor, eval_capacity_factor=o.eval_capacity_factor,
         min_capacity=o.min_expert_capacity, capacity_rounding="round", group_size=None,
