@@ -594,6 +594,7 @@ def analyze(step: CompiledStep, chip: Chip, topology: str, mode: str) -> dict[st
         "devices": len(devices), "hosts": len({d.process_index for d in devices}),
         "mesh": dict(mesh.shape),
         "dispatch": step.model_config.moe.dispatch, "expert_execution": step.model_config.moe.expert_execution,
+        "grouped_kernel": step.model_config.moe.grouped_kernel,
         "scan_layers": step.model_config.scan_layers, "batch_size": step.run.batch_size,
         "lengths": [step.run.data.inputs_length, step.run.data.targets_length],
         "memory": {"arguments": arguments, "outputs": outputs, "aliased": aliased, "temporaries": temps,
