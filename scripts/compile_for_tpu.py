@@ -10,7 +10,8 @@ step compiled is the one that run executes (stmoe.trainer.build_steps), resolved
 TPU compiler from libtpu (pip install 'jax[tpu]', same version as jax). --mode decode compiles one
 cached decoding step of batch_size sequences instead. Prints per-chip memory against HBM, the
 collectives of the optimized HLO by kind and mesh axis, FLOPs and a roofline step time (stmoe/aot.py
-says how each is counted); --out writes the same as JSON. A bad topology, a mesh or batch that does
+says how each is counted); --out writes the same as JSON, and `--table REPORT.json ...` prints those
+reports as the markdown table of docs/tpu.md. A bad topology, a mesh or batch that does
 not fit the slice, a bad config field or a missing libtpu: one line on stderr, exit status 2.
 Topologies: GENERATION:SHAPE, e.g. v4:2x2x1, v4:2x2x2, v4:2x4x4, v5e:2x4, v5e:16x16, v5p:4x4x4, v6e:16x16.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,7 +44,43 @@ def _define_flags(flag_values):
     }
 
 
+def _without_outputs(args: list[str]) -> list[str]:
+    """The arguments that decide what is compiled (--out / --hlo_out dropped), for the report."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--hlo_out"):
+            skip = True
+        elif not arg.startswith(("--out=", "--hlo_out=")):
+            kept.append(arg)
+    return kept
+
+
+def _preset_name(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].rpartition(":")[2]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].rpartition(":")[2]
+    return DEFAULT_CONFIG.rpartition(":")[2]
+
+
+def print_table(paths: list[str]) -> int:
+    """The markdown table of docs/tpu.md from reports written by --out."""
+    import json
+
+    from stmoe import aot
+    print(aot.TABLE_HEADER)
+    for path in paths:
+        with open(path) as f:
+            print(aot.markdown_row(json.load(f)))
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) > 1 and argv[1] == "--table":  # --table REPORT.json ...: docs/tpu.md's table
+        return print_table(argv[2:])
     try:
         config, flags = cli.script_config(argv, DEFAULT_CONFIG, _define_flags, program=PROGRAM, doc=__doc__)
     except cli.ExitStatus as done:
@@ -58,6 +96,8 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         return cli.fail(PROGRAM, "config", e)
     report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report["preset"] = _preset_name(argv)
+    report["command"] = shlex.join(["python", "scripts/compile_for_tpu.py"] + _without_outputs(argv[1:]))
     print(aot.format_report(report), flush=True)
     cli.write_result(flags["out"], report)
     return 0

@@ -675,3 +675,23 @@ def compile_for_topology(config, topology: str, mode: str = "train", hlo_out: st
         with open(hlo_out, "w") as f:
             f.write(step.compiled.as_text())
     return analyze(step, chip, topology, mode)
+
+
+TABLE_HEADER = ("| preset, slice | mesh (data, expert, model) | peak per chip / HBM | fits | all-to-all per MoE layer "
+                "(expert axis) | expert weights all-gathered | roofline step, bound | MFU bound | compile | command |\n"
+                "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def markdown_row(r: Mapping[str, Any]) -> str:
+    """One row of docs/tpu.md's table from a report (the JSON of scripts/compile_for_tpu.py --out)."""
+    m, c, roof = r["memory"], r["collectives"], r["roofline"]
+    fits = "yes" if m["fits_with_headroom"] else ("within 10%" if m["fits"] else "**no**")
+    mesh = r["mesh"]
+    gathers = sum(g["count"] for g in r["expert_weight_all_gathers"])
+    rss = f", {r['peak_rss_bytes'] / GiB:.1f} GiB RSS" if r.get("peak_rss_bytes") else ""
+    return (f"| {r.get('preset', '?')} {r['mode']}, {r['topology']} ({r['devices']} chips, {r['hosts']} hosts) "
+            f"| {mesh['data']}, {mesh['expert']}, {mesh['model']} "
+            f"| {m['peak'] / GiB:.2f} / {m['hbm'] / GiB:.0f} GiB | {fits} "
+            f"| {c['all_to_all_per_moe_layer']:g} | {'**' + str(gathers) + '**' if gathers else 'none'} "
+            f"| {roof['step_s'] * 1e3:.2f} ms, {roof['bound_by']} | {roof['mfu']:.0%} "
+            f"| {r['compile_s']:.0f} s{rss} | `{r.get('command', '')}` |")
