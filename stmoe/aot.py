@@ -147,7 +147,7 @@ def _dtype_bytes(dtype: str) -> float:
 def shapes_in(text: str) -> list[tuple[str, tuple[int, ...]]]:
     """Every array type `dtype[d0,d1,...]` in `text`, in order."""
     return [(dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in SHAPE.findall(text)
-            if dtype in DTYPE_BYTES or dtype.startswith(("f8", "s", "u", "f", "bf"))]
+            if dtype in DTYPE_BYTES or dtype.startswith("f8")]
 
 
 def nbytes(shapes: Iterable[tuple[str, tuple[int, ...]]]) -> float:
