@@ -490,7 +490,8 @@ def _moe_layers(cfg) -> int:
 def compile_decode(run, devices: Sequence[Any]) -> CompiledStep:
     """One cached decoding step (decoding._step_logits, as the greedy / sampling loop runs it) for a
     batch of `batch_size` sequences, the cache sized for `data.targets_length` steps, compiled for
-    `devices`. The model runs unscanned, as stmoe.inference loads it."""
+    `devices`. The model runs unscanned, as stmoe.inference loads it. Its MoE layers route groups
+    of one token through the grouped matmuls (moe.MoeLayer), whatever expert_execution says."""
     import time
 
     from stmoe import decoding, flops, partitioning
@@ -526,7 +527,8 @@ def compile_decode(run, devices: Sequence[Any]) -> CompiledStep:
     expert_shapes, dims = _expert_leaves(abstract_params, False)
     # The last step of the loop, whose self-attention reads all max_len cached positions.
     model_flops = 2 * flops.decode_step_macs(cfg, batch, enc_len, max_len)
-    return CompiledStep(compiled, mesh, run, cfg, model_flops, expert_shapes, dims, _moe_layers(cfg), compile_s)
+    decoder_moe_layers = sum(cfg.is_sparse(i) for i in range(cfg.num_decoder_layers))
+    return CompiledStep(compiled, mesh, run, cfg, model_flops, expert_shapes, dims, decoder_moe_layers, compile_s)
 
 
 # ------------------------------------------------------------------------------------ report
