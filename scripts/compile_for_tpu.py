@@ -95,7 +95,9 @@ def main(argv: list[str]) -> int:
         return cli.fail(PROGRAM, "topology", e)
     except ConfigError as e:
         return cli.fail(PROGRAM, "config", e)
-    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    report["peak_rss_bytes"] = usage.ru_maxrss * 1024
+    report["process_cpu_s"] = usage.ru_utime + usage.ru_stime  # imports, tracing and compile
     report["preset"] = _preset_name(argv)
     report["command"] = shlex.join(["python", "scripts/compile_for_tpu.py"] + _without_outputs(argv[1:]))
     print(aot.format_report(report), flush=True)
