@@ -150,6 +150,21 @@ def test_loop_bodies_count_their_trip_count_and_expert_gathers_are_flagged():
     assert other["expert_weight_all_gathers"] == []
 
 
+def test_trip_count_from_the_loop_condition_when_xla_prints_none():
+    # XLA:TPU prints no known_trip_count: the count is the condition's bound minus the counter's start.
+    module = LOOP_MODULE.replace(', backend_config={"known_trip_count":{"n":"6"}}', "")
+    module = module.replace("  ROOT %c = pred[] constant(true)",
+                            "  %n = s32[] constant(7)\n  %k = s32[] get-tuple-element(%q), index=0\n"
+                            "  ROOT %c = pred[] compare(%k, %n), direction=LT")
+    module = module.replace("  %init = (s32[], f32[4,8,16]) parameter(1)",
+                            "  %one = s32[] constant(1)\n  %start = s32[] copy(%one)\n"
+                            "  %buffer = f32[4,8,16]{2,1,0} parameter(1)\n"
+                            "  %init = (s32[], f32[4,8,16]) tuple(%start, %buffer)")
+    r = aot.analyze_hlo(module, MESH)
+    assert r["while_loops"] == [["loop", 6]] and r["unknown_trip_counts"] == []
+    assert r["collectives"]["count_by_kind_and_axes"]["all-to-all"] == {"expert": 6}
+
+
 # ----------------------------------------------------------------- bad input: one line, status 2
 
 
