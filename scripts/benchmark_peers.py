@@ -19,7 +19,8 @@ same weights. Batch 8, inputs 256, targets 64, float32.
    is pinned to `--threads` cores (os.sched_setaffinity) so that both use the same cores.
 4. MFU beside each: useful FLOPs / time / the float32 matmul peak measured in this process
    (best 4096^3 matmul in jax and in torch, the larger). Useful FLOPs: projections, attention
-   scores and values, dense FFNs, the top-1 expert only (no capacity padding), router, logits;
+   scores and values, dense FFNs, the top-1 expert of each token that fits the capacity (every
+   token here: 8 x 96 slots per sequence; stmoe/flops.py), router, logits;
    the train step is 3x the forward; generation counts the encoder once and each step's
    decoder token against the keys cached so far.
 
@@ -269,11 +270,13 @@ def main(args):
     # 4. MFU.
     peaks = matmul_peak()
     peak = max(peaks.values())
+    # Experts counted as their capacity lets them run: the train factor in the train step, the eval
+    # factor when scoring and generating (stmoe/flops.py).
     fwd = 2 * forward_macs(cfg, args.batch, args.inputs, args.targets)
     flops = {"train step (fwd + bwd + AdamW)": 3 * fwd,
              f"greedy generation of {args.targets} tokens, KV cache":
                  2 * generation_macs(cfg, args.batch, args.inputs, args.targets),
-             "forward scoring": fwd}
+             "forward scoring": 2 * forward_macs(cfg, args.batch, args.inputs, args.targets, deterministic=True)}
     rows = []
     for task in tasks:
         hf_s, our_s = float(np.median(times[task, "hf"])), float(np.median(times[task, "stmoe"]))

@@ -13,7 +13,8 @@ the model comes from a configs/models.py preset.
 - MFU: model FLOPs per step / step time / a float32 matmul peak measured in the same
   process (best of 7 4096^3 matmuls, before and after the throughput runs). Model FLOPs =
   3 x forward matmul FLOPs of the useful work: projections, attention scores and values,
-  dense FFNs, top-k active experts (no capacity padding), router and logits (stmoe/flops.py).
+  dense FFNs, the expert rows the capacity lets run (min(top_k T, experts C) per group of T
+  tokens), router and logits (stmoe/flops.py).
 - Compile time: lower + compile of the train step for the tiny preset at 4, 12 and 24 layers
   per stack, with and without model.scan_layers.
 

@@ -728,22 +728,27 @@ class RunConfig(_Replaceable):
             total_steps=self.total_steps if self.optim.total_steps is None else self.optim.total_steps,
             freeze_patterns=tuple(self.optim.freeze_patterns) + FREEZE_PRESETS.get(self.freeze, ()))
 
-    def resolve_devices(self) -> int:
-        """How many devices the run uses (`num_devices`, or all of them)."""
+    def resolve_devices(self, available: int | None = None) -> int:
+        """How many devices the run uses (`num_devices`, or all of them) out of `available` (default:
+        jax.device_count(); stmoe.aot passes a TPU topology's count)."""
         import jax
-        available = jax.device_count()
+        available = jax.device_count() if available is None else available
         check(self.num_devices == -1 or 1 <= self.num_devices <= available, "num_devices",
                f"must be -1 (all) or in [1, {available}], got {self.num_devices}")
         return available if self.num_devices == -1 else self.num_devices
 
-    def validate(self, device_count: int | None = None) -> "RunConfig":
+    def validate(self, device_count: int | None = None, *, available_devices: int | None = None,
+                 process_count: int | None = None) -> "RunConfig":
         """Checks every field (and the mesh against `device_count`, by default the devices this run
-        would use); raises ConfigError naming the first bad one. Returns self."""
+        would use); raises ConfigError naming the first bad one. Returns self.
+
+        `available_devices` / `process_count` describe a machine other than this one (default:
+        jax.device_count() / jax.process_count()): stmoe.aot validates a run for a TPU topology."""
         from stmoe import partitioning
 
         self.model.validate()
         self.loss.validate()
-        resolved = self.resolve_devices()
+        resolved = self.resolve_devices(available_devices)
         device_count = resolved if device_count is None else device_count
         for name in ("batch_size", "microbatches"):
             value = getattr(self, name)
@@ -751,7 +756,8 @@ class RunConfig(_Replaceable):
         check(self.batch_size % self.microbatches == 0, "microbatches",
                f"must divide batch_size={self.batch_size}, got {self.microbatches}")
         lengths = (self.data.inputs_length, self.data.targets_length)
-        partitioning.validate_layout(self.mesh, self.model, self.batch_size, device_count, lengths)
+        partitioning.validate_layout(self.mesh, self.model, self.batch_size, device_count, lengths,
+                                     process_count=process_count)
         data, expert, _ = self.mesh.resolve(device_count)
         micro = self.batch_size // self.microbatches
         check(micro % (data * expert) == 0, "microbatches",

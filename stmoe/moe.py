@@ -156,13 +156,7 @@ class MoeLayer(nn.Module):
         return x, mask, real, (pad_rows, pad_positions)
 
     def _capacity(self, group_size: int, deterministic: bool) -> int:
-        moe = self.config.moe
-        if moe.dispatch == "dropless":
-            return group_size  # an expert can take every token of a group: nothing is dropped
-        if moe.expert_capacity is not None:
-            return min(moe.expert_capacity, group_size)  # more slots than tokens only compute padding
-        factor = moe.eval_capacity_factor if deterministic else moe.train_capacity_factor
-        return routing.expert_capacity(group_size, moe.num_experts, factor, moe.min_capacity, moe.capacity_rounding)
+        return routing.layer_capacity(self.config.moe, group_size, deterministic)
 
     def _route(self, router_type: str, probs: Array, mask: Array, capacity: int, deterministic: bool,
                sequence_length: int) -> routing.Routing:

@@ -112,12 +112,14 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None)
 
 
 def validate_layout(mesh_cfg: MeshConfig, model_cfg: ModelConfig, batch_size: int, device_count: int,
-                    sequence_lengths: Sequence[int] = ()) -> None:
+                    sequence_lengths: Sequence[int] = (), *, process_count: int | None = None) -> None:
     """Fails at start, naming the field, on a layout that cannot be sharded.
 
     `batch_size` is the global batch; `sequence_lengths` (encoder and decoder lengths, optional)
-    are checked against `model.moe.group_size`.
+    are checked against `model.moe.group_size`; `process_count` hosts (default jax.process_count())
+    each feed an equal share of the batch.
     """
+    process_count = jax.process_count() if process_count is None else process_count
     data, expert, model = mesh_cfg.resolve(device_count)
     num_experts = model_cfg.moe.num_experts
     check(num_experts % expert == 0, "model.moe.num_experts",
@@ -127,9 +129,9 @@ def validate_layout(mesh_cfg: MeshConfig, model_cfg: ModelConfig, batch_size: in
     check(batch_size % replicas == 0, "batch_size",
            f"{batch_size} is not divisible by the data-parallel size mesh.data * mesh.expert = "
            f"{data} * {expert} = {replicas}")
-    if jax.process_count() > 1:
-        check(batch_size % jax.process_count() == 0, "batch_size",
-               f"{batch_size} is not divisible by the process count {jax.process_count()}")
+    if process_count > 1:
+        check(batch_size % process_count == 0, "batch_size",
+               f"{batch_size} is not divisible by the process count {process_count}")
     for field, value in (("d_ff", model_cfg.d_ff), ("num_heads", model_cfg.num_heads),
                          ("vocab_size", model_cfg.vocab_size)):
         check(value % model == 0, f"model.{field}",
@@ -158,10 +160,13 @@ def expert_split(mesh: Mesh) -> int:
 
 
 def resolve_model(cfg: ModelConfig, mesh: Mesh) -> ModelConfig:
-    """`cfg` with its MoE dispatch and expert execution chosen for this backend and mesh
-    (dispatch.resolve_model); what the model is built from."""
+    """`cfg` with its MoE dispatch and expert execution chosen for the mesh's devices and shape
+    (dispatch.resolve_model); what the model is built from. The backend is the platform of the
+    mesh's devices, not jax.default_backend(): a mesh of a TPU topology's compile-only devices
+    (stmoe.aot, on a CPU-only machine) resolves as on that TPU."""
     from stmoe import dispatch
-    return dispatch.resolve_model(cfg, expert_split=expert_split(mesh), mesh_devices=mesh.size)
+    return dispatch.resolve_model(cfg, backend=mesh.devices.flat[0].platform, expert_split=expert_split(mesh),
+                                  mesh_devices=mesh.size)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from stmoe.config import MoeConfig
+
 Array = jax.Array
 
 
@@ -42,6 +44,19 @@ def expert_capacity(group_size: int, num_experts: int, capacity_factor: float, m
     exact = fractions.Fraction(repr(float(capacity_factor))) * group_size / num_experts
     slots = round(exact) if rounding == "round" else math.ceil(exact)
     return min(group_size, max(min_capacity, slots))
+
+
+def layer_capacity(moe: MoeConfig, group_size: int, deterministic: bool) -> int:
+    """The slots per expert and group an MoE layer with config `moe` uses (moe.MoeLayer; stmoe.flops
+    counts the expert work with it): the group for dropless dispatch (nothing dropped), an integer
+    `expert_capacity` (at most the group), else `expert_capacity` of the eval (deterministic) or train
+    capacity factor."""
+    if moe.dispatch == "dropless":
+        return group_size  # an expert can take every token of a group: nothing is dropped
+    if moe.expert_capacity is not None:
+        return min(moe.expert_capacity, group_size)  # more slots than tokens only compute padding
+    factor = moe.eval_capacity_factor if deterministic else moe.train_capacity_factor
+    return expert_capacity(group_size, moe.num_experts, factor, moe.min_capacity, moe.capacity_rounding)
 
 
 def flaxformer_num_groups(num_tokens: int, max_group_size: int, multiple: int) -> int:

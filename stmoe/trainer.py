@@ -145,6 +145,41 @@ def _say(message: str) -> None:
 # ------------------------------------------------------------------------------ the trainer
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSteps:
+    """What `build_steps` makes of a run on a mesh."""
+
+    model_config: config_lib.ModelConfig  # run.model resolved for the mesh (dispatch, expert execution)
+    model: EncoderDecoder
+    optim_config: optim.OptimConfig
+    layout: steps.StateLayout
+    train_step: Callable  # jitted (state, batch) -> (state, metrics), the state donated
+    eval_step: Callable  # jitted (params, batch) -> metric sums
+
+
+def build_steps(run: RunConfig, mesh: Any, on_trace: Callable[[], None] | None = None) -> RunSteps:
+    """Sections 5 and 6 of `train_and_evaluate`: the model resolved for `mesh` (its devices' platform:
+    a TPU topology's compile-only devices resolve as on TPU, stmoe.aot), the optimizer built on the
+    abstract params' paths, the state's shardings (nothing unsharded, stmoe.steps.state_layout) and
+    the jitted train and eval steps. Allocates nothing."""
+    # 5. The MoE dispatch and expert execution are chosen here, once, for this backend and mesh.
+    model_cfg = partitioning.resolve_model(run.model, mesh)
+    model = EncoderDecoder(model_cfg)
+    optim_cfg = run.optimizer()
+    lengths = (run.data.inputs_length, run.data.targets_length)
+    shapes = {"encoder_input_tokens": (2, lengths[0]), "decoder_input_tokens": (2, lengths[1]),
+              "decoder_target_tokens": (2, lengths[1])}
+    layout = steps.state_layout(model, lambda params: optim.make_optimizer(optim_cfg, params), mesh, shapes,
+                                jax.random.key(run.seed))
+    # 6. Step functions (stmoe.steps): pure, bound to their settings, jitted with shardings; the state is donated.
+    train_step = steps.make_train_step(
+        model, layout.optimizer, mesh=mesh, state_shardings=layout.shardings,
+        learning_rate_fn=optim.learning_rate_schedule(optim_cfg), loss_cfg=run.loss, microbatches=run.microbatches,
+        seed=run.seed, on_trace=on_trace)
+    eval_step = steps.make_eval_step(model, mesh=mesh, param_shardings=layout.shardings.params)
+    return RunSteps(model_cfg, model, optim_cfg, layout, train_step, eval_step)
+
+
 def train_and_evaluate(config: RunConfig | ml_collections.ConfigDict, workdir: str, *,
                        hooks: Sequence[Hook] = ()) -> TrainResult:
     """Trains (or resumes) the run described by `config` in `workdir`; see the module docstring.
@@ -206,24 +241,12 @@ def _train(run: RunConfig, tasks: stmoe_tasks.TaskNames, workdir: str, hooks: Se
             log_dir=os.path.join(workdir, "infer_eval"), batch_size=infer.batch_size, decoding=infer.decoding,
             beam_size=infer.beam_size)
 
-    # 5. Model, optimizer and shardings: abstract params -> optimizer built on their paths -> state shardings.
-    # The MoE dispatch and expert execution are chosen here, once, for this backend and mesh.
-    model_cfg = partitioning.resolve_model(run.model, mesh)
-    model = EncoderDecoder(model_cfg)
-    optim_cfg = run.optimizer()
-    init_rng = jax.random.key(run.seed)
-    shapes = {"encoder_input_tokens": (2, lengths["inputs"]), "decoder_input_tokens": (2, lengths["targets"]),
-              "decoder_target_tokens": (2, lengths["targets"])}
-    layout = steps.state_layout(model, lambda params: optim.make_optimizer(optim_cfg, params), mesh, shapes,
-                                init_rng)
-
-    # 6. Step functions (stmoe.steps): pure, bound to their settings, jitted with shardings; the state is donated.
+    # 5-6. Model, optimizer, the state's shardings and the jitted steps (`build_steps`).
     traces = {"train": 0}
-    p_train_step = steps.make_train_step(
-        model, layout.optimizer, mesh=mesh, state_shardings=layout.shardings,
-        learning_rate_fn=optim.learning_rate_schedule(optim_cfg), loss_cfg=run.loss, microbatches=run.microbatches,
-        seed=run.seed, on_trace=lambda: traces.__setitem__("train", traces["train"] + 1))
-    p_eval_step = steps.make_eval_step(model, mesh=mesh, param_shardings=layout.shardings.params)
+    built = build_steps(run, mesh, on_trace=lambda: traces.__setitem__("train", traces["train"] + 1))
+    model_cfg, model, optim_cfg, layout = built.model_config, built.model, built.optim_config, built.layout
+    p_train_step, p_eval_step = built.train_step, built.eval_step
+    init_rng = jax.random.key(run.seed)
 
     # 7. Restore (stmoe.restore): own workdir > resume_from > init_checkpoint (params only) > scratch.
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=run.keep_checkpoints)
