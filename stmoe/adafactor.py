@@ -160,7 +160,8 @@ class T5xAdafactorState(NamedTuple):
     m: Any
 
 
-def _is_box(x: Any) -> bool:
+def is_box(x: Any) -> bool:
+    """A flax `nn.Partitioned` (any AxisMetadata) box: one parameter with its logical axis names."""
     return isinstance(x, nn.meta.AxisMetadata)
 
 
@@ -171,19 +172,20 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
-def _path(path: tuple[Any, ...]) -> str:
+def param_path(path: tuple[Any, ...]) -> str:
+    """'/'-joined names of a jax key path, e.g. 'decoder/layers_3/mlp/wi/kernel'."""
     return "/".join(_key_name(k) for k in path)
 
 
 def logical_axes(params: Any) -> dict[str, tuple[str, ...]]:
     """'/'-joined path -> logical axis names of every nn.Partitioned box in `params`."""
-    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]
-    return {_path(path): tuple(leaf.names) for path, leaf in leaves
-            if _is_box(leaf) and getattr(leaf, "names", None) is not None}
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_box)[0]
+    return {param_path(path): tuple(leaf.names) for path, leaf in leaves
+            if is_box(leaf) and getattr(leaf, "names", None) is not None}
 
 
 def _unbox(x: Any) -> Any:
-    if not _is_box(x):
+    if not is_box(x):
         return x
     return x.value if hasattr(x, "value") else x.unbox()  # the value, no sharding constraint
 
@@ -222,14 +224,14 @@ def t5x_adafactor(
     placeholder = lambda: jnp.zeros((1,), jnp.float32)  # noqa: E731
 
     def plan_of(path: str, leaf: Any) -> FactorPlan:
-        names = getattr(leaf, "names", None) if _is_box(leaf) else None
+        names = getattr(leaf, "names", None) if is_box(leaf) else None
         names = axis_names.get(path) if names is None else names
         return factor_plan(shape_of(leaf), names, factored=factored,
                            min_dim_size_to_factor=min_dim_size_to_factor, path=path)
 
     def flat(tree: Any):
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)
-        return [_path(p) for p, _ in leaves], [leaf for _, leaf in leaves], treedef
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)
+        return [param_path(p) for p, _ in leaves], [leaf for _, leaf in leaves], treedef
 
     def init_fn(params):
         paths, leaves, treedef = flat(params)
@@ -261,7 +263,7 @@ def t5x_adafactor(
         lr = learning_rate(step) if callable(learning_rate) else learning_rate
         out = {"u": [], "v_row": [], "v_col": [], "v": [], "m": []}
         for path, g_leaf, p_leaf, v_row, v_col, v, m in zip(paths, grads, param_leaves, *states):
-            plan = plan_of(path, p_leaf if _is_box(p_leaf) else g_leaf)
+            plan = plan_of(path, p_leaf if is_box(p_leaf) else g_leaf)
             grad = _unbox(g_leaf).astype(jnp.float32)
             param = None if p_leaf is None else _unbox(p_leaf).astype(jnp.float32)
             scale = lr
@@ -291,7 +293,7 @@ def t5x_adafactor(
             if weight_decay_rate is not None:  # :561-562: (1 - rate) * param - subtrahend
                 update = update - weight_decay_rate * param
             update = update.astype(_unbox(g_leaf).dtype)
-            out["u"].append(g_leaf.replace_boxed(update) if _is_box(g_leaf) else update)
+            out["u"].append(g_leaf.replace_boxed(update) if is_box(g_leaf) else update)
             for name, value in (("v_row", v_row), ("v_col", v_col), ("v", v), ("m", m)):
                 out[name].append(value)
         build = treedef.unflatten
@@ -306,9 +308,9 @@ def factor_plans(params: Any, axis_names: Mapping[str, Sequence[str]] | None = N
                  min_dim_size_to_factor: int = 128) -> dict[str, FactorPlan]:
     """'/'-joined path -> FactorPlan of every parameter (boxed or not): what `t5x_adafactor` does to it."""
     axis_names = {**dict(axis_names or {}), **logical_axes(params)}
-    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]
-    return {_path(p): factor_plan(shape_of(leaf), axis_names.get(_path(p)), factored=factored,
-                                  min_dim_size_to_factor=min_dim_size_to_factor, path=_path(p))
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_box)[0]
+    return {param_path(p): factor_plan(shape_of(leaf), axis_names.get(param_path(p)), factored=factored,
+                                  min_dim_size_to_factor=min_dim_size_to_factor, path=param_path(p))
             for p, leaf in leaves}
 
 

@@ -29,12 +29,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from stmoe import adafactor
+from stmoe.adafactor import is_box as _is_box, param_path
 from stmoe.config import OptimConfig  # noqa: F401 - the settings every builder here takes
 
 FROZEN = "frozen"
@@ -82,23 +82,6 @@ def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
 
 
 # ----------------------------------------------------------- parameter groups
-
-
-def _is_box(x: Any) -> bool:
-    # A flax `nn.Partitioned` (any AxisMetadata) box is one parameter.
-    return isinstance(x, nn.meta.AxisMetadata)
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def param_path(path: tuple[Any, ...]) -> str:
-    """'/'-joined names of a jax key path, e.g. 'decoder/layers_3/mlp/wi/kernel'."""
-    return "/".join(_key_name(k) for k in path)
 
 
 def _map_params(fn, params):
