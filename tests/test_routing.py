@@ -97,6 +97,18 @@ def test_clamped_capacity_changes_no_result():
     assert bool(np.all(small.kept))
 
 
+def assert_route_matches(route, want_assign, want_weight, tokens, k, capacity, experts):
+    """The routing's slot view and token-major view against a reference assignment [groups, tokens, k]
+    (slot index or -1) and its combine weights."""
+    got_assign, got_weight = slots_to_token_view(route, tokens, k, capacity)
+    np.testing.assert_array_equal(got_assign, want_assign)
+    np.testing.assert_allclose(got_weight, want_weight, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(route.kept), want_assign >= 0)
+    # The token-major view names the same slots; a choice without one points past the end.
+    np.testing.assert_array_equal(np.asarray(route.choice_slot),
+                                  np.where(want_assign >= 0, want_assign, experts * capacity))
+
+
 @pytest.mark.parametrize("k,capacity,prioritized", [(1, 3, False), (2, 3, False), (2, 2, True), (2, 40, False)])
 def test_tokens_choose_matches_numpy(k, capacity, prioritized):
     groups, tokens, experts = 3, 24, 4
@@ -106,13 +118,7 @@ def test_tokens_choose_matches_numpy(k, capacity, prioritized):
     route = routing.tokens_choose_routing(jnp.asarray(probs), jnp.asarray(mask, jnp.float32), top_k=k,
                                           capacity=capacity, batch_prioritized=prioritized)
     want_assign, want_weight = numpy_tokens_choose(probs, mask, k, capacity, prioritized=prioritized)
-    got_assign, got_weight = slots_to_token_view(route, tokens, k, capacity)
-    np.testing.assert_array_equal(got_assign, want_assign)
-    np.testing.assert_allclose(got_weight, want_weight, rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(np.asarray(route.kept), want_assign >= 0)
-    # The token-major view names the same slots; a choice without one points past the end.
-    np.testing.assert_array_equal(np.asarray(route.choice_slot),
-                                  np.where(want_assign >= 0, want_assign, experts * capacity))
+    assert_route_matches(route, want_assign, want_weight, tokens, k, capacity, experts)
     np.testing.assert_allclose(np.asarray(route.choice_weight), want_weight, rtol=1e-6, atol=1e-7)
     # Padding is never routed and takes no slot.
     assert not np.asarray(route.wanted)[1, -5:].any()
@@ -182,12 +188,7 @@ def test_position_major_matches_numpy_reference(k, capacity, spanning):
     if k > 1:
         gates = gates / gates.sum(-1, keepdims=True)
     want_weight = np.where(want_assign >= 0, gates, 0.0)
-    got_assign, got_weight = slots_to_token_view(route, tokens, k, capacity)
-    np.testing.assert_array_equal(got_assign, want_assign)
-    np.testing.assert_allclose(got_weight, want_weight, rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(np.asarray(route.kept), want_assign >= 0)
-    np.testing.assert_array_equal(np.asarray(route.choice_slot),
-                                  np.where(want_assign >= 0, want_assign, experts * capacity))
+    assert_route_matches(route, want_assign, want_weight, tokens, k, capacity, experts)
     if capacity < tokens:
         assert (want_assign < 0)[mask].any(), "the case is meant to drop tokens"
         if k > 1:  # and the two orders differ on it, so the comparison tells them apart
