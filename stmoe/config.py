@@ -122,6 +122,8 @@ class _Replaceable:
         the field's annotation (e.g. a hand-edited config.json's "d_model": "64"), is a ConfigError
         naming the field. Ints are accepted for float fields, lists for tuples."""
         prefix = cls.PREFIX if prefix is None else prefix
+        if isinstance(values, ml_collections.ConfigDict):  # the CLI's view of the same tree
+            values = values.to_dict()
         check(isinstance(values, Mapping), prefix.rstrip(".") or "config",
               f"must be a mapping of fields, got {type(values).__name__}")
         hints = typing.get_type_hints(cls)
@@ -218,9 +220,9 @@ class MoeConfig(_Replaceable):
     # before token t+1's (by position in the sequence when a group spans rows), so no later token can
     # take an earlier one's slot (causal); "rank_major" serves every first choice before any second
     # choice, in token order, as the encoder does and as flaxformer does in both stacks, which lets a
-    # later token's first choice evict an earlier token's second (docs/design.md "Causal decoder
-    # routing"). Converted t5x / HF models set "rank_major"; a run's config.json without this field was
-    # trained with it (upgrade_run_config).
+    # later token's first choice evict an earlier token's second
+    # (docs/design.md "Causal decoder routing"). Converted t5x / HF models set "rank_major"; a run's
+    # config.json without this field was trained with it (upgrade_run_config).
     decoder_priority: str = "position_major"
     route_padding: bool = False  # HF routes padding tokens; ST-MoE does not
     # flaxformer multiplies every sublayer's input by the padding mask, so routed padding reaches the

@@ -55,9 +55,12 @@ def test_label_smoothing_is_cross_entropy_against_the_smoothed_targets():
     ls, vocab = 0.1, LOGITS.shape[-1]
     probs = np.exp(LOGITS[0].astype(np.float64))
     log_p = np.log(probs / probs.sum(-1, keepdims=True))
-    q = np.full((4, vocab), ls / vocab)
-    q[np.arange(4), TARGETS[0]] += 1 - ls  # (1 - ls) one-hot + ls uniform
-    want = -(q * log_p).sum(-1)[:3].sum()
+    # t5x's soft target (t5x/losses.py:161-174): 1 - ls on the target, ls / (V - 1) elsewhere, and the
+    # soft target's own entropy subtracted so that predicting it exactly costs 0.
+    q = np.full((4, vocab), ls / (vocab - 1))
+    q[np.arange(4), TARGETS[0]] = 1 - ls
+    entropy = -(q[0] * np.log(q[0])).sum()
+    want = (-(q * log_p).sum(-1) - entropy)[:3].sum()
     sums = losses.cross_entropy_sums(jnp.asarray(LOGITS), jnp.asarray(TARGETS), label_smoothing=ls)
     assert float(sums["cross_entropy"]) == pytest.approx(want, rel=1e-6)
     assert float(sums["correct"]) == 2.0  # accuracy does not depend on smoothing

@@ -363,7 +363,8 @@ def test_batch_prioritized_encoder_only(monkeypatch):
     cfg = ModelConfig(vocab_size=64, d_model=16, d_ff=32, num_heads=2, d_kv=8, num_encoder_layers=2,
                       num_decoder_layers=2, sparse_interval=2,
                       moe=MoeConfig(num_experts=4, top_k=2, second_expert_policy="all", eval_capacity_factor=0.5,
-                                    train_capacity_factor=0.5, min_capacity=1, batch_prioritized=True)).validate()
+                                    train_capacity_factor=0.5, min_capacity=1, batch_prioritized=True,
+                                    decoder_priority="rank_major")).validate()  # the reference is rank-major
     model = EncoderDecoder(cfg)
     rng = np.random.default_rng(0)
     batch = {"encoder_input_tokens": jnp.asarray(rng.integers(2, 64, (2, 16)), jnp.int32),
