@@ -1,0 +1,81 @@
+r"""Train with a router probe: how each router's weights, updates and gradients move (stmoe.experiments.router_learning).
+
+    python scripts/diagnose_routers.py --workdir runs/router_learning/default      # the quick start + probe
+    python scripts/diagnose_routers.py --workdir runs/router_learning/lr_x10 --config.optim.router_lr_multiplier=10
+    python scripts/diagnose_routers.py --plot default=runs/router_learning/default \
+        --plot lr_x10=runs/router_learning/lr_x10 --out docs/router_learning.png
+
+Training is scripts/train.py's (same config flags, default the quick start) with a step hook
+that records every router kernel's update / weight ratio each step and, every --probe_every
+steps, the gradient of each objective term on one fixed held-out batch. Writes
+WORKDIR/router_learning.jsonl and WORKDIR/router_learning_summary.json, and prints the summary.
+--plot NAME=WORKDIR (repeatable) draws finished runs side by side instead of training.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from stmoe import cli  # noqa: E402
+
+DEFAULT_CONFIG = os.path.join(cli.REPO_ROOT, "configs", "pretrain.py") + ":tiny"
+
+
+def _define(flag_values):
+    from absl import flags
+    return {
+        "workdir": flags.DEFINE_string("workdir", "./runs/router_learning/default", "The run's directory.",
+                                       flag_values=flag_values),
+        "probe_every": flags.DEFINE_integer("probe_every", 10, "Steps between gradient probes.", lower_bound=1,
+                                            flag_values=flag_values),
+        "plot": flags.DEFINE_multi_string("plot", [], "NAME=WORKDIR of a finished run to draw (repeatable).",
+                                          flag_values=flag_values),
+        "out": flags.DEFINE_string("out", "router_learning.png", "The --plot figure's path.",
+                                   flag_values=flag_values),
+    }
+
+
+def _print_summary(summary: dict) -> None:
+    columns = ("entropy_first", "entropy_last", "update_ratio_mean", "learning_rate_mean", "weight_rms_first",
+               "weight_rms_last", "balance_share_mean", "cos_ce_balance_mean")
+    print("layer".ljust(40) + "".join(c.replace("_mean", "").rjust(19) for c in columns))
+    for layer, row in summary.items():
+        print(layer.ljust(40) + "".join(f"{row[c]:19.4g}" for c in columns))
+
+
+def main(argv: list[str]) -> int:
+    try:
+        config, flags = cli.script_config(argv, DEFAULT_CONFIG, _define, program="diagnose_routers.py", doc=__doc__)
+    except cli.ExitStatus as done:
+        return done.status
+    from stmoe import trainer
+    from stmoe.experiments import router_learning
+
+    num_experts = config.model.moe.num_experts
+    if flags["plot"]:
+        runs = {}
+        for spec in flags["plot"]:
+            name, sep, workdir = spec.partition("=")
+            if not sep or not os.path.exists(os.path.join(workdir, "router_learning.jsonl")):
+                return cli.fail("diagnose_routers.py", "flag", ValueError(
+                    f"--plot {spec!r}: want NAME=WORKDIR of a finished diagnose_routers.py run"))
+            runs[name] = router_learning.load(workdir)
+        print(router_learning.plot(runs, num_experts, flags["out"]))
+        return 0
+    try:
+        records = router_learning.train_with_probe(config, flags["workdir"], probe_every=flags["probe_every"])
+    except trainer.TrainingDiverged as e:
+        return cli.fail("diagnose_routers.py", "training", e, status=cli.TRAINING_DIVERGED)
+    except trainer.USER_ERRORS as e:
+        return cli.fail("diagnose_routers.py", trainer.error_kind(e), e)
+    summary = router_learning.summarize(records, num_experts)
+    with open(os.path.join(flags["workdir"], "router_learning_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    _print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

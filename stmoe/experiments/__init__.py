@@ -1,0 +1,1 @@
+"""Research experiments built on the package: what the scripts in scripts/ run."""
