@@ -9,7 +9,9 @@ Training is scripts/train.py's (same config flags, default the quick start) with
 that records every router kernel's update / weight ratio each step and, every --probe_every
 steps, the gradient of each objective term on one fixed held-out batch. Writes
 WORKDIR/router_learning.jsonl and WORKDIR/router_learning_summary.json, and prints the summary.
---plot NAME=WORKDIR (repeatable) draws finished runs side by side instead of training.
+--plot NAME=WORKDIR (repeatable) compares finished runs instead of training: prints a table (held-out
+loss, router entropy, weight growth against a random walk, drops), draws --out and writes its JSON
+beside it (same name, .json).
 """
 from __future__ import annotations
 
@@ -45,6 +47,17 @@ def _print_summary(summary: dict) -> None:
         print(layer.ljust(40) + "".join(f"{row[c]:19.4g}" for c in columns))
 
 
+def _print_comparison(rows: list[dict]) -> None:
+    columns = ("eval_cross_entropy", "encoder_entropy_last", "decoder_entropy_last", "encoder_weight_rms_growth",
+               "encoder_growth_vs_random_walk", "encoder_balance_share", "encoder_dropped_rank1",
+               "decoder_dropped_rank1")
+    names = [c.replace("encoder_", "enc_").replace("decoder_", "dec_").replace("_vs_random_walk", "/walk")
+             for c in columns]
+    print("run".ljust(24) + "".join(name.rjust(max(len(name) + 2, 10)) for name in names))
+    for row in rows:
+        print(row["name"].ljust(24) + "".join(f"{row[c]:{max(len(name) + 2, 10)}.4g}" for c, name in zip(columns, names)))
+
+
 def main(argv: list[str]) -> int:
     try:
         config, flags = cli.script_config(argv, DEFAULT_CONFIG, _define, program="diagnose_routers.py", doc=__doc__)
@@ -61,8 +74,13 @@ def main(argv: list[str]) -> int:
             if not sep or not os.path.exists(os.path.join(workdir, "router_learning.jsonl")):
                 return cli.fail("diagnose_routers.py", "flag", ValueError(
                     f"--plot {spec!r}: want NAME=WORKDIR of a finished diagnose_routers.py run"))
-            runs[name] = router_learning.load(workdir)
-        print(router_learning.plot(runs, num_experts, flags["out"]))
+            runs[name] = workdir
+        rows = router_learning.compare(runs, num_experts)
+        _print_comparison(rows)
+        figure = router_learning.plot({name: router_learning.load(w) for name, w in runs.items()}, num_experts,
+                                      flags["out"])
+        cli.write_result(os.path.splitext(figure)[0] + ".json", {"runs": rows})
+        print(f"figure: {figure}")
         return 0
     try:
         records = router_learning.train_with_probe(config, flags["workdir"], probe_every=flags["probe_every"])

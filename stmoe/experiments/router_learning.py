@@ -208,8 +208,48 @@ def summarize(records: Sequence[Mapping[str, Any]], num_experts: int) -> dict[st
             "cos_ce_balance_mean": float(np.mean([row["cos_ce_balance"] for row in probed if "cos_ce_balance" in row])),
             "grad_norm_ce_mean": float(np.mean([row["grad_norm_cross_entropy"] for row in probed
                                                 if "grad_norm_cross_entropy" in row])),
+            "growth_vs_random_walk": growth_vs_random_walk([row["weight_norm"] for row in rows], ratios),
         }
     return out
+
+
+def growth_vs_random_walk(weight_norms: Sequence[float], update_ratios: Sequence[float]) -> float:
+    """(||W_T||^2 - ||W_0||^2) / sum_t ||dW_t||^2 with ||dW_t|| = update_ratios[t-1] ||W_{t-1}||.
+
+    ||W_T||^2 = ||W_0||^2 + sum_t ||dW_t||^2 + 2 sum_t <W_{t-1}, dW_t>: about 1 when the updates are
+    uncorrelated with the weights (a random walk, whose RMS grows only as sqrt(1 + sum ratio^2)),
+    above 1 when they keep pushing the same way, below 1 when they shrink W.
+    """
+    steps_squared = sum((ratio * norm) ** 2 for ratio, norm in zip(update_ratios, weight_norms[:-1]))
+    if not steps_squared:
+        return float("nan")
+    return float((weight_norms[-1] ** 2 - weight_norms[0] ** 2) / steps_squared)
+
+
+def compare(workdirs: Mapping[str, str], num_experts: int) -> list[dict[str, Any]]:
+    """One row per finished run: held-out cross-entropy at its last eval, the encoder and decoder
+    routers' mean last entropy / ln E, weight RMS growth and growth_vs_random_walk, first-choice
+    drops at the last eval."""
+    rows = []
+    for name, workdir in workdirs.items():
+        summary = summarize(load(workdir), num_experts)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            evals = [r for r in map(json.loads, f) if "eval/cross_entropy" in r]
+        last = evals[-1] if evals else {}
+        row: dict[str, Any] = {"name": name, "workdir": workdir, "step": last.get("step"),
+                               "eval_cross_entropy": last.get("eval/cross_entropy")}
+        for stack in ("encoder", "decoder"):
+            layers = [v for k, v in summary.items() if k.startswith(stack)]
+            drops = [v for k, v in last.items() if k.startswith(f"eval/moe/{stack}/")
+                     and k.endswith("dropped_fraction_rank1")]
+            row[f"{stack}_entropy_last"] = float(np.mean([v["entropy_last"] for v in layers]))
+            row[f"{stack}_weight_rms_growth"] = float(np.mean([v["weight_rms_last"] / v["weight_rms_first"]
+                                                               for v in layers]))
+            row[f"{stack}_growth_vs_random_walk"] = float(np.mean([v["growth_vs_random_walk"] for v in layers]))
+            row[f"{stack}_balance_share"] = float(np.mean([v["balance_share_mean"] for v in layers]))
+            row[f"{stack}_dropped_rank1"] = float(np.mean(drops)) if drops else float("nan")
+        rows.append(row)
+    return rows
 
 
 def plot(runs: Mapping[str, Sequence[Mapping[str, Any]]], num_experts: int, path: str,
