@@ -39,23 +39,24 @@ def _define(flag_values):
     }
 
 
-def _print_summary(summary: dict) -> None:
-    columns = ("entropy_first", "entropy_last", "update_ratio_mean", "learning_rate_mean", "weight_rms_first",
-               "weight_rms_last", "balance_share_mean", "cos_ce_balance_mean")
-    print("layer".ljust(40) + "".join(c.replace("_mean", "").rjust(19) for c in columns))
-    for layer, row in summary.items():
-        print(layer.ljust(40) + "".join(f"{row[c]:19.4g}" for c in columns))
+def _print_table(label: str, rows: dict[str, dict], columns: tuple[str, ...], abbreviations=()) -> None:
+    """One line per row name, a right-aligned column per field (header shortened by `abbreviations`)."""
+    names = list(columns)
+    for long, short in abbreviations:
+        names = [name.replace(long, short) for name in names]
+    widths = [max(len(name) + 2, 10) for name in names]
+    first = max([len(label)] + [len(name) for name in rows]) + 2
+    print(label.ljust(first) + "".join(name.rjust(width) for name, width in zip(names, widths)))
+    for name, row in rows.items():
+        print(name.ljust(first) + "".join(f"{row[c]:{width}.4g}" for c, width in zip(columns, widths)))
 
 
-def _print_comparison(rows: list[dict]) -> None:
-    columns = ("eval_cross_entropy", "encoder_entropy_last", "decoder_entropy_last", "encoder_weight_rms_growth",
-               "encoder_growth_vs_random_walk", "encoder_balance_share", "encoder_dropped_rank1",
-               "decoder_dropped_rank1")
-    names = [c.replace("encoder_", "enc_").replace("decoder_", "dec_").replace("_vs_random_walk", "/walk")
-             for c in columns]
-    print("run".ljust(24) + "".join(name.rjust(max(len(name) + 2, 10)) for name in names))
-    for row in rows:
-        print(row["name"].ljust(24) + "".join(f"{row[c]:{max(len(name) + 2, 10)}.4g}" for c, name in zip(columns, names)))
+SUMMARY_COLUMNS = ("entropy_first", "entropy_last", "update_ratio_mean", "learning_rate_mean", "weight_rms_first",
+                   "weight_rms_last", "balance_share_mean", "cos_ce_balance_mean")
+COMPARISON_COLUMNS = ("eval_cross_entropy", "encoder_entropy_last", "decoder_entropy_last",
+                      "encoder_weight_rms_growth", "encoder_growth_vs_random_walk", "encoder_balance_share",
+                      "encoder_dropped_rank1", "decoder_dropped_rank1")
+SHORT = (("_mean", ""), ("encoder_", "enc_"), ("decoder_", "dec_"), ("_vs_random_walk", "/walk"))
 
 
 def main(argv: list[str]) -> int:
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> int:
                     f"--plot {spec!r}: want NAME=WORKDIR of a finished diagnose_routers.py run"))
             runs[name] = workdir
         rows = router_learning.compare(runs, num_experts)
-        _print_comparison(rows)
+        _print_table("run", {row["name"]: row for row in rows}, COMPARISON_COLUMNS, SHORT)
         figure = router_learning.plot({name: router_learning.load(w) for name, w in runs.items()}, num_experts,
                                       flags["out"])
         cli.write_result(os.path.splitext(figure)[0] + ".json", {"runs": rows})
@@ -91,7 +92,7 @@ def main(argv: list[str]) -> int:
     summary = router_learning.summarize(records, num_experts)
     with open(os.path.join(flags["workdir"], "router_learning_summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    _print_summary(summary)
+    _print_table("layer", summary, SUMMARY_COLUMNS, SHORT)
     return 0
 
 

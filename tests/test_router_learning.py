@@ -38,6 +38,16 @@ def test_part_norms_by_hand():
         math.sqrt(9 + 1) / 5)
 
 
+def test_growth_vs_random_walk_by_hand():
+    # Norms 5 -> 5: steps of 0.2 x 5 = 1 each, no net growth (updates that cancel): 0 / 2.
+    assert router_learning.growth_vs_random_walk([5.0, 5.0, 5.0], [0.2, 0.2]) == pytest.approx(0.0)
+    # W = (3, 0) -> (3, 4): one step of norm 4 orthogonal to W, the random-walk case: (25 - 9) / 16.
+    assert router_learning.growth_vs_random_walk([3.0, 5.0], [4 / 3]) == pytest.approx(1.0)
+    # W = (1,) -> (2,) -> (3,): steps of 1 along W: (9 - 1) / (1 + 1) = 4, above a random walk.
+    assert router_learning.growth_vs_random_walk([1.0, 2.0, 3.0], [1.0, 0.5]) == pytest.approx(4.0)
+    assert math.isnan(router_learning.growth_vs_random_walk([1.0], []))
+
+
 def test_gradient_parts_are_each_terms_gradient_and_add_up_to_the_train_steps():
     """Each part is the router gradient of its own term alone (a separate jax.grad), and the parts
     sum to the router gradient the train step computes from losses.total_loss (return_grads), at
@@ -49,10 +59,7 @@ def test_gradient_parts_are_each_terms_gradient_and_add_up_to_the_train_steps():
     run, tasks = trainer.prepare(config)
     mesh = partitioning.make_mesh(run.mesh, jax.devices()[:1])
     built = trainer.build_steps(run, mesh)
-    lengths = {"inputs": run.data.inputs_length, "targets": run.data.targets_length}
-    train_iter, eval_batches, _ = trainer._input_streams(run, tasks, lengths)
-    train_iter.close()
-    batch = partitioning.shard_batch(eval_batches[0], mesh)
+    batch = partitioning.shard_batch(router_learning.first_held_out_batch(run, tasks), mesh)
     state = built.layout.init(jax.random.key(0))
     coef = run.loss.balance_coef
     kwargs = dict(model=built.model, loss_cfg=run.loss, balance_coef=coef)

@@ -39,9 +39,8 @@ def router_kernels(params: Any) -> dict[str, Any]:
 
     from stmoe.adafactor import param_path
 
-    flat = jax.tree_util.tree_flatten_with_path(meta.unbox(params))[0]
-    return {param_path(path): leaf for path, leaf in flat
-            if ROUTER_KEY in param_path(path).split("/") and param_path(path).endswith("kernel")}
+    paths = {param_path(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(meta.unbox(params))[0]}
+    return {path: leaf for path, leaf in paths.items() if ROUTER_KEY in path.split("/") and path.endswith("kernel")}
 
 
 def relative_change(new: np.ndarray, old: np.ndarray) -> float:
@@ -111,7 +110,6 @@ class RouterProbe:
         self._parts = jax.jit(lambda params, coef: gradient_parts(params, self.batch, jax.random.key(0),
                                                                    model=built.model, loss_cfg=run.loss,
                                                                    balance_coef=coef))
-        self.num_experts = run.model.moe.num_experts
         self.previous: dict[str, np.ndarray] | None = None
         self.records: list[dict[str, Any]] = []
 
@@ -159,19 +157,26 @@ def _kernel_for(layer: str, kernels: Mapping[str, Any]) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
+def first_held_out_batch(run, tasks) -> dict[str, np.ndarray]:
+    """The first of the held-out batches the trainer evaluates on (trainer._input_streams)."""
+    from stmoe import trainer
+
+    lengths = {"inputs": run.data.inputs_length, "targets": run.data.targets_length}
+    train_iter, eval_batches, _ = trainer._input_streams(run, tasks, lengths)
+    train_iter.close()
+    if not eval_batches:
+        raise ValueError("the router probe needs a held-out batch: set eval_steps >= 1")
+    return eval_batches[0]
+
+
 def train_with_probe(config, workdir: str, probe_every: int = 10) -> list[dict[str, Any]]:
     """Trains `config` in `workdir` exactly as scripts/train.py does, with a RouterProbe on the
     first held-out batch; returns (and writes to workdir/router_learning.jsonl) its records."""
     from stmoe import partitioning, trainer
 
     run, tasks = trainer.prepare(config)
-    lengths = {"inputs": run.data.inputs_length, "targets": run.data.targets_length}
-    train_iter, eval_batches, _ = trainer._input_streams(run, tasks, lengths)
-    train_iter.close()
-    if not eval_batches:
-        raise ValueError("the router probe needs a held-out batch: set eval_steps >= 1")
     mesh = partitioning.make_mesh(run.mesh, jax.devices()[:run.resolve_devices()])
-    probe = RouterProbe(run, mesh, eval_batches[0], probe_every=probe_every)
+    probe = RouterProbe(run, mesh, first_held_out_batch(run, tasks), probe_every=probe_every)
     trainer.train_and_evaluate(config, workdir, hooks=[probe])
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "router_learning.jsonl"), "w") as f:
@@ -191,11 +196,11 @@ def summarize(records: Sequence[Mapping[str, Any]], num_experts: int) -> dict[st
     cos(cross-entropy, balance)."""
     out: dict[str, dict[str, float]] = {}
     log_e = math.log(num_experts)
+    lrs = [r["learning_rate"] for r in records[1:]]
     for path in records[-1]["layers"]:
         rows = [r["layers"][path] for r in records if path in r["layers"]]
         probed = [row for row in rows if "router_entropy" in row]
         ratios = [row["update_ratio"] for row in rows if "update_ratio" in row]
-        lrs = [r["learning_rate"] for r in records[1:]]
         out[path] = {
             "entropy_first": probed[0]["router_entropy"] / log_e if probed else float("nan"),
             "entropy_last": probed[-1]["router_entropy"] / log_e if probed else float("nan"),
