@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import ml_collections
 
-from stmoe.config import MOVED_FIELDS
+from stmoe.config import MOVED_FIELDS, get_field
 
 USAGE_ERROR = 2
 TRAINING_DIVERGED = 3  # non-finite steps stopped the run (stmoe.trainer.TrainingDiverged); checkpoints kept
@@ -179,20 +179,13 @@ def _help_text(program: str, doc: str, spec: str, config: ml_collections.ConfigD
     for name in extra:
         flag = flag_values[name]
         flags_help.append(f"  --{name:<22} {flag.help} (default: {flag.default})")
-    fields = [f"  {path} = {_value_of(config, path)!r}" for path in field_paths(config)]
+    fields = [f"  {path} = {get_field(config, path)!r}" for path in field_paths(config)]
     return "\n".join([
         f"usage: {program} [--config FILE[:PRESET]] [--config.FIELD=VALUE ...]"
         + "".join(f" [--{name} VALUE]" for name in extra), "", doc.strip(), "", "flags:", *flags_help, "",
         f"fields: see {config_file} (model.*: configs/models.py; a comment on each); "
         "override any with --config.FIELD=VALUE.",
         "Fields and values of this config:", *fields])
-
-
-def _value_of(config: ml_collections.ConfigDict, path: str):
-    node = config
-    for name in path.split("."):
-        node = node[name]
-    return node
 
 
 def memory_allocator() -> str:

@@ -40,6 +40,7 @@ import sys
 import time
 
 from stmoe import cli, flops
+from stmoe.config import get_field, set_field
 
 PROGRAM = "compare_dense.py"
 
@@ -127,21 +128,6 @@ def matched_dense_d_ff(model_cfg) -> int:
 
 
 # ------------------------------------------------------------------------------------------ configs
-
-def set_field(config, path: str, value) -> None:
-    *parents, name = path.split(".")
-    node = config
-    for parent in parents:
-        node = node[parent]
-    node[name] = value
-
-
-def get_field(config, path: str):
-    node = config
-    for name in path.split("."):
-        node = node[name]
-    return node
-
 
 def model_configs(setting: dict, steps: int, seed: int, text_file: str | None) -> dict[str, object]:
     """{model name: ml_collections config} for the three models of the comparison."""

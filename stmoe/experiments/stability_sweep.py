@@ -43,6 +43,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 from stmoe import cli
+from stmoe.config import get_field, set_field
 
 PROGRAM = "stability_sweep.py"
 BASE_CONFIG = "configs/pretrain.py:tiny"
@@ -128,22 +129,6 @@ def criterion_text(spike_factor: float = SPIKE_FACTOR, warmup: int = CRITERION_W
     return (f"unstable = a non-finite training loss or gradients at any step (skipped or stopping the run), "
             f"or, after step {warmup}, a step's training loss above {spike_factor} x the lowest training "
             f"loss so far")
-
-
-def set_field(config, path: str, value: Any) -> None:
-    """config.a.b = value for path 'a.b' (a locked ConfigDict: an unknown field raises)."""
-    *parents, name = path.split(".")
-    node = config
-    for parent in parents:
-        node = node[parent]
-    node[name] = value
-
-
-def get_field(config, path: str) -> Any:
-    node = config
-    for name in path.split("."):
-        node = node[name]
-    return node
 
 
 def run_overrides(variant: str, seed: int, steps: int, user: Mapping[str, Any]) -> dict[str, Any]:
