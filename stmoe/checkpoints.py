@@ -52,24 +52,11 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+# The errors a user is told about in one line: defined with the exit statuses (stmoe.errors), raised here.
+from stmoe.errors import CheckpointRestoreError, CheckpointSaveError, IncompatibleCheckpointError, WorkdirError
+
 _STATE = "state"
 _DATA = "data"
-
-
-class CheckpointRestoreError(RuntimeError):
-    """No checkpoint step could be restored."""
-
-
-class IncompatibleCheckpointError(ValueError):
-    """A checkpoint's parameters do not fit the model config (the message lists the differences)."""
-
-
-class CheckpointSaveError(OSError):
-    """A checkpoint could not be written (the message names the step and the newest complete one)."""
-
-
-class WorkdirError(OSError):
-    """A run's directory cannot be created or written (the message names it and the reason)."""
 
 
 class WorkdirInUseError(WorkdirError):

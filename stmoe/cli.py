@@ -1,12 +1,9 @@
-"""What every script in scripts/ shares: quiet TensorFlow, ml_collections config flags, one-line errors.
+"""What every script in scripts/ shares: ml_collections config flags and config files, argparse helpers,
+checkpoint flags, a training run's exit status.
 
-Convention: a bad input (config field, missing or incompatible checkpoint, unknown task, empty input
-file) prints ONE line on stderr, `<script>: <what> error: <message>`, and the script exits with
-status 2. A run stopped by non-finite steps (stmoe.trainer.TrainingDiverged) prints one such line
-and exits with status 3, its checkpoints kept. A run stopped by SIGINT / SIGTERM saves a checkpoint
-and exits with 128 + the signal number (130 / 143, the shell's convention), so `train.py && next`
-does not go on with an unfinished run. A crash in the computation itself keeps its traceback
-(status 1).
+Exit statuses and one-line errors (`fail`, UsageError, ...) live in stmoe.errors, the process probes
+(`import_tensorflow_quietly`, `memory_allocator`, REPO_ROOT) in stmoe.host; both are re-exported
+here, so a script needs `cli` only.
 """
 from __future__ import annotations
 
@@ -20,53 +17,11 @@ from typing import Callable, Sequence
 
 import ml_collections
 
-from stmoe.config import MOVED_FIELDS
-
-USAGE_ERROR = 2
-TRAINING_DIVERGED = 3  # non-finite steps stopped the run (stmoe.trainer.TrainingDiverged); checkpoints kept
-STOPPED_BY_SIGNAL = 128  # + the signal number: 130 SIGINT, 143 SIGTERM; stopped early, checkpoint saved
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class UsageError(Exception):
-    """A bad input a script reports in one line with exit status 2."""
-
-
-def import_tensorflow_quietly() -> None:
-    """seqio's TensorFlow prints C++ log lines on fd 2 at import (TF_CPP_MIN_LOG_LEVEL does not stop
-    all of them); keep stderr for our own messages. Import errors still surface, after the restore."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if REPO_ROOT not in sys.path:  # `configs` next to the scripts, even without `pip install -e .`
-        sys.path.insert(0, REPO_ROOT)
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        import tensorflow  # noqa: F401
-        tensorflow.config.set_visible_devices([], "GPU")  # the input pipeline never needs an accelerator
-    except ImportError:
-        pass  # reported properly by the import of stmoe.data
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def one_line(error: BaseException) -> str:
-    """The informative last line of an error whose text may embed a traceback."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if isinstance(error, (KeyError, AttributeError)) and lines:
-        # ml_collections: KeyError("'name'\nDid you mean ...?"), repr'd once more by str(): keep the name.
-        name = re.split(r"\\n|\n", str(error).strip("\"'"))[0].strip("\"'\\ ")
-        return f"unknown config field {name!r}"
-    return lines[-1] if lines else type(error).__name__
-
-
-def fail(program: str, kind: str, error: BaseException | str, status: int = USAGE_ERROR) -> int:
-    """Prints `<program>: <kind> error: <one line>` on stderr; returns the exit status (default 2)."""
-    message = error if isinstance(error, str) else one_line(error)
-    print(f"{program}: {kind} error: {message}", file=sys.stderr, flush=True)
-    return status
+from stmoe import errors
+from stmoe.config import MOVED_FIELDS, get_field
+# Re-exported: the scripts, tests and notebooks use cli.fail, cli.UsageError, cli.TRAINING_DIVERGED, ...
+from stmoe.errors import STOPPED_BY_SIGNAL, TRAINING_DIVERGED, USAGE_ERROR, UsageError, fail, one_line  # noqa: F401
+from stmoe.host import REPO_ROOT, import_tensorflow_quietly, memory_allocator  # noqa: F401
 
 
 class HelpRequested(Exception):
@@ -179,36 +134,13 @@ def _help_text(program: str, doc: str, spec: str, config: ml_collections.ConfigD
     for name in extra:
         flag = flag_values[name]
         flags_help.append(f"  --{name:<22} {flag.help} (default: {flag.default})")
-    fields = [f"  {path} = {_value_of(config, path)!r}" for path in field_paths(config)]
+    fields = [f"  {path} = {get_field(config, path)!r}" for path in field_paths(config)]
     return "\n".join([
         f"usage: {program} [--config FILE[:PRESET]] [--config.FIELD=VALUE ...]"
         + "".join(f" [--{name} VALUE]" for name in extra), "", doc.strip(), "", "flags:", *flags_help, "",
         f"fields: see {config_file} (model.*: configs/models.py; a comment on each); "
         "override any with --config.FIELD=VALUE.",
         "Fields and values of this config:", *fields])
-
-
-def _value_of(config: ml_collections.ConfigDict, path: str):
-    node = config
-    for name in path.split("."):
-        node = node[name]
-    return node
-
-
-def memory_allocator() -> str:
-    """The malloc this process runs on: 'tcmalloc' or 'jemalloc' when one is preloaded, else 'glibc'.
-
-    It matters to CPU timings: XLA:CPU allocates each execution's temporaries afresh (1.8 GB per
-    train step of the peers model), and glibc hands allocations that large back to the kernel on
-    free, so every step pays page faults that zero them again; tcmalloc keeps and reuses them
-    (docs/performance.md).
-    """
-    try:
-        with open("/proc/self/maps") as f:
-            maps = f.read()
-    except OSError:
-        return "unknown"
-    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in maps), "glibc")
 
 
 def write_result(path: str | None, result: dict, announce: bool = True) -> None:
@@ -233,10 +165,10 @@ def run_training(program: str, config: ml_collections.ConfigDict, workdir: str) 
 
     try:
         result = trainer.train_and_evaluate(config, workdir)
-    except trainer.TrainingDiverged as e:
+    except errors.TrainingDiverged as e:
         return fail(program, "training", e, status=TRAINING_DIVERGED)
-    except trainer.USER_ERRORS as e:
-        return fail(program, trainer.error_kind(e), e)
+    except errors.USER_ERRORS as e:
+        return fail(program, errors.error_kind(e), e)
     return STOPPED_BY_SIGNAL + result.stop_signal if result.preempted else 0
 
 

@@ -811,3 +811,20 @@ def to_config_dict(section: Any) -> ml_collections.ConfigDict:
         del out.optim["total_steps"]  # replaced, not chained to its placeholder: gin_config.to_gin sees one field
         out.optim.total_steps = out.get_ref("total_steps")
     return out
+
+
+def get_field(config: Any, path: str) -> Any:
+    """The field a dotted path names in an ml_collections ConfigDict (or nested dicts): 'model.moe.top_k'
+    -> config.model.moe.top_k, as `--config.model.moe.top_k` names it; '' -> config itself. An unknown
+    name raises (KeyError / AttributeError)."""
+    node = config
+    for name in path.split(".") if path else ():
+        node = node[name]
+    return node
+
+
+def set_field(config: Any, path: str, value: Any) -> None:
+    """config.a.b = value for path 'a.b' (`get_field` of 'a', then its field 'b' set; a locked ConfigDict
+    refuses an unknown field)."""
+    parent, _, name = path.rpartition(".")
+    get_field(config, parent)[name] = value

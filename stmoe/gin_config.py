@@ -25,6 +25,8 @@ from typing import Sequence
 
 import ml_collections
 
+from stmoe.config import get_field
+
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "gin")
 GIN_MODULE = "stmoe"  # `stmoe.MoeConfig.num_experts` also works (gin's module prefix)
 RUN = "RUN"  # the top-level fields of a run (batch_size, total_steps, ...)
@@ -70,12 +72,6 @@ def _section_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[
     return paths
 
 
-def _node(config: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
-    for name in filter(None, path.split(".")):
-        config = config[name]
-    return config
-
-
 def _leaf_fields(section: ml_collections.ConfigDict) -> list[str]:
     return [k for k in section.keys() if not isinstance(section[k], ml_collections.ConfigDict)]
 
@@ -87,7 +83,7 @@ def _register(config: ml_collections.ConfigDict) -> dict[str, str]:
 
     table = sections(config)
     for name, path in table.items():
-        fields = _leaf_fields(_node(config, path))
+        fields = _leaf_fields(get_field(config, path))
         try:
             existing = gin.get_configurable(f"{GIN_MODULE}.{name}")
         except ValueError:
@@ -159,7 +155,7 @@ def apply(base: ml_collections.ConfigDict, files: Sequence[str] = (), bindings: 
     try:
         config.unlock()
         for name, path in table.items():
-            section = _node(config, path)
+            section = get_field(config, path)
             for field, value in gin.get_bindings(f"{GIN_MODULE}.{name}").items():
                 where = f"{path}.{field}" if path else field
                 try:
@@ -201,7 +197,7 @@ def to_gin(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict) -
     blocks, seen = [], set()
     references = copy.deepcopy(config)  # get_ref turns plain fields into references: not on `config`
     for name, path in sections(base).items():
-        mine, theirs, refs = _node(config, path), _node(base, path), _node(references, path)
+        mine, theirs, refs = get_field(config, path), get_field(base, path), get_field(references, path)
         lines = []
         for f in _leaf_fields(theirs):
             ref = id(refs.get_ref(f))

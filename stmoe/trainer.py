@@ -52,8 +52,10 @@ import numpy as np
 
 from stmoe import checkpoints, evaluation, inference, optim, partitioning, reporting, restore, steps
 from stmoe import config as config_lib
-from stmoe.cli import memory_allocator
-from stmoe.config import ConfigError, RunConfig
+from stmoe.config import RunConfig
+# Re-exported: scripts and tests catch trainer.TrainingDiverged / trainer.USER_ERRORS (stmoe.errors).
+from stmoe.errors import USER_ERRORS, TrainingDiverged, error_kind  # noqa: F401
+from stmoe.host import memory_allocator
 from stmoe.models import EncoderDecoder
 from stmoe.steps import TrainState
 
@@ -66,12 +68,6 @@ Hook = Callable[[int, Any], None]
 # Step metrics whose non-finite value a divergence message names.
 LOSS_TERMS = ("loss", "cross_entropy", "output_z_loss", "aux_loss", "router_z_loss", "aux_loss_coef",
               "learning_rate", "grad_norm")
-
-
-class TrainingDiverged(RuntimeError):
-    """The run stopped because too many steps in a row were non-finite (gradients, update, new params
-    or optimizer state; with optim.skip_nonfinite none was applied), or it started from a non-finite
-    state."""
 
 
 @dataclasses.dataclass
@@ -121,20 +117,6 @@ def _divergence(step: int, metrics: Mapping[str, Array], optim_cfg: optim.OptimC
     else:
         what = f"step {step} had non-finite gradients or updates (optim.skip_nonfinite=False)"
     return f"training diverged: {what}; non-finite at step {step}: {bad}"
-
-
-# Errors the scripts report in one line with exit status 2 (stmoe.cli): a bad config, a checkpoint of
-# another model, a workdir that cannot be written or that another run holds, a checkpoint that could
-# not be saved, a workdir whose every checkpoint is damaged.
-USER_ERRORS = (ConfigError, checkpoints.IncompatibleCheckpointError, checkpoints.WorkdirError,
-               checkpoints.CheckpointSaveError, checkpoints.CheckpointRestoreError)
-
-
-def error_kind(error: BaseException) -> str:
-    """'config' / 'checkpoint' / 'workdir': the word stmoe.cli.fail puts before 'error:'."""
-    if isinstance(error, checkpoints.WorkdirError):
-        return "workdir"
-    return "config" if isinstance(error, ConfigError) else "checkpoint"
 
 
 def _say(message: str) -> None:

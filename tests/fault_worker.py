@@ -46,13 +46,10 @@ OVERRIDES = {
 def tiny_config(**changes):
     """configs/pretrain.py:tiny with OVERRIDES and then `changes` (dotted names as '__': mesh__expert)."""
     from configs import pretrain
+    from stmoe.config import set_field
     config = pretrain.get_config("tiny")
     for name, value in {**OVERRIDES, **{k.replace("__", "."): v for k, v in changes.items()}}.items():
-        *parents, leaf = name.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
+        set_field(config, name, value)
     return config
 
 

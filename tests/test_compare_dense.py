@@ -1,9 +1,7 @@
-"""scripts/compare_dense.py: FLOP accounting by hand, the dense-at-sparse-positions model option, the
-JSON / table of a 4-step run, resume, bad flags."""
-import importlib.util
+"""stmoe.experiments.compare_dense (scripts/compare_dense.py): FLOP accounting by hand, the
+dense-at-sparse-positions model option, the JSON / table of a 4-step run, resume, bad flags."""
 import json
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -13,19 +11,7 @@ import pytest
 from configs import models as model_presets
 from stmoe import models
 from stmoe.config import ConfigError, ModelConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("compare_dense_script", os.path.join(ROOT, "scripts",
-                                                                                      "compare_dense.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare_dense = _script()
+from stmoe.experiments import compare_dense
 
 
 def _cfg(**fields) -> ModelConfig:

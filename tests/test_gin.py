@@ -10,13 +10,14 @@ import pytest
 
 from configs import defaults, finetune, pretrain
 from stmoe import cli, gin_config
+from stmoe.config import get_field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN = os.path.join(ROOT, "configs", "gin")
 
 
 def flat(config) -> dict:
-    return {path: cli._value_of(config, path) for path in cli.field_paths(config)}
+    return {path: get_field(config, path) for path in cli.field_paths(config)}
 
 
 def gin_preset(name: str):

@@ -1,7 +1,7 @@
-"""scripts/stability_sweep.py: the stability criterion on hand-made loss curves, the table's quality
-(mean and ddof-1 std over stable seeds) on hand-made results, the bf16_router variant's router (its
-config and its logits vs numpy), and a real 2 x 1 sweep."""
-import importlib.util
+"""stmoe.experiments.stability_sweep (scripts/stability_sweep.py): the stability criterion on
+hand-made loss curves, the table's quality (mean and ddof-1 std over stable seeds) on hand-made
+results, the bf16_router variant's router (its config and its logits vs numpy), and a real 2 x 1
+sweep."""
 import json
 import math
 import os
@@ -10,11 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from stmoe.data import preprocessors
-
-_SPEC = importlib.util.spec_from_file_location(
-    "stability_sweep", os.path.join(os.path.dirname(__file__), "..", "scripts", "stability_sweep.py"))
-sweep = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(sweep)
+from stmoe.experiments import stability_sweep as sweep
 
 DECREASING = [6.0 - 0.1 * i for i in range(30)]  # 6.0 ... 3.1, never above its running minimum
 
