@@ -261,8 +261,12 @@ class HealthThresholds:
       half the mean load off it: with the capacity near the mean load (top-1 cf 1.25, top-2 cf 2.0)
       the busy half overflows while the idle half wastes its slots.
     - max_router_entropy 0.98 ln E: the mean per-token router entropy still at the uniform
-      distribution, i.e. the router has not learned to tell tokens apart. The init (std 2e-2) starts
-      there: at d_model 64 the logits have std ~0.16 and the entropy ~0.99 ln E.
+      distribution: the router's probabilities have not sharpened, so the gates weigh a token's
+      experts about equally and its choices rest on small logit margins. The init (std 2e-2) starts
+      there: at d_model 64 the logits have std ~0.16 and the entropy ~0.99 ln E. It does not mean
+      the choices ignore the token: a random router already hashes tokens to experts by content
+      (the quick start's top-1 expert carries 0.1-0.25 nats about the domain from init on;
+      docs/router_learning.md, "Specialization").
     - min_router_entropy 0.1 ln E: a saturated router: nearly every token gives its top expert
       probability ~1 (for E = 8, 0.1 ln E = 0.21 nats is a 0.96 / 0.04 split). Its logits have grown
       large, the regime where ST-MoE (sec. 3) sees training instabilities.
@@ -279,7 +283,7 @@ class HealthThresholds:
 
     def describe(self) -> str:
         return (f"thresholds: first-choice dropped > {100 * self.max_dropped_rank1:g}%, load CV > {self.max_load_cv:g}, "
-                f"router entropy > {self.max_router_entropy:g} ln E (not learning) or < "
+                f"router entropy > {self.max_router_entropy:g} ln E (undecided) or < "
                 f"{self.min_router_entropy:g} ln E (saturated), load entropy < {self.min_load_entropy:g} ln E "
                 "(collapse)")
 
@@ -287,7 +291,7 @@ class HealthThresholds:
 @dataclasses.dataclass(frozen=True)
 class HealthFlag:
     layer: str
-    check: str  # 'dropped', 'load_cv', 'router_not_learning', 'router_saturated', 'collapse'
+    check: str  # 'dropped', 'load_cv', 'router_undecided', 'router_saturated', 'collapse'
     value: float  # entropies as a fraction of ln E
     threshold: float
     message: str
@@ -300,7 +304,7 @@ ADVICE = {
                "(loss.balance_coef)",
     "load_cv": "raise the balance coefficient (loss.balance_coef, or a higher early value with "
                "loss.balance_schedule) or the capacity factor",
-    "router_not_learning": "train longer, or raise the router's learning rate (optim.router_lr_multiplier); "
+    "router_undecided": "train longer, or raise the router's learning rate (optim.router_lr_multiplier); "
                            "if the balance loss dominates, lower loss.balance_coef",
     "router_saturated": "add or raise the router z-loss (loss.router_z_coef, ST-MoE: 1e-3) or lower "
                         "the learning rate",
@@ -359,9 +363,9 @@ def health_flags(layers: Mapping[str, Mapping[str, float]], num_experts: int | N
             continue
         entropy = stats.get("router_entropy")
         if entropy is not None and entropy / log_e > t.max_router_entropy:
-            flag("router_not_learning", entropy / log_e, t.max_router_entropy,
+            flag("router_undecided", entropy / log_e, t.max_router_entropy,
                  f"router entropy {entropy:.3f} nats = {entropy / log_e:.3f} ln E (> {t.max_router_entropy:g} ln E): "
-                 "router probabilities near uniform: the router hardly prefers any expert (not learning, or not yet)")
+                 "router probabilities near uniform: the gates weigh the chosen experts about equally (undecided, or not yet)")
         if entropy is not None and entropy / log_e < t.min_router_entropy:
             flag("router_saturated", entropy / log_e, t.min_router_entropy,
                  f"router entropy {entropy:.3f} nats = {entropy / log_e:.3f} ln E (< {t.min_router_entropy:g} ln E): "

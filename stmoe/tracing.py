@@ -26,6 +26,9 @@ position where it is fed in.
 - top tokens of expert e: the token ids whose top-1 expert is e, most frequent first, with counts.
 - domain matrix (offline corpus only; rows of one domain each, `domain_examples`):
   M[d, e] = fraction of domain d's tokens whose top-1 expert is e; every row sums to 1.
+  domain_information = I(top-1 expert; domain) over those tokens, nats: 0 when the choice ignores
+  the domain, H(domain) when it names it. Compare it with the untrained model's, not with 0: a
+  random router already hashes tokens by content, and domains differ in their tokens.
 - first vs second choice (top_k >= 2):
   first_kept / second_kept = share of tokens whose rank-1 / rank-2 choice got a slot;
   second_wanted = share whose second choice asked for one (1 in these deterministic passes; below 1
@@ -324,6 +327,12 @@ def domain_matrix(a: Mapping[str, np.ndarray], num_domains: int, num_experts: in
     return matrix, counts
 
 
+def domain_information(matrix: Sequence[Sequence[float]], counts: Sequence[int]) -> float:
+    """I(top-1 expert; domain), nats, from `domain_matrix`'s [domains][experts] shares and [domains]
+    token counts (the joint distribution is share x count / total)."""
+    return mutual_information(np.asarray(matrix, np.float64) * np.asarray(counts, np.float64)[:, None])
+
+
 def trace(loaded: inference.LoadedModel, inputs: np.ndarray, targets: np.ndarray, *,
           domain_rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
           domain_names: Sequence[str] | None = None, batch_size: int = 32) -> dict[str, Any]:
@@ -352,6 +361,7 @@ def trace(loaded: inference.LoadedModel, inputs: np.ndarray, targets: np.ndarray
         if domain_rows is not None:
             summary["domain_matrix"], summary["domain_tokens"] = domain_matrix(
                 domain_layers[layer].arrays(), len(domain_names), num_experts)
+            summary["domain_information"] = domain_information(summary["domain_matrix"], summary["domain_tokens"])
         out_layers[layer] = summary
     thresholds = reporting.HealthThresholds()
     flags = reporting.health_flags({k: v["health"] for k, v in out_layers.items()}, num_experts, thresholds)
@@ -418,6 +428,11 @@ def format_markdown(result: Mapping[str, Any], images: Mapping[str, str] | None 
                       "|---|---|" + "---|" * num_experts]
             for name, count, row in zip(result["domains"], s["domain_tokens"], s["domain_matrix"]):
                 lines.append(f"| {name} | {count} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+            counts = np.asarray(s["domain_tokens"], np.float64)
+            domain_entropy = float(-(counts / counts.sum() * np.log(counts / counts.sum())).sum())
+            lines += ["", f"- I(top-1 expert; domain) = {_fmt(s['domain_information'])} nats of H(domain) = "
+                      f"{_fmt(domain_entropy)} (compare with the untrained model's: a random router already "
+                      "sorts tokens by content)"]
         if "first_second" in s:
             f = s["first_second"]
             pairs = ", ".join(f"({p['first']}, {p['second']}) {100 * p['share']:.1f}%" for p in f["top_pairs"][:5])

@@ -95,7 +95,7 @@ def test_probe_records_updates_within_adafactors_relative_step(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert router_learning.load(str(tmp_path)) == records
     for record in records[1:]:
-        assert record["learning_rate"] == pytest.approx(2.0 * 1e-2)
+        assert record["learning_rate"] == pytest.approx(2.0 * config.optim.learning_rate)
         for layer in record["layers"].values():
             assert 0 < layer["update_ratio"] <= record["learning_rate"] * (1 + 1e-5)
     probed = [r for r in records if "router_entropy" in next(iter(r["layers"].values()))]

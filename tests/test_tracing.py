@@ -56,7 +56,7 @@ def _healthy(num_experts=8):
 @pytest.mark.parametrize("change, check", [
     ({"dropped_fraction_rank1": 0.011}, "dropped"),
     ({"load_cv": 0.51}, "load_cv"),
-    ({"router_entropy": 0.99 * math.log(8)}, "router_not_learning"),
+    ({"router_entropy": 0.99 * math.log(8)}, "router_undecided"),
     ({"router_entropy": 0.09 * math.log(8)}, "router_saturated"),
     # 2 of 8 experts take everything: load entropy ln 2 = 0.33 ln 8 < 0.5 ln 8
     ({**{f"expert_{e}_tokens": 0.0 for e in range(8)}, "expert_0_tokens": 50.0, "expert_5_tokens": 50.0},
@@ -279,6 +279,13 @@ def test_layer_summary_and_domain_matrix_match_hand_values():
     np.testing.assert_allclose(np.asarray(matrix), [[1, 0, 0, 0], [0, 1 / 3, 2 / 3, 0]], atol=1e-12,
                                err_msg="domain_matrix[d, e] = share of domain d's tokens whose FIRST choice is e")
     assert counts == [3, 3]
+    # The two domains use disjoint experts: the top-1 expert names the domain, I = H(domain) = ln 2.
+    assert tracing.domain_information(matrix, counts) == pytest.approx(ln2, abs=1e-12)
+    # Unequal domains: A (1 token) -> e0; B (3 tokens) -> e0 once, e1 twice. Joint (A,e0) 1/4,
+    # (B,e0) 1/4, (B,e1) 1/2; p(A) 1/4, p(B) 3/4, p(e0) = p(e1) = 1/2:
+    # I = 1/4 ln 2 + 1/4 ln(2/3) + 1/2 ln(4/3).
+    assert tracing.domain_information([[1, 0], [1 / 3, 2 / 3]], [1, 3]) == pytest.approx(
+        ln2 / 4 + math.log(2 / 3) / 4 + math.log(4 / 3) / 2, abs=1e-12)
 
 
 def test_mutual_information_and_top1_entropy_hand_values():
