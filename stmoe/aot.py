@@ -496,11 +496,12 @@ def _expert_leaves(abstract_params, scanned: bool) -> tuple[list, list]:
 def setup_run(config, devices: Sequence[Any]):
     """The run's typed config validated for `devices` (their count and hosts) -> (run, devices used)."""
     from stmoe import config as config_lib
+    from stmoe import preflight
     run = config_lib.run_config(config)
     count = run.resolve_devices(available=len(devices))
     devices = list(devices)[:count]
     hosts = len({d.process_index for d in devices})
-    run.validate(count, available_devices=len(devices), process_count=hosts)
+    preflight.preflight(run, count, available_devices=len(devices), process_count=hosts)
     return run, devices
 
 

@@ -14,8 +14,10 @@ they start from `to_config_dict(RunConfig())` (an ml_collections ConfigDict, so 
 `--config.FIELD=VALUE` works) and set what differs. `RunConfig.from_dict` turns such a dict (or
 a run's config.json) back into the typed tree, naming any unknown field; `RunConfig.validate`
 checks every field once, at start, raising ConfigError with the field's dotted path, and
-touches nothing (no task registration, no files written: the data module resolves task names,
-stmoe.data.resolve_tasks). Eval and inference variants are `.replace(...)` of the same tree,
+touches nothing: this module imports only the standard library and ml_collections
+(tests/test_imports.py). What needs the machine or the files (devices, hosts, the mesh layout,
+span-corruption lengths, globs) is stmoe/preflight.py's; seqio task names are
+stmoe.data.resolve_tasks'. Eval and inference variants are `.replace(...)` of the same tree,
 e.g. `cfg.replace(moe=cfg.moe.replace(eval_capacity_factor=4.0))`.
 """
 from __future__ import annotations
@@ -631,22 +633,9 @@ class DataConfig(_Replaceable):
         for name in ("inputs_length", "targets_length"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"{p}{name}", f"must be a positive integer, got {value!r}")
-        if self.text_files or "span_corruption" in self.task:
-            from stmoe.data import preprocessors
-            tokens, needed = preprocessors.pre_corruption_length(max(self.inputs_length, 2))
-            ok = self.inputs_length >= 3 and preprocessors.corrupted_lengths(tokens)[0] <= self.inputs_length
-            check(ok, f"{p}inputs_length",
-                   f"{self.inputs_length} is too short for span corruption: must be >= 3 (T5/ST-MoE use 512)")
-            check(self.targets_length >= needed, f"{p}targets_length",
-                   f"span corruption of inputs_length={self.inputs_length} needs targets_length >= {needed} "
-                   f"(stmoe.data.pre_corruption_length), got {self.targets_length}")
         check(not self.eval_text_files or self.text_files, f"{p}eval_text_files",
                "needs data.text_files (the training text)")
         if self.text_files:
-            import tensorflow as tf
-            for name in ("text_files", "eval_text_files"):
-                pattern = getattr(self, name)
-                check(not pattern or tf.io.gfile.glob(pattern), f"{p}{name}", f"no file matches {pattern!r}")
             check(isinstance(self.held_out_percent, int) and 0 <= self.held_out_percent < 100,
                    f"{p}held_out_percent", f"must be an integer in [0, 100), got {self.held_out_percent!r}")
         return self
@@ -675,9 +664,6 @@ class InferEvalConfig(_Replaceable):
             check(isinstance(value, int) and value >= 1, f"{p}{name}", f"must be an integer >= 1, got {value!r}")
         check(isinstance(self.num_examples, int) and (self.num_examples >= 1 or self.num_examples == -1),
                f"{p}num_examples", f"must be -1 (all) or >= 1, got {self.num_examples!r}")
-        import jax
-        check(jax.process_count() == 1, f"{p}task",
-               "decoding evaluation inside training runs in single-process jobs only; use scripts/evaluate.py")
         return self
 
 
@@ -730,41 +716,25 @@ class RunConfig(_Replaceable):
             total_steps=self.total_steps if self.optim.total_steps is None else self.optim.total_steps,
             freeze_patterns=tuple(self.optim.freeze_patterns) + FREEZE_PRESETS.get(self.freeze, ()))
 
-    def resolve_devices(self, available: int | None = None) -> int:
-        """How many devices the run uses (`num_devices`, or all of them) out of `available` (default:
-        jax.device_count(); stmoe.aot passes a TPU topology's count)."""
-        import jax
-        available = jax.device_count() if available is None else available
+    def resolve_devices(self, available: int) -> int:
+        """How many devices the run uses (`num_devices`, or all of them) out of `available`."""
         check(self.num_devices == -1 or 1 <= self.num_devices <= available, "num_devices",
                f"must be -1 (all) or in [1, {available}], got {self.num_devices}")
         return available if self.num_devices == -1 else self.num_devices
 
-    def validate(self, device_count: int | None = None, *, available_devices: int | None = None,
-                 process_count: int | None = None) -> "RunConfig":
-        """Checks every field (and the mesh against `device_count`, by default the devices this run
-        would use); raises ConfigError naming the first bad one. Returns self.
-
-        `available_devices` / `process_count` describe a machine other than this one (default:
-        jax.device_count() / jax.process_count()): stmoe.aot validates a run for a TPU topology."""
-        from stmoe import partitioning
-
+    def validate(self) -> "RunConfig":
+        """Checks every field alone and against the others; raises ConfigError naming the first bad
+        one. Returns self. What needs the machine (devices, hosts, files, the mesh layout, span
+        lengths) is stmoe.preflight's."""
         self.model.validate()
         self.loss.validate()
-        resolved = self.resolve_devices(available_devices)
-        device_count = resolved if device_count is None else device_count
+        check(self.num_devices == -1 or (isinstance(self.num_devices, int) and self.num_devices >= 1),
+              "num_devices", f"must be -1 (all) or >= 1, got {self.num_devices!r}")
         for name in ("batch_size", "microbatches"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
         check(self.batch_size % self.microbatches == 0, "microbatches",
                f"must divide batch_size={self.batch_size}, got {self.microbatches}")
-        lengths = (self.data.inputs_length, self.data.targets_length)
-        partitioning.validate_layout(self.mesh, self.model, self.batch_size, device_count, lengths,
-                                     process_count=process_count)
-        data, expert, _ = self.mesh.resolve(device_count)
-        micro = self.batch_size // self.microbatches
-        check(micro % (data * expert) == 0, "microbatches",
-               f"a microbatch of batch_size / microbatches = {micro} sequences is not divisible by the "
-               f"data-parallel size mesh.data * mesh.expert = {data * expert}")
         for name in ("total_steps", "checkpoint_every_steps", "eval_every_steps", "log_every_steps",
                      "keep_checkpoints"):
             value = getattr(self, name)

@@ -50,7 +50,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from stmoe import checkpoints, evaluation, inference, optim, partitioning, reporting, restore, steps
+from stmoe import checkpoints, evaluation, inference, optim, partitioning, preflight, reporting, restore, steps
 from stmoe import config as config_lib
 from stmoe.config import RunConfig
 # Re-exported: scripts and tests catch trainer.TrainingDiverged / trainer.USER_ERRORS (stmoe.errors).
@@ -89,11 +89,12 @@ class TrainResult:
 
 def prepare(config: RunConfig | ml_collections.ConfigDict,
             device_count: int | None = None) -> tuple[RunConfig, stmoe_tasks.TaskNames]:
-    """The run's typed config, validated (RunConfig.validate: every field, named on error), and the
-    registered names of its seqio tasks (stmoe.data.resolve_tasks). Raises ConfigError; reads no data."""
+    """The run's typed config, validated and checked for this machine (stmoe.preflight: every field,
+    named on error), and the registered names of its seqio tasks (stmoe.data.resolve_tasks). Raises
+    ConfigError; reads no data."""
     from stmoe import data as stmoe_data
 
-    run = config_lib.run_config(config).validate(device_count)
+    run = preflight.preflight(config_lib.run_config(config), device_count)
     return run, stmoe_data.resolve_tasks(run)
 
 
@@ -208,7 +209,7 @@ def _train(run: RunConfig, tasks: stmoe_tasks.TaskNames, workdir: str, hooks: Se
         history.append({"step": step, **scalars})
 
     # 3. Mesh.
-    devices = jax.devices()[:run.resolve_devices()]
+    devices = jax.devices()[:run.resolve_devices(jax.device_count())]
     mesh = partitioning.make_mesh(run.mesh, devices)
 
     # 4. Data: this process's share of the global batch; held-out batches fetched once.

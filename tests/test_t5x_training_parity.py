@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stmoe import optim, partitioning, steps
+from stmoe import optim, partitioning, preflight, steps
 from stmoe.config import ConfigError, MeshConfig, RunConfig
 from stmoe.interop import t5x
 from stmoe.models import EncoderDecoder
@@ -104,7 +104,7 @@ def t5x_run_config(name: str, model_cfg) -> RunConfig:
     run = RunConfig(model=model_cfg, mesh=MeshConfig(data=1), num_devices=1, batch_size=8, total_steps=STEPS)
     for key, value in {**T5X_OVERRIDES, **MODEL_OVERRIDES[name]}.items():
         run = override(run, key, value)
-    return run.validate(1)
+    return preflight.preflight(run, 1)
 
 
 def load_npz(path: str) -> dict[str, np.ndarray]:

@@ -175,7 +175,7 @@ def train_with_probe(config, workdir: str, probe_every: int = 10) -> list[dict[s
     from stmoe import partitioning, trainer
 
     run, tasks = trainer.prepare(config)
-    mesh = partitioning.make_mesh(run.mesh, jax.devices()[:run.resolve_devices()])
+    mesh = partitioning.make_mesh(run.mesh, jax.devices()[:run.resolve_devices(jax.device_count())])
     probe = RouterProbe(run, mesh, first_held_out_batch(run, tasks), probe_every=probe_every)
     trainer.train_and_evaluate(config, workdir, hooks=[probe])
     os.makedirs(workdir, exist_ok=True)
