@@ -138,20 +138,16 @@ def _base_optimizer(cfg: OptimConfig, schedule: optax.Schedule,
         return optax.adamw(
             schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
             weight_decay=cfg.weight_decay, mask=weight_decay_mask)
+    # The settings both Adafactors share, by their optax names; the two differ in the rest.
+    shared = dict(factored=cfg.adafactor_factored, decay_rate=cfg.adafactor_decay_rate,
+                  multiply_by_parameter_scale=cfg.adafactor_multiply_by_parameter_scale,
+                  clipping_threshold=cfg.adafactor_clipping_threshold or None,
+                  min_dim_size_to_factor=cfg.adafactor_min_dim_size_to_factor)
     if cfg.adafactor_style == "t5x":
         tx = adafactor.t5x_adafactor(
-            schedule, axis_names,
-            factored=cfg.adafactor_factored,
-            multiply_by_parameter_scale=cfg.adafactor_multiply_by_parameter_scale,
-            beta1=cfg.adafactor_beta1,
-            decay_rate=cfg.adafactor_decay_rate,
-            step_offset=cfg.adafactor_step_offset,
-            clipping_threshold=cfg.adafactor_clipping_threshold or None,
-            weight_decay_rate=cfg.adafactor_weight_decay_rate,
-            min_dim_size_to_factor=cfg.adafactor_min_dim_size_to_factor,
-            epsilon1=cfg.adafactor_epsilon1,
-            epsilon2=cfg.adafactor_epsilon2,
-            max_parameter_scale=cfg.adafactor_max_parameter_scale)
+            schedule, axis_names, **shared, beta1=cfg.adafactor_beta1, step_offset=cfg.adafactor_step_offset,
+            weight_decay_rate=cfg.adafactor_weight_decay_rate, epsilon1=cfg.adafactor_epsilon1,
+            epsilon2=cfg.adafactor_epsilon2, max_parameter_scale=cfg.adafactor_max_parameter_scale)
         if decay is None:
             return tx
         # The AdamW-convention decay on top: update -= weight_decay * lr(step) * param (masked).
@@ -159,17 +155,8 @@ def _base_optimizer(cfg: OptimConfig, schedule: optax.Schedule,
     # optax.adafactor adds `weight_decay_rate * param` AFTER the LR scaling,
     # so pass `wd * lr(step)` to keep the AdamW meaning of `weight_decay`.
     return optax.adafactor(
-        learning_rate=schedule,
-        min_dim_size_to_factor=cfg.adafactor_min_dim_size_to_factor,
-        decay_rate=cfg.adafactor_decay_rate,
-        decay_offset=cfg.adafactor_step_offset,
-        multiply_by_parameter_scale=cfg.adafactor_multiply_by_parameter_scale,
-        clipping_threshold=cfg.adafactor_clipping_threshold or None,
-        momentum=cfg.adafactor_beta1,
-        weight_decay_rate=decay,
-        eps=cfg.adafactor_epsilon1,
-        factored=cfg.adafactor_factored,
-        weight_decay_mask=weight_decay_mask)
+        learning_rate=schedule, **shared, decay_offset=cfg.adafactor_step_offset, momentum=cfg.adafactor_beta1,
+        weight_decay_rate=decay, eps=cfg.adafactor_epsilon1, weight_decay_mask=weight_decay_mask)
 
 
 def make_optimizer(cfg: OptimConfig, params: Any) -> optax.GradientTransformation:
