@@ -131,3 +131,13 @@ def test_bad_flags_exit_2_one_line(flags, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("compare_dense.py: usage error")
+
+
+def test_routing_group_and_capacity_knobs_reach_every_model():
+    args = compare_dense.parse_args(["compare_dense.py", "--set", "model.moe.max_group_size=4096",
+                                     "--set", "model.moe.train_capacity_factor=2.0"])
+    configs = compare_dense.model_configs(args.setting, steps=4, seed=0, text_file=None)
+    for name, c in configs.items():
+        assert c.model.moe.max_group_size == 4096 and c.model.moe.group_size is None, name
+        assert c.model.moe.train_capacity_factor == 2.0, name
+    assert configs["moe"].optim.learning_rate == compare_dense.SETTING[compare_dense.F_LR]

@@ -96,7 +96,11 @@ SETTING = {
 }
 # What --set may change (the rest is set per model or from the other flags).
 SETTABLE = (F_D_MODEL, F_D_FF, F_NUM_ENC, F_NUM_DEC, F_NUM_EXPERTS, F_TOP_K, F_SECOND_POLICY, F_ROUTER_INIT,
-            F_ROUTER_LR_MULT, F_AUX_COEF, F_Z_COEF, F_LR, F_BATCH, F_INPUTS_LEN)
+            F_ROUTER_LR_MULT, F_AUX_COEF, F_Z_COEF, F_LR, F_BATCH, F_INPUTS_LEN,
+            # routing groups: one per sequence (the default), group_size tokens, or flaxformer's groups
+            # over the whole batch of at most max_group_size tokens; capacity per expert and group.
+            "model.moe.group_size", "model.moe.max_group_size", "model.moe.train_capacity_factor",
+            "model.moe.eval_capacity_factor", "optim.adafactor_style", "optim.warmup_steps")
 MODELS = ("moe", "dense_same_d_ff", "dense_flop_matched")
 LICENSES_DIR = "/usr/share/common-licenses"
 ENTROPY_KEY = "eval/moe/router_entropy"  # metrics.jsonl: mean over MoE layers, nats (uniform: ln E)
