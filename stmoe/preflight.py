@@ -42,6 +42,11 @@ def preflight(run: RunConfig, device_count: int | None = None, *, available_devi
     return run
 
 
+def devices(run: RunConfig) -> list:
+    """The devices of this machine the run uses: the first `num_devices` (all for -1)."""
+    return jax.devices()[:run.resolve_devices(jax.device_count())]
+
+
 def _check_layout(run: RunConfig, device_count: int, process_count: int) -> None:
     lengths = (run.data.inputs_length, run.data.targets_length)
     partitioning.validate_layout(run.mesh, run.model, run.batch_size, device_count, lengths,

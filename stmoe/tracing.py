@@ -180,14 +180,19 @@ def domain_examples(loaded: inference.LoadedModel, task_name: str, split: str = 
 # ------------------------------------------------------------------------------ statistics
 
 
+def entropy(counts: np.ndarray) -> float:
+    """Entropy (nats) of the distribution proportional to `counts` [n]; nan when they sum to 0."""
+    counts = np.asarray(counts, np.float64)
+    if counts.sum() <= 0:
+        return float("nan")
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 def top1_entropy(top1: np.ndarray, num_experts: int) -> float:
     """Entropy (nats) of the empirical distribution of `top1` [n] expert ids over `num_experts`;
     nan for n = 0."""
-    if top1.size == 0:
-        return float("nan")
-    p = np.bincount(top1, minlength=num_experts) / top1.size
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
+    return entropy(np.bincount(top1, minlength=num_experts))
 
 
 def mutual_information(pairs: np.ndarray) -> float:
@@ -428,10 +433,8 @@ def format_markdown(result: Mapping[str, Any], images: Mapping[str, str] | None 
                       "|---|---|" + "---|" * num_experts]
             for name, count, row in zip(result["domains"], s["domain_tokens"], s["domain_matrix"]):
                 lines.append(f"| {name} | {count} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
-            counts = np.asarray(s["domain_tokens"], np.float64)
-            domain_entropy = float(-(counts / counts.sum() * np.log(counts / counts.sum())).sum())
             lines += ["", f"- I(top-1 expert; domain) = {_fmt(s['domain_information'])} nats of H(domain) = "
-                      f"{_fmt(domain_entropy)} (compare with the untrained model's: a random router already "
+                      f"{_fmt(entropy(s['domain_tokens']))} (compare with the untrained model's: a random router already "
                       "sorts tokens by content)"]
         if "first_second" in s:
             f = s["first_second"]

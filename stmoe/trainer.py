@@ -209,7 +209,7 @@ def _train(run: RunConfig, tasks: stmoe_tasks.TaskNames, workdir: str, hooks: Se
         history.append({"step": step, **scalars})
 
     # 3. Mesh.
-    devices = jax.devices()[:run.resolve_devices(jax.device_count())]
+    devices = preflight.devices(run)
     mesh = partitioning.make_mesh(run.mesh, devices)
 
     # 4. Data: this process's share of the global batch; held-out batches fetched once.

@@ -172,10 +172,10 @@ def first_held_out_batch(run, tasks) -> dict[str, np.ndarray]:
 def train_with_probe(config, workdir: str, probe_every: int = 10) -> list[dict[str, Any]]:
     """Trains `config` in `workdir` exactly as scripts/train.py does, with a RouterProbe on the
     first held-out batch; returns (and writes to workdir/router_learning.jsonl) its records."""
-    from stmoe import partitioning, trainer
+    from stmoe import partitioning, preflight, trainer
 
     run, tasks = trainer.prepare(config)
-    mesh = partitioning.make_mesh(run.mesh, jax.devices()[:run.resolve_devices(jax.device_count())])
+    mesh = partitioning.make_mesh(run.mesh, preflight.devices(run))
     probe = RouterProbe(run, mesh, first_held_out_batch(run, tasks), probe_every=probe_every)
     trainer.train_and_evaluate(config, workdir, hooks=[probe])
     os.makedirs(workdir, exist_ok=True)
